@@ -1,0 +1,2 @@
+//! keel-balance. This crate is filled in by its own issue.
+#![forbid(unsafe_code)]

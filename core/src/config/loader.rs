@@ -1,0 +1,922 @@
+use std::{
+    any::{Any, TypeId},
+    collections::{BTreeMap, HashMap},
+    fmt,
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock, RwLock},
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwapOption;
+use config::{FileFormat, Format, Map, Source, Value, ValueKind};
+use serde::de::DeserializeOwned;
+
+use super::origin::{line_of, Origin};
+use crate::{telemetry, ConfigError, Live, LiveWatch};
+
+const ENV_ORIGIN: &str = "the environment";
+
+/// A value set in code with [`ConfigLoader::with_override`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideValue {
+    /// A string (durations and ratios are written as strings: `"2s"`, `"20%"`).
+    Str(String),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl From<&str> for OverrideValue {
+    fn from(v: &str) -> Self {
+        Self::Str(v.to_owned())
+    }
+}
+impl From<String> for OverrideValue {
+    fn from(v: String) -> Self {
+        Self::Str(v)
+    }
+}
+impl From<i64> for OverrideValue {
+    fn from(v: i64) -> Self {
+        Self::Int(v)
+    }
+}
+impl From<i32> for OverrideValue {
+    fn from(v: i32) -> Self {
+        Self::Int(v.into())
+    }
+}
+impl From<u32> for OverrideValue {
+    fn from(v: u32) -> Self {
+        Self::Int(v.into())
+    }
+}
+impl From<f64> for OverrideValue {
+    fn from(v: f64) -> Self {
+        Self::Float(v)
+    }
+}
+impl From<bool> for OverrideValue {
+    fn from(v: bool) -> Self {
+        Self::Bool(v)
+    }
+}
+
+impl From<OverrideValue> for ValueKind {
+    fn from(v: OverrideValue) -> Self {
+        match v {
+            OverrideValue::Str(s) => ValueKind::String(s),
+            OverrideValue::Int(i) => ValueKind::I64(i),
+            OverrideValue::Float(f) => ValueKind::Float(f),
+            OverrideValue::Bool(b) => ValueKind::Boolean(b),
+        }
+    }
+}
+
+/// An environment that tests control: a shared map used instead of the process environment.
+/// Clones share the map, so a test can change a variable and then reload.
+#[derive(Debug, Clone, Default)]
+pub struct EnvMap(Arc<Mutex<BTreeMap<String, String>>>);
+
+impl EnvMap {
+    /// An empty environment.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets a variable.
+    pub fn set(&self, key: impl Into<String>, value: impl Into<String>) {
+        lock(&self.0).insert(key.into(), value.into());
+    }
+
+    /// Removes a variable.
+    pub fn remove(&self, key: &str) {
+        lock(&self.0).remove(key);
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, String> {
+        lock(&self.0).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum EnvSource {
+    Process,
+    Map(EnvMap),
+}
+
+type Validator<T> = Box<dyn Fn(&T) -> Result<(), String> + Send + Sync>;
+
+trait ErasedSection: Send + Sync {
+    fn type_id_of(&self) -> TypeId;
+    /// Deserializes and validates; the error's key is relative to the section.
+    fn parse(&self, value: Value) -> Result<Box<dyn Any + Send>, SectionError>;
+    /// Publishes a parsed value; true when it changed.
+    fn publish(&self, value: Box<dyn Any + Send>) -> bool;
+    fn live(&self) -> Option<&(dyn Any + Send + Sync)>;
+}
+
+enum SectionError {
+    Config(config::ConfigError),
+    Invalid(String),
+}
+
+struct Typed<T> {
+    live: OnceLock<Live<T>>,
+    validate: Option<Validator<T>>,
+}
+
+impl<T> ErasedSection for Typed<T>
+where
+    T: DeserializeOwned + PartialEq + Send + Sync + 'static,
+{
+    fn type_id_of(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+
+    fn parse(&self, value: Value) -> Result<Box<dyn Any + Send>, SectionError> {
+        let parsed: T = T::deserialize(value).map_err(SectionError::Config)?;
+        if let Some(validate) = &self.validate {
+            validate(&parsed).map_err(SectionError::Invalid)?;
+        }
+        Ok(Box::new(parsed))
+    }
+
+    fn publish(&self, value: Box<dyn Any + Send>) -> bool {
+        let Ok(value) = value.downcast::<T>() else {
+            return false;
+        };
+        match self.live.get() {
+            Some(live) => live.store_if_changed(*value),
+            None => {
+                let _ = self.live.set(Live::new(*value));
+                true
+            }
+        }
+    }
+
+    fn live(&self) -> Option<&(dyn Any + Send + Sync)> {
+        self.live.get().map(|l| l as &(dyn Any + Send + Sync))
+    }
+}
+
+/// Builds the first [`Config`]: which files, which environment, which overrides, which sections.
+///
+/// ```
+/// use keel_core::config::{ConfigLoader, EnvMap, ServiceSection};
+/// # fn main() -> Result<(), keel_core::ConfigError> {
+/// let env = EnvMap::new();
+/// env.set("KEEL__SERVICE__ZONE", "eu-1a");
+/// let mut loader = ConfigLoader::new().with_env_map(env);
+/// loader.register_with::<ServiceSection>("service", ServiceSection::validate)?;
+/// let config = loader.load()?;
+/// let service = config.section::<ServiceSection>("service")?;
+/// assert_eq!(service.load().zone.as_deref(), Some("eu-1a"));
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct ConfigLoader {
+    files: Vec<PathBuf>,
+    env_prefix: Option<String>,
+    env: EnvSource,
+    overrides: Vec<(String, OverrideValue)>,
+    sections: BTreeMap<String, Arc<dyn ErasedSection>>,
+}
+
+impl Default for ConfigLoader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ConfigLoader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigLoader")
+            .field("files", &self.files)
+            .field("env_prefix", &self.env_prefix)
+            .field("sections", &self.sections.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ConfigLoader {
+    /// No files, the process environment with prefix `KEEL`, no overrides, no sections.
+    pub fn new() -> Self {
+        Self {
+            files: Vec::new(),
+            env_prefix: Some("KEEL".to_owned()),
+            env: EnvSource::Process,
+            overrides: Vec::new(),
+            sections: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a file layer (later files win). The file must exist at load time.
+    pub fn with_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.files.push(path.into());
+        self
+    }
+
+    /// Sets the environment prefix (`KEEL` by default): variables are `PREFIX__SECTION__KEY`.
+    pub fn with_env_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.env_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Ignores the environment.
+    pub fn without_env(mut self) -> Self {
+        self.env_prefix = None;
+        self
+    }
+
+    /// Reads the environment from `env` instead of the process (for deterministic tests).
+    pub fn with_env_map(mut self, env: EnvMap) -> Self {
+        self.env = EnvSource::Map(env);
+        self
+    }
+
+    /// Sets `key` (a dotted path such as `clients.payments.timeout`) in code; wins over all.
+    pub fn with_override(mut self, key: impl Into<String>, value: impl Into<OverrideValue>) -> Self {
+        self.overrides.push((key.into(), value.into()));
+        self
+    }
+
+    /// Registers a section: the top-level key `name` is deserialized into `T` (serde defaults
+    /// apply when it is absent) on every load.
+    pub fn register<T>(&mut self, name: &str) -> Result<(), ConfigError>
+    where
+        T: DeserializeOwned + PartialEq + Send + Sync + 'static,
+    {
+        self.insert_section::<T>(name, None)
+    }
+
+    /// Registers a section with a validation that runs on every load; a document whose section
+    /// fails it is refused whole.
+    pub fn register_with<T>(
+        &mut self,
+        name: &str,
+        validate: impl Fn(&T) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<(), ConfigError>
+    where
+        T: DeserializeOwned + PartialEq + Send + Sync + 'static,
+    {
+        self.insert_section::<T>(name, Some(Box::new(validate)))
+    }
+
+    fn insert_section<T>(&mut self, name: &str, validate: Option<Validator<T>>) -> Result<(), ConfigError>
+    where
+        T: DeserializeOwned + PartialEq + Send + Sync + 'static,
+    {
+        check_section_name(name)?;
+        if self.sections.contains_key(name) {
+            return Err(ConfigError::Section {
+                section: name.to_owned(),
+                reason: "is registered twice",
+            });
+        }
+        self.sections.insert(
+            name.to_owned(),
+            Arc::new(Typed::<T> {
+                live: OnceLock::new(),
+                validate,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Reads every layer and parses every section. Fails if anything is wrong: there is no last
+    /// good document yet to fall back on.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        telemetry::describe();
+        let inner = Inner {
+            sources: Sources {
+                files: self.files,
+                env_prefix: self.env_prefix,
+                env: self.env,
+                overrides: self.overrides,
+            },
+            sections: RwLock::new(self.sections),
+            reload_lock: Mutex::new(None),
+            document: OnceLock::new(),
+            last_error: ArcSwapOption::empty(),
+        };
+        let config = Config {
+            inner: Arc::new(inner),
+        };
+        match config.reload_inner(true) {
+            Ok(_) => Ok(config),
+            Err(e) => Err(Arc::try_unwrap(e).unwrap_or_else(|arc| ConfigError::Many(vec![clone_error(&arc)]))),
+        }
+    }
+}
+
+fn clone_error(e: &ConfigError) -> ConfigError {
+    match e {
+        ConfigError::UnknownKey { key, origin } => ConfigError::UnknownKey {
+            key: key.clone(),
+            origin: origin.clone(),
+        },
+        ConfigError::Invalid {
+            key,
+            origin,
+            reason,
+        } => ConfigError::Invalid {
+            key: key.clone(),
+            origin: origin.clone(),
+            reason: reason.clone(),
+        },
+        ConfigError::Parse {
+            path,
+            line,
+            message,
+        } => ConfigError::Parse {
+            path: path.clone(),
+            line: *line,
+            message: message.clone(),
+        },
+        ConfigError::Many(all) => ConfigError::Many(all.iter().map(clone_error).collect()),
+        other => ConfigError::Invalid {
+            key: String::new(),
+            origin: Origin::Default,
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn check_section_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase();
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Section {
+            section: name.to_owned(),
+            reason: "must be lowercase letters, digits and '_', starting with a letter",
+        })
+    }
+}
+
+struct Sources {
+    files: Vec<PathBuf>,
+    env_prefix: Option<String>,
+    env: EnvSource,
+    overrides: Vec<(String, OverrideValue)>,
+}
+
+/// What one read of every layer produced.
+struct Inputs {
+    files: Vec<(PathBuf, String)>,
+    env: BTreeMap<String, String>,
+    digest: u64,
+}
+
+impl Sources {
+    fn read(&self) -> Result<Inputs, ConfigError> {
+        let mut files = Vec::with_capacity(self.files.len());
+        for path in &self.files {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            files.push((path.clone(), text));
+        }
+        let env = match &self.env_prefix {
+            None => BTreeMap::new(),
+            Some(prefix) => {
+                let wanted = format!("{}__", prefix.to_ascii_lowercase());
+                let all: BTreeMap<String, String> = match &self.env {
+                    EnvSource::Process => std::env::vars_os()
+                        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                        .collect(),
+                    EnvSource::Map(m) => m.snapshot(),
+                };
+                all.into_iter()
+                    .filter(|(k, _)| k.to_ascii_lowercase().starts_with(&wanted))
+                    .collect()
+            }
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        files.hash(&mut h);
+        env.hash(&mut h);
+        Ok(Inputs {
+            files,
+            env,
+            digest: h.finish(),
+        })
+    }
+
+    fn build(&self, inputs: &Inputs) -> Result<config::Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        for (path, text) in &inputs.files {
+            builder = builder.add_source(TextSource::new(path, text)?);
+        }
+        if let Some(prefix) = &self.env_prefix {
+            let map: HashMap<String, String> = inputs.env.clone().into_iter().collect();
+            builder = builder.add_source(
+                config::Environment::with_prefix(prefix)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(map)),
+            );
+        }
+        for (key, value) in &self.overrides {
+            builder = builder
+                .set_override(key.as_str(), ValueKind::from(value.clone()))
+                .map_err(|e| ConfigError::Invalid {
+                    key: key.clone(),
+                    origin: Origin::Override,
+                    reason: e.to_string(),
+                })?;
+        }
+        builder.build().map_err(|e| match e {
+            config::ConfigError::FileParse { uri, cause } => {
+                let path = PathBuf::from(uri.unwrap_or_default());
+                parse_error(path, cause.to_string())
+            }
+            other => ConfigError::Invalid {
+                key: String::new(),
+                origin: Origin::Default,
+                reason: other.to_string(),
+            },
+        })
+    }
+
+    fn origin_of(&self, inputs: &Inputs, merged: &config::Config, key: &str) -> Origin {
+        // Walk up the path until a value is found: an unknown nested key's own value may be
+        // the thing being looked for, or only its parent table may carry an origin.
+        let mut probe = key.to_owned();
+        loop {
+            if let Ok(v) = merged.get::<Value>(&probe) {
+                return match v.origin() {
+                    Some(ENV_ORIGIN) => Origin::Env {
+                        var: self.env_var_for(inputs, &probe),
+                    },
+                    Some(uri) => {
+                        let path = PathBuf::from(uri);
+                        let line = inputs
+                            .files
+                            .iter()
+                            .find(|(p, _)| p == &path)
+                            .and_then(|(_, text)| line_of(text, &probe));
+                        Origin::File { path, line }
+                    }
+                    None if self.overrides.iter().any(|(k, _)| k.starts_with(&probe)) => {
+                        Origin::Override
+                    }
+                    None => Origin::Default,
+                };
+            }
+            match probe.rfind('.') {
+                Some(i) => probe.truncate(i),
+                None => return Origin::Default,
+            }
+        }
+    }
+
+    fn env_var_for(&self, inputs: &Inputs, key: &str) -> String {
+        let wanted = key.replace('.', "__").to_ascii_lowercase();
+        let prefix = self.env_prefix.clone().unwrap_or_default();
+        inputs
+            .env
+            .keys()
+            .find(|k| {
+                k.to_ascii_lowercase()
+                    .strip_prefix(&format!("{}__", prefix.to_ascii_lowercase()))
+                    == Some(wanted.as_str())
+            })
+            .cloned()
+            .unwrap_or_else(|| format!("{prefix}__{}", wanted.to_ascii_uppercase()))
+    }
+}
+
+fn parse_error(path: PathBuf, message: String) -> ConfigError {
+    let line = message.split("line").nth(1).and_then(|rest| {
+        rest.trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    });
+    ConfigError::Parse {
+        path,
+        line,
+        message: message.lines().next().unwrap_or_default().to_owned(),
+    }
+}
+
+/// A file's text, parsed by format with the file's path as the origin of every value.
+#[derive(Debug, Clone)]
+struct TextSource {
+    uri: String,
+    format: FileFormat,
+    text: String,
+}
+
+impl TextSource {
+    fn new(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let format = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+            Some(e) if e == "toml" => FileFormat::Toml,
+            Some(e) if e == "json" => FileFormat::Json,
+            Some(e) if e == "yaml" || e == "yml" => FileFormat::Yaml,
+            _ => {
+                return Err(ConfigError::UnsupportedFormat {
+                    path: path.to_owned(),
+                })
+            }
+        };
+        Ok(Self {
+            uri: path.display().to_string(),
+            format,
+            text: text.to_owned(),
+        })
+    }
+}
+
+impl Source for TextSource {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        self.format
+            .parse(Some(&self.uri), &self.text)
+            .map_err(|cause| config::ConfigError::FileParse {
+                uri: Some(self.uri.clone()),
+                cause,
+            })
+    }
+}
+
+/// The last refused reload: when, and why.
+#[derive(Debug)]
+pub struct ReloadFailure {
+    /// Why the document was refused.
+    pub error: ConfigError,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// What a successful [`Config::reload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new document is in force; this is its generation.
+    Applied(u64),
+    /// The document read was the same as the one in force; nothing was published.
+    Unchanged,
+}
+
+/// What the document in force looks like, for the admin endpoint.
+#[derive(Debug, Clone, PartialEq)]
+struct Document {
+    effective: serde_json::Value,
+    digest: u64,
+}
+
+struct Inner {
+    sources: Sources,
+    sections: RwLock<BTreeMap<String, Arc<dyn ErasedSection>>>,
+    /// Serialises reloads; holds the digest of the inputs last applied.
+    reload_lock: Mutex<Option<u64>>,
+    document: OnceLock<Live<Document>>,
+    last_error: ArcSwapOption<ReloadFailure>,
+}
+
+/// The configuration in force, and the means to reload it. Cheap to clone.
+///
+/// Get a section's live handle once with [`Config::section`], then `load()` it per call.
+#[derive(Clone)]
+pub struct Config {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("generation", &self.generation())
+            .field("files", &self.inner.sources.files)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The live handle of section `name`, registered with type `T`.
+    pub fn section<T>(&self, name: &str) -> Result<Live<T>, ConfigError>
+    where
+        T: Send + Sync + 'static,
+    {
+        let sections = self.inner.sections.read().map_err(|_| ConfigError::Section {
+            section: name.to_owned(),
+            reason: "registry is poisoned",
+        })?;
+        let Some(section) = sections.get(name) else {
+            return Err(ConfigError::Section {
+                section: name.to_owned(),
+                reason: "is not registered",
+            });
+        };
+        if section.type_id_of() != TypeId::of::<T>() {
+            return Err(ConfigError::SectionType {
+                section: name.to_owned(),
+            });
+        }
+        section
+            .live()
+            .and_then(|any| any.downcast_ref::<Live<T>>())
+            .cloned()
+            .ok_or_else(|| ConfigError::SectionType {
+                section: name.to_owned(),
+            })
+    }
+
+    /// Registers a section after the first load. The document in force must already be valid
+    /// for it (an absent section takes `T`'s serde defaults); from then on every reload checks it.
+    pub fn register<T>(
+        &self,
+        name: &str,
+        validate: Option<Box<dyn Fn(&T) -> Result<(), String> + Send + Sync>>,
+    ) -> Result<Live<T>, ConfigError>
+    where
+        T: DeserializeOwned + PartialEq + Send + Sync + 'static,
+    {
+        check_section_name(name)?;
+        let _guard = lock(&self.inner.reload_lock);
+        {
+            let sections = self.inner.sections.read().map_err(|_| ConfigError::Section {
+                section: name.to_owned(),
+                reason: "registry is poisoned",
+            })?;
+            if sections.contains_key(name) {
+                return Err(ConfigError::Section {
+                    section: name.to_owned(),
+                    reason: "is registered twice",
+                });
+            }
+        }
+        let typed: Arc<Typed<T>> = Arc::new(Typed {
+            live: OnceLock::new(),
+            validate,
+        });
+        let inputs = self.inner.sources.read()?;
+        let merged = self.inner.sources.build(&inputs)?;
+        let value = top_level(&merged)?.remove(name).unwrap_or_else(empty_table);
+        let parsed = typed
+            .parse(value)
+            .map_err(|e| self.section_error(&inputs, &merged, name, e))?;
+        typed.publish(parsed);
+        let live = typed
+            .live
+            .get()
+            .cloned()
+            .ok_or_else(|| ConfigError::SectionType {
+                section: name.to_owned(),
+            })?;
+        if let Ok(mut sections) = self.inner.sections.write() {
+            sections.insert(name.to_owned(), typed);
+        }
+        Ok(live)
+    }
+
+    /// The generation of the document in force: 1 after the first load, +1 per applied reload.
+    pub fn generation(&self) -> u64 {
+        self.inner.document.get().map_or(0, |d| d.generation() + 1)
+    }
+
+    /// Tells each time a new document is applied.
+    pub fn subscribe(&self) -> Option<LiveWatch> {
+        self.inner.document.get().map(Live::subscribe)
+    }
+
+    /// The last refused reload, if the most recent reload was refused.
+    pub fn last_error(&self) -> Option<Arc<ReloadFailure>> {
+        self.inner.last_error.load_full()
+    }
+
+    /// The document in force as JSON (every layer merged; defaults of absent keys not shown).
+    pub fn effective(&self) -> serde_json::Value {
+        self.inner
+            .document
+            .get()
+            .map_or(serde_json::Value::Null, |d| d.load().effective.clone())
+    }
+
+    /// The files this configuration reads, in layer order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.inner.sources.files
+    }
+
+    /// Reads every layer again and applies the result if all of it is valid.
+    ///
+    /// On error nothing changes: the last good document stays in force, and the error is
+    /// returned, logged, counted and kept for [`Config::last_error`].
+    pub fn reload(&self) -> Result<ReloadOutcome, Arc<ConfigError>> {
+        self.reload_inner(true)
+    }
+
+    /// Like [`Config::reload`], but does nothing when the files and environment read are
+    /// byte-for-byte what was last applied (cheap enough to poll).
+    pub fn reload_if_changed(&self) -> Result<ReloadOutcome, Arc<ConfigError>> {
+        self.reload_inner(false)
+    }
+
+    fn reload_inner(&self, force: bool) -> Result<ReloadOutcome, Arc<ConfigError>> {
+        let mut applied_digest = lock(&self.inner.reload_lock);
+        let result = self.try_reload(force, &mut applied_digest);
+        match &result {
+            Ok(ReloadOutcome::Applied(generation)) => {
+                self.inner.last_error.store(None);
+                metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, telemetry::LABEL_OUTCOME => "applied")
+                    .increment(1);
+                metrics::gauge!(telemetry::CONFIG_GENERATION).set(*generation as f64);
+                metrics::gauge!(telemetry::CONFIG_LAST_RELOAD_FAILED).set(0.0);
+                tracing::info!(generation, "configuration applied");
+            }
+            Ok(ReloadOutcome::Unchanged) => {
+                self.inner.last_error.store(None);
+                metrics::gauge!(telemetry::CONFIG_LAST_RELOAD_FAILED).set(0.0);
+                metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, telemetry::LABEL_OUTCOME => "unchanged")
+                    .increment(1);
+            }
+            Err(error) => {
+                metrics::counter!(telemetry::CONFIG_RELOADS_TOTAL, telemetry::LABEL_OUTCOME => "rejected")
+                    .increment(1);
+                metrics::gauge!(telemetry::CONFIG_LAST_RELOAD_FAILED).set(1.0);
+                tracing::warn!(%error, generation = self.generation(), "configuration refused; the last good one stays");
+                self.inner.last_error.store(Some(Arc::new(ReloadFailure {
+                    error: clone_error(error),
+                    at: SystemTime::now(),
+                })));
+            }
+        }
+        result
+    }
+
+    fn try_reload(
+        &self,
+        force: bool,
+        applied_digest: &mut Option<u64>,
+    ) -> Result<ReloadOutcome, Arc<ConfigError>> {
+        let sources = &self.inner.sources;
+        let inputs = sources.read().map_err(Arc::new)?;
+        if !force && *applied_digest == Some(inputs.digest) {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        let merged = sources.build(&inputs).map_err(Arc::new)?;
+        let mut top = top_level(&merged).map_err(Arc::new)?;
+        let sections = self
+            .inner
+            .sections
+            .read()
+            .map_err(|_| Arc::new(ConfigError::Many(Vec::new())))?;
+
+        let mut errors = Vec::new();
+        for key in top.keys() {
+            if !sections.contains_key(key) {
+                errors.push(ConfigError::UnknownKey {
+                    key: key.clone(),
+                    origin: sources.origin_of(&inputs, &merged, key),
+                });
+            }
+        }
+        let mut parsed = Vec::with_capacity(sections.len());
+        for (name, section) in sections.iter() {
+            let value = top.remove(name).unwrap_or_else(empty_table);
+            match section.parse(value) {
+                Ok(v) => parsed.push((section.clone(), v)),
+                Err(e) => errors.push(self.section_error(&inputs, &merged, name, e)),
+            }
+        }
+        drop(sections);
+        if !errors.is_empty() {
+            return Err(Arc::new(if errors.len() == 1 {
+                errors.remove(0)
+            } else {
+                ConfigError::Many(errors)
+            }));
+        }
+
+        let effective = merged
+            .try_deserialize::<serde_json::Value>()
+            .unwrap_or(serde_json::Value::Null);
+        let document = Document {
+            effective,
+            digest: inputs.digest,
+        };
+        *applied_digest = Some(inputs.digest);
+        let mut changed = false;
+        for (section, value) in parsed {
+            changed |= section.publish(value);
+        }
+        match self.inner.document.get() {
+            None => {
+                let _ = self.inner.document.set(Live::new(document));
+                Ok(ReloadOutcome::Applied(1))
+            }
+            Some(live) => {
+                let raw_changed = live.load().effective != document.effective;
+                if changed || raw_changed {
+                    live.store(document);
+                    Ok(ReloadOutcome::Applied(live.generation() + 1))
+                } else {
+                    Ok(ReloadOutcome::Unchanged)
+                }
+            }
+        }
+    }
+
+    fn section_error(
+        &self,
+        inputs: &Inputs,
+        merged: &config::Config,
+        name: &str,
+        error: SectionError,
+    ) -> ConfigError {
+        let sources = &self.inner.sources;
+        match error {
+            SectionError::Invalid(reason) => ConfigError::Invalid {
+                key: name.to_owned(),
+                origin: sources.origin_of(inputs, merged, name),
+                reason,
+            },
+            SectionError::Config(e) => {
+                let (rel_key, reason) = flatten(e);
+                let mut key = match rel_key {
+                    Some(k) if !k.is_empty() => {
+                        if k.starts_with('[') {
+                            format!("{name}{k}")
+                        } else {
+                            format!("{name}.{k}")
+                        }
+                    }
+                    _ => name.to_owned(),
+                };
+                if let Some(field) = unknown_field(&reason) {
+                    key = format!("{key}.{field}");
+                    return ConfigError::UnknownKey {
+                        origin: sources.origin_of(inputs, merged, &key),
+                        key,
+                    };
+                }
+                ConfigError::Invalid {
+                    origin: sources.origin_of(inputs, merged, &key),
+                    key,
+                    reason,
+                }
+            }
+        }
+    }
+}
+
+fn empty_table() -> Value {
+    Value::new(None, Map::<String, Value>::new())
+}
+
+fn top_level(merged: &config::Config) -> Result<Map<String, Value>, ConfigError> {
+    merged
+        .clone()
+        .try_deserialize::<Map<String, Value>>()
+        .map_err(|e| ConfigError::Invalid {
+            key: String::new(),
+            origin: Origin::Default,
+            reason: e.to_string(),
+        })
+}
+
+/// Unwraps config's error chain into (key relative to the section, reason).
+fn flatten(e: config::ConfigError) -> (Option<String>, String) {
+    match e {
+        config::ConfigError::At { error, key, .. } => {
+            let (inner_key, reason) = flatten(*error);
+            (key.or(inner_key), reason)
+        }
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => (key, format!("expected {expected}, found {unexpected}")),
+        config::ConfigError::Message(m) => (None, m),
+        config::ConfigError::NotFound(k) => (Some(k), "missing".to_owned()),
+        other => (None, other.to_string()),
+    }
+}
+
+fn unknown_field(reason: &str) -> Option<&str> {
+    let rest = reason.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}

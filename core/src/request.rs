@@ -1,0 +1,41 @@
+//! Request and response extensions through which keel's layers talk to each other without
+//! depending on each other: the resilience layers above say which attempt this is and by when it
+//! must finish; the balancer below says which instance served.
+
+use std::net::SocketAddr;
+
+use tokio::time::Instant;
+
+use crate::InstanceId;
+
+/// Request extension: the absolute deadline of the whole call, across every retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    /// Time left, zero if passed.
+    pub fn remaining(&self) -> std::time::Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Request extension: which attempt of a call this is. A balancer avoids the instances in
+/// `avoid` (those that failed earlier attempts, or serve the other hedge) when it can.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first try, 2 for the first retry, ...
+    pub number: u32,
+    /// Whether this is a hedged (parallel) attempt.
+    pub hedge: bool,
+    /// Instances that earlier attempts of this call went to.
+    pub avoid: Vec<InstanceId>,
+}
+
+/// Response (and error) extension: the instance that served the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedBy {
+    /// Its id.
+    pub id: InstanceId,
+    /// Its address.
+    pub addr: SocketAddr,
+}

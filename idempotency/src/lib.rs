@@ -1,0 +1,2 @@
+//! keel-idempotency. This crate is filled in by its own issue.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! keel facade.
+#![forbid(unsafe_code)]
