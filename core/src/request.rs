@@ -39,3 +39,16 @@ pub struct ServedBy {
     /// Its address.
     pub addr: SocketAddr,
 }
+
+/// An error from one instance, with the instance it came from. Balancers wrap their inner
+/// service's errors in it, so layers above (retry, per-instance breakers, outlier detection) can
+/// tell which instance failed by downcasting, without depending on the balancer's crate.
+#[derive(Debug, thiserror::Error)]
+#[error("instance {} ({}) failed: {source}", served_by.id, served_by.addr)]
+pub struct InstanceFailure {
+    /// The instance.
+    pub served_by: ServedBy,
+    /// What went wrong.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}

@@ -116,7 +116,8 @@ enum EnvSource {
     Map(EnvMap),
 }
 
-type Validator<T> = Box<dyn Fn(&T) -> Result<(), String> + Send + Sync>;
+/// A section's validation: `Err(reason)` refuses the whole document.
+pub type Validator<T> = Box<dyn Fn(&T) -> Result<(), String> + Send + Sync>;
 
 trait ErasedSection: Send + Sync {
     fn type_id_of(&self) -> TypeId;
@@ -649,7 +650,7 @@ impl Config {
     pub fn register<T>(
         &self,
         name: &str,
-        validate: Option<Box<dyn Fn(&T) -> Result<(), String> + Send + Sync>>,
+        validate: Option<Validator<T>>,
     ) -> Result<Live<T>, ConfigError>
     where
         T: DeserializeOwned + PartialEq + Send + Sync + 'static,

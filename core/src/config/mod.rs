@@ -31,7 +31,9 @@ mod service;
 mod watch;
 
 pub use self::{
-    loader::{Config, ConfigLoader, EnvMap, OverrideValue, ReloadFailure, ReloadOutcome},
+    loader::{
+        Config, ConfigLoader, EnvMap, OverrideValue, ReloadFailure, ReloadOutcome, Validator,
+    },
     origin::Origin,
     service::ServiceSection,
     watch::{ConfigWatcher, WatchOptions},
