@@ -1,2 +1,44 @@
-//! keel facade.
+//! # keel
+//!
+//! Service governance inside the process: configuration that changes while the service runs,
+//! discovery and registration, client-side load balancing with health checks, fault-tolerant
+//! calls and idempotent endpoints — assembled by one builder, with no proxy hop and no sidecar.
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//!
+//! #[derive(Debug, PartialEq, Deserialize, Default)]
+//! #[serde(deny_unknown_fields, default)]
+//! struct Shop {
+//!     discount_percent: u32,
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), keel::Error> {
+//!     let keel = keel::Keel::builder("orders")
+//!         .config_file("keel.toml")          // optional; KEEL__* env vars layer on top
+//!         .settings::<Shop>("shop")          // the application's own section
+//!         .build()
+//!         .await?;
+//!     let shop = keel.settings::<Shop>("shop")?;   // hot: edit keel.toml, the next load sees it
+//!     println!("discount: {}%", shop.load().discount_percent);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The crates behind it are usable alone: [`keel_core`] (live values, layered config, hot
+//! reload), `keel_discovery`, `keel_balance`, `keel_resilience` and `keel_idempotency`.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod builder;
+mod error;
+
+pub use keel_core;
+pub use keel_core::{Live, ServiceName};
+
+pub use self::{
+    builder::{Keel, KeelBuilder},
+    error::Error,
+};

@@ -254,7 +254,10 @@ impl Instance {
         }
         if let Some(t) = self.params.fail_timeout {
             if t.is_zero() {
-                return Err(bad("params.fail_timeout", "must be greater than 0".to_owned()));
+                return Err(bad(
+                    "params.fail_timeout",
+                    "must be greater than 0".to_owned(),
+                ));
             }
         }
         Ok(())

@@ -27,8 +27,9 @@
 //!
 //! # fn main() -> Result<(), keel_core::ConfigError> {
 //! let mut loader = ConfigLoader::new().with_override("shop.discount_percent", 15);
-//! let shop: Live<Shop> = loader.register::<Shop>("shop")?;
+//! loader.register::<Shop>("shop")?;
 //! let config = loader.load()?;
+//! let shop: Live<Shop> = config.section("shop")?;
 //! assert_eq!(shop.load().discount_percent, 15);
 //! assert_eq!(config.generation(), 1);
 //! # Ok(())

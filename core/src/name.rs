@@ -34,10 +34,9 @@ impl ServiceName {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(invalid("must start with a lowercase letter or a digit"));
         }
-        if !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
-        {
+        if !name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        }) {
             return Err(invalid(
                 "may hold only lowercase letters, digits, '-', '_' and '.'",
             ));

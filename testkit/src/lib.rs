@@ -61,9 +61,7 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status();
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
 /// A private `redis-server` on a free port on 127.0.0.1, killed when dropped.
@@ -311,7 +309,9 @@ impl HttpBackend {
 
     /// Starts one on `port` (0 for any), e.g. to bring a backend back on the address it had.
     pub async fn start_on(name: &str, port: u16) -> Self {
-        use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+        use axum::{
+            extract::State, http::StatusCode, response::IntoResponse, routing::get, Router,
+        };
         let behaviour = Arc::new(Behaviour {
             healthy: AtomicBool::new(true),
             ..Behaviour::default()

@@ -249,7 +249,11 @@ impl ConfigLoader {
     }
 
     /// Sets `key` (a dotted path such as `clients.payments.timeout`) in code; wins over all.
-    pub fn with_override(mut self, key: impl Into<String>, value: impl Into<OverrideValue>) -> Self {
+    pub fn with_override(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<OverrideValue>,
+    ) -> Self {
         self.overrides.push((key.into(), value.into()));
         self
     }
@@ -276,7 +280,11 @@ impl ConfigLoader {
         self.insert_section::<T>(name, Some(Box::new(validate)))
     }
 
-    fn insert_section<T>(&mut self, name: &str, validate: Option<Validator<T>>) -> Result<(), ConfigError>
+    fn insert_section<T>(
+        &mut self,
+        name: &str,
+        validate: Option<Validator<T>>,
+    ) -> Result<(), ConfigError>
     where
         T: DeserializeOwned + PartialEq + Send + Sync + 'static,
     {
@@ -318,7 +326,10 @@ impl ConfigLoader {
         };
         match config.reload_inner(true) {
             Ok(_) => Ok(config),
-            Err(e) => Err(Arc::try_unwrap(e).unwrap_or_else(|arc| ConfigError::Many(vec![clone_error(&arc)]))),
+            Err(e) => {
+                Err(Arc::try_unwrap(e)
+                    .unwrap_or_else(|arc| ConfigError::Many(vec![clone_error(&arc)])))
+            }
         }
     }
 }
@@ -462,7 +473,7 @@ impl Sources {
         // the thing being looked for, or only its parent table may carry an origin.
         let mut probe = key.to_owned();
         loop {
-            if let Ok(v) = merged.get::<Value>(&probe) {
+            if let Some(v) = lookup(merged, &probe) {
                 return match v.origin() {
                     Some(ENV_ORIGIN) => Origin::Env {
                         var: self.env_var_for(inputs, &probe),
@@ -531,7 +542,11 @@ struct TextSource {
 
 impl TextSource {
     fn new(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let format = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
+        let format = match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+        {
             Some(e) if e == "toml" => FileFormat::Toml,
             Some(e) if e == "json" => FileFormat::Json,
             Some(e) if e == "yaml" || e == "yml" => FileFormat::Yaml,
@@ -621,10 +636,14 @@ impl Config {
     where
         T: Send + Sync + 'static,
     {
-        let sections = self.inner.sections.read().map_err(|_| ConfigError::Section {
-            section: name.to_owned(),
-            reason: "registry is poisoned",
-        })?;
+        let sections = self
+            .inner
+            .sections
+            .read()
+            .map_err(|_| ConfigError::Section {
+                section: name.to_owned(),
+                reason: "registry is poisoned",
+            })?;
         let Some(section) = sections.get(name) else {
             return Err(ConfigError::Section {
                 section: name.to_owned(),
@@ -658,10 +677,14 @@ impl Config {
         check_section_name(name)?;
         let _guard = lock(&self.inner.reload_lock);
         {
-            let sections = self.inner.sections.read().map_err(|_| ConfigError::Section {
-                section: name.to_owned(),
-                reason: "registry is poisoned",
-            })?;
+            let sections = self
+                .inner
+                .sections
+                .read()
+                .map_err(|_| ConfigError::Section {
+                    section: name.to_owned(),
+                    reason: "registry is poisoned",
+                })?;
             if sections.contains_key(name) {
                 return Err(ConfigError::Section {
                     section: name.to_owned(),
@@ -887,15 +910,29 @@ fn empty_table() -> Value {
     Value::new(None, Map::<String, Value>::new())
 }
 
+/// The value at a dotted path, with its origin (deserializing a `Value` would lose it).
+fn lookup(merged: &config::Config, key: &str) -> Option<Value> {
+    let mut table = merged.collect().ok()?;
+    let mut segments = key.split('.').peekable();
+    while let Some(seg) = segments.next() {
+        let value = table.remove(seg)?;
+        if segments.peek().is_none() {
+            return Some(value);
+        }
+        table = match value.kind {
+            ValueKind::Table(t) => t,
+            _ => return None,
+        };
+    }
+    None
+}
+
 fn top_level(merged: &config::Config) -> Result<Map<String, Value>, ConfigError> {
-    merged
-        .clone()
-        .try_deserialize::<Map<String, Value>>()
-        .map_err(|e| ConfigError::Invalid {
-            key: String::new(),
-            origin: Origin::Default,
-            reason: e.to_string(),
-        })
+    merged.collect().map_err(|e| ConfigError::Invalid {
+        key: String::new(),
+        origin: Origin::Default,
+        reason: e.to_string(),
+    })
 }
 
 /// Unwraps config's error chain into (key relative to the section, reason).

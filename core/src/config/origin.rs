@@ -53,7 +53,10 @@ pub(crate) fn line_of(text: &str, key: &str) -> Option<u32> {
             Some(r) => r.strip_prefix(last).and_then(|r| r.strip_prefix('"')),
             None => t.strip_prefix(last),
         };
-        matches!(rest.and_then(|r| r.trim_start().chars().next()), Some('=' | ':'))
+        matches!(
+            rest.and_then(|r| r.trim_start().chars().next()),
+            Some('=' | ':')
+        )
     };
     let lines: Vec<&str> = text.lines().collect();
     let start = if parent.is_empty() {

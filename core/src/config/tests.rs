@@ -1,1 +1,494 @@
-// tests are written next
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::BTreeMap, io::Write, time::Duration};
+
+use serde::Deserialize;
+
+use super::*;
+use crate::{ConfigError, Ratio};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Shop {
+    discount: Ratio,
+    timeout: std_duration::D,
+    currency: String,
+    max_items: u32,
+    featured: bool,
+    limits: Limits,
+    regions: BTreeMap<String, Region>,
+}
+
+mod std_duration {
+    use serde::Deserialize;
+    #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+    pub(super) struct D(
+        #[serde(with = "crate::units::serde_duration")] pub(super) std::time::Duration,
+    );
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Limits {
+    per_minute: u32,
+    burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct Region {
+    weight: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_minute: 60,
+            burst: 10,
+        }
+    }
+}
+
+impl Default for Shop {
+    fn default() -> Self {
+        Self {
+            discount: Ratio::ZERO,
+            timeout: std_duration::D(Duration::from_secs(1)),
+            currency: "EUR".into(),
+            max_items: 100,
+            featured: false,
+            limits: Limits::default(),
+            regions: BTreeMap::new(),
+        }
+    }
+}
+
+fn validate_shop(s: &Shop) -> Result<(), String> {
+    if s.max_items == 0 {
+        return Err("max_items must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.path().join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    p
+}
+
+fn loader(files: &[std::path::PathBuf], env: &EnvMap) -> ConfigLoader {
+    let mut l = ConfigLoader::new().with_env_map(env.clone());
+    for f in files {
+        l = l.with_file(f);
+    }
+    l.register_with::<ServiceSection>("service", ServiceSection::validate)
+        .unwrap();
+    l.register_with::<Shop>("shop", validate_shop).unwrap();
+    l
+}
+
+/// Ten keys, each set at a different set of layers; the highest layer that sets a key wins.
+#[test]
+fn precedence_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(
+        &dir,
+        "keel.toml",
+        r#"
+[service]
+zone = "file-zone"
+version = "file-version"
+weight = 2
+drain_timeout = "10s"
+
+[shop]
+currency = "USD"
+max_items = 5
+featured = true
+discount = "10%"
+timeout = "2s"
+
+[shop.limits]
+per_minute = 120
+"#,
+    );
+    let env = EnvMap::new();
+    env.set("KEEL__SERVICE__VERSION", "env-version");
+    env.set("KEEL__SERVICE__WEIGHT", "3");
+    env.set("KEEL__SHOP__MAX_ITEMS", "7");
+    env.set("KEEL__SHOP__DISCOUNT", "0.25");
+    env.set("KEEL__SHOP__LIMITS__BURST", "20");
+    env.set("KEEL__SHOP__LIMITS__PER_MINUTE", "240");
+    env.set("OTHER__SHOP__CURRENCY", "ignored: other prefix");
+    let config = loader(&[f], &env)
+        .with_override("service.weight", 4)
+        .with_override("shop.featured", false)
+        .with_override("shop.limits.burst", 30)
+        .load()
+        .unwrap();
+    let service = config.section::<ServiceSection>("service").unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    let (s, p) = (service.load(), shop.load());
+    // default only
+    assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(p.regions, BTreeMap::new());
+    // file only
+    assert_eq!(s.zone.as_deref(), Some("file-zone"));
+    assert_eq!(s.drain_timeout, Duration::from_secs(10));
+    assert_eq!(p.currency, "USD");
+    assert_eq!(p.timeout.0, Duration::from_secs(2));
+    // file < env
+    assert_eq!(s.version.as_deref(), Some("env-version"));
+    assert_eq!(p.max_items, 7);
+    assert_eq!(p.discount.get(), 0.25);
+    assert_eq!(p.limits.per_minute, 240);
+    // file < env < override
+    assert_eq!(s.weight, 4);
+    assert_eq!(p.limits.burst, 30);
+    // file < override
+    assert!(!p.featured);
+    assert_eq!(config.generation(), 1);
+}
+
+#[test]
+fn yaml_and_json_by_extension_later_files_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = file(&dir, "a.yaml", "shop:\n  currency: GBP\n  max_items: 3\n");
+    let b = file(&dir, "b.json", r#"{"shop": {"max_items": 9}}"#);
+    let config = loader(&[a, b], &EnvMap::new()).load().unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    assert_eq!(shop.load().currency, "GBP");
+    assert_eq!(shop.load().max_items, 9);
+}
+
+fn load_err(text: &str, env: &EnvMap) -> (ConfigError, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(&dir, "keel.toml", text);
+    let err = loader(std::slice::from_ref(&f), env).load().unwrap_err();
+    (err, f)
+}
+
+#[test]
+fn unknown_key_names_file_line_and_path() {
+    let (err, f) = load_err(
+        "[shop]\ncurrency = \"EUR\"\n\n[shop.limits]\nper_minute = 1\nbursts = 3\n",
+        &EnvMap::new(),
+    );
+    match &err {
+        ConfigError::UnknownKey { key, origin } => {
+            assert_eq!(key, "shop.limits.bursts");
+            assert_eq!(
+                origin,
+                &Origin::File {
+                    path: f,
+                    line: Some(6)
+                }
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("shop.limits.bursts"), "{err}");
+}
+
+#[test]
+fn unknown_section_is_an_error() {
+    let (err, _) = load_err("[shoop]\ncurrency = \"EUR\"\n", &EnvMap::new());
+    assert!(
+        matches!(&err, ConfigError::UnknownKey { key, .. } if key == "shoop"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn unknown_env_key_names_the_variable() {
+    let env = EnvMap::new();
+    env.set("KEEL__SHOP__CURENCY", "EUR");
+    let (err, _) = load_err("", &env);
+    match &err {
+        ConfigError::UnknownKey { key, origin } => {
+            assert_eq!(key, "shop.curency");
+            assert_eq!(
+                origin,
+                &Origin::Env {
+                    var: "KEEL__SHOP__CURENCY".into()
+                }
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_duration_names_source_and_path() {
+    let (err, f) = load_err(
+        "[shop]\ncurrency = \"EUR\"\ntimeout = \"soon\"\n",
+        &EnvMap::new(),
+    );
+    match &err {
+        ConfigError::Invalid {
+            key,
+            origin,
+            reason,
+        } => {
+            assert_eq!(key, "shop.timeout");
+            assert_eq!(
+                origin,
+                &Origin::File {
+                    path: f,
+                    line: Some(3)
+                }
+            );
+            assert!(reason.contains("soon"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let env = EnvMap::new();
+    env.set("KEEL__SHOP__TIMEOUT", "5");
+    let (err, _) = load_err("", &env);
+    assert!(
+        matches!(&err, ConfigError::Invalid { key, origin: Origin::Env { var }, reason }
+            if key == "shop.timeout" && var == "KEEL__SHOP__TIMEOUT" && reason.contains("unit")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn bad_ratio_names_source_and_path() {
+    let (err, _) = load_err("[shop]\ndiscount = \"150%\"\n", &EnvMap::new());
+    assert!(
+        matches!(&err, ConfigError::Invalid { key, origin: Origin::File { line: Some(2), .. }, .. } if key == "shop.discount"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn wrong_type_names_source_and_path() {
+    let (err, _) = load_err("[shop]\nmax_items = \"many\"\n", &EnvMap::new());
+    assert!(
+        matches!(&err, ConfigError::Invalid { key, origin: Origin::File { line: Some(2), .. }, .. } if key == "shop.max_items"),
+        "{err:?}"
+    );
+    let (err, _) = load_err("[shop]\n[shop.regions.eu]\nweight = -3\n", &EnvMap::new());
+    assert!(
+        matches!(&err, ConfigError::Invalid { key, .. } if key == "shop.regions.eu.weight"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn syntax_error_names_file_and_line() {
+    let (err, f) = load_err(
+        "[shop]\ncurrency = \"EUR\"\nmax_items = = 3\n",
+        &EnvMap::new(),
+    );
+    match &err {
+        ConfigError::Parse { path, line, .. } => {
+            assert_eq!(path, &f);
+            assert_eq!(*line, Some(3));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn validation_failure_names_the_section() {
+    let (err, _) = load_err("[shop]\nmax_items = 0\n", &EnvMap::new());
+    assert!(
+        matches!(&err, ConfigError::Invalid { key, reason, .. } if key == "shop" && reason.contains("max_items")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let (err, _) = load_err(
+        "[shop]\nmax_items = \"x\"\n[service]\nweight = 0\n[nope]\na = 1\n",
+        &EnvMap::new(),
+    );
+    let keys = err.keys();
+    assert!(keys.contains(&"shop.max_items"), "{keys:?}");
+    assert!(keys.contains(&"service"), "{keys:?}");
+    assert!(keys.contains(&"nope"), "{keys:?}");
+}
+
+#[test]
+fn bad_reload_keeps_last_good_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(&dir, "keel.toml", "[shop]\nmax_items = 5\n");
+    let config = loader(std::slice::from_ref(&f), &EnvMap::new())
+        .load()
+        .unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    std::fs::write(&f, "[shop]\nmax_items = 0\n").unwrap();
+    let err = config.reload().unwrap_err();
+    assert!(err.to_string().contains("max_items"));
+    assert_eq!(shop.load().max_items, 5);
+    assert_eq!(config.generation(), 1);
+    assert!(config.last_error().is_some());
+    std::fs::write(&f, "[shop]\nmax_items = 6\n").unwrap();
+    assert_eq!(config.reload().unwrap(), ReloadOutcome::Applied(2));
+    assert_eq!(shop.load().max_items, 6);
+    assert!(config.last_error().is_none());
+    // Same contents again: nothing changes, the generation stays.
+    assert_eq!(
+        config.reload_if_changed().unwrap(),
+        ReloadOutcome::Unchanged
+    );
+    assert_eq!(config.reload().unwrap(), ReloadOutcome::Unchanged);
+    assert_eq!(config.generation(), 2);
+}
+
+#[test]
+fn unchanged_sections_keep_their_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(
+        &dir,
+        "keel.toml",
+        "[shop]\nmax_items = 5\n[service]\nzone = \"a\"\n",
+    );
+    let config = loader(std::slice::from_ref(&f), &EnvMap::new())
+        .load()
+        .unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    let service = config.section::<ServiceSection>("service").unwrap();
+    std::fs::write(&f, "[shop]\nmax_items = 5\n[service]\nzone = \"b\"\n").unwrap();
+    config.reload().unwrap();
+    assert_eq!(shop.generation(), 0);
+    assert_eq!(service.generation(), 1);
+}
+
+#[test]
+fn env_changes_apply_on_reload() {
+    let env = EnvMap::new();
+    let config = loader(&[], &env).load().unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    env.set("KEEL__SHOP__CURRENCY", "JPY");
+    assert_eq!(config.reload().unwrap(), ReloadOutcome::Applied(2));
+    assert_eq!(shop.load().currency, "JPY");
+}
+
+#[test]
+fn late_registration_is_validated_against_the_document() {
+    let env = EnvMap::new();
+    env.set("KEEL__EXTRA__LEVEL", "3");
+    let mut l = ConfigLoader::new().with_env_map(env.clone());
+    l.register::<Extra>("extra").unwrap();
+    let config = l.load().unwrap();
+    #[derive(Debug, PartialEq, Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Extra {
+        level: u32,
+    }
+    #[derive(Debug, PartialEq, Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Later {
+        on: bool,
+    }
+    let later = config.register::<Later>("later", None).unwrap();
+    assert!(!later.load().on);
+    assert!(config.register::<Later>("later", None).is_err());
+    assert!(matches!(
+        config.section::<Later>("extra"),
+        Err(ConfigError::SectionType { .. })
+    ));
+    assert!(matches!(
+        config.section::<Later>("missing"),
+        Err(ConfigError::Section { .. })
+    ));
+    // From now on a reload that breaks the late section is refused.
+    env.set("KEEL__LATER__ON", "maybe");
+    assert!(config.reload().is_err());
+    env.set("KEEL__LATER__ON", "true");
+    config.reload().unwrap();
+    assert!(later.load().on);
+}
+
+#[test]
+fn readers_never_see_a_partial_document_across_reloads() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    // `a` and `b` are always written equal; a reader must never see them differ, nor an invalid
+    // value. Every other reload is invalid and must be refused without effect.
+    #[derive(Debug, PartialEq, Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Pair {
+        a: u32,
+        b: u32,
+    }
+    let env = EnvMap::new();
+    env.set("KEEL__PAIR__A", "0");
+    env.set("KEEL__PAIR__B", "0");
+    let mut l = ConfigLoader::new().with_env_map(env.clone());
+    l.register_with::<Pair>("pair", |p| {
+        if p.a == p.b {
+            Ok(())
+        } else {
+            Err("a and b must be equal".into())
+        }
+    })
+    .unwrap();
+    let config = l.load().unwrap();
+    let pair = config.section::<Pair>("pair").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let pair = pair.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                let mut last = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = pair.load();
+                    assert_eq!(p.a, p.b, "torn or invalid document");
+                    assert!(p.a >= last, "went backwards");
+                    last = p.a;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 1..=1_000u32 {
+        if i % 2 == 0 {
+            env.set("KEEL__PAIR__A", (i + 1).to_string());
+            assert!(config.reload().is_err());
+            env.set("KEEL__PAIR__A", i.to_string());
+        } else {
+            env.set("KEEL__PAIR__A", i.to_string());
+        }
+        env.set("KEEL__PAIR__B", i.to_string());
+        config.reload().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert_eq!(pair.load().a, 1_000);
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ext in prop_oneof!["toml", "yaml", "json"]) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join(format!("keel.{ext}"));
+            std::fs::write(&p, &bytes).unwrap();
+            let _ = loader(&[p], &EnvMap::new()).load();
+        }
+
+        #[test]
+        fn arbitrary_toml_shaped_text_never_panics(text in "(\\[[a-z.]{1,12}\\]\n|[a-z_]{1,10} = (\"[^\"\n]{0,8}\"|[0-9.%-]{1,6}|true)\n){0,12}") {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("keel.toml");
+            std::fs::write(&p, &text).unwrap();
+            let _ = loader(&[p], &EnvMap::new()).load();
+        }
+    }
+}

@@ -64,18 +64,19 @@ impl Drop for ConfigWatcher {
 
 impl ConfigWatcher {
     /// Starts watching. Must be called inside a tokio runtime.
-    pub fn spawn(config: Config, options: WatchOptions, shutdown: Shutdown) -> Result<Self, ConfigError> {
+    pub fn spawn(
+        config: Config,
+        options: WatchOptions,
+        shutdown: Shutdown,
+    ) -> Result<Self, ConfigError> {
         let (tx, rx) = mpsc::unbounded_channel::<()>();
-        let dirs: BTreeSet<PathBuf> = config
-            .files()
-            .iter()
-            .map(|f| parent_dir(f))
-            .collect();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        })?;
+        let dirs: BTreeSet<PathBuf> = config.files().iter().map(|f| parent_dir(f)).collect();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.send(());
+                }
+            })?;
         for dir in &dirs {
             if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(dir = %dir.display(), %error, "cannot watch config directory; polling only");
