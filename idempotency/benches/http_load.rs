@@ -1,0 +1,2 @@
+//! HTTP load benchmark (being written).
+fn main() {}

@@ -1,0 +1,199 @@
+//! The function API: idempotency for work that is not an HTTP request (queue consumers, jobs,
+//! webhooks). The same store, leases, watchdog and fencing as the layer; the result is stored as
+//! JSON and returned to every later call with the same key.
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use futures_util::FutureExt;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{
+    key,
+    lease::{FencingToken, LeaseLost, Watchdog},
+    store::{new_owner, Claim, IdempotencyStore, Ownership},
+    telemetry, IdempotencyError,
+};
+
+/// Why [`Idempotent::run`] returned no value.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError<E> {
+    /// The closure failed; the key was released, so a later run executes again.
+    #[error("idempotent operation failed: {0}")]
+    Failed(E),
+    /// The key could not be used (in progress, mismatch, store down, stale owner...).
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
+}
+
+impl<E> RunError<E> {
+    /// Whether retrying later may help (a failed closure: yes, it runs again).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Failed(_) => true,
+            Self::Idempotency(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// Runs closures once per key.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use keel_idempotency::{Idempotent, MemoryStore};
+///
+/// let once = Idempotent::new(Arc::new(MemoryStore::new(1000))).scope("billing");
+/// let a: u32 = once.run("invoice-42", || async { Ok::<_, std::io::Error>(7) }).await.unwrap();
+/// let b: u32 = once.run("invoice-42", || async { Ok::<_, std::io::Error>(8) }).await.unwrap();
+/// assert_eq!((a, b), (7, 7));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Idempotent {
+    store: Arc<dyn IdempotencyStore>,
+    scope: String,
+    lease: Duration,
+    ttl: Duration,
+    wait: Duration,
+}
+
+impl std::fmt::Debug for Idempotent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotent")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Idempotent {
+    /// Runs on `store` with a 10s lease, 24h retention, and no waiting for a run in progress.
+    pub fn new(store: Arc<dyn IdempotencyStore>) -> Self {
+        Self {
+            store,
+            scope: String::new(),
+            lease: Duration::from_secs(10),
+            ttl: Duration::from_secs(86_400),
+            wait: Duration::ZERO,
+        }
+    }
+
+    /// Namespaces keys (e.g. by queue or tenant).
+    #[must_use]
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// The lease (renewed every third of it while the closure runs).
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long results are kept.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a call waits for a run of the same key in progress elsewhere before giving up
+    /// with [`IdempotencyError::InProgress`].
+    #[must_use]
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Runs `f` once for `key`; later calls return the stored result.
+    pub async fn run<T, E, F, Fut>(&self, key: &str, f: F) -> Result<T, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        self.run_fenced(key, |_, _| f()).await
+    }
+
+    /// Like [`run`](Self::run), giving the closure its fencing token and lease-lost signal.
+    pub async fn run_fenced<T, E, F, Fut>(&self, key: &str, f: F) -> Result<T, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(FencingToken, LeaseLost) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let skey = key::storage_key(&self.scope, "RUN", "", key);
+        let owner = new_owner();
+        let until = tokio::time::Instant::now() + self.wait;
+        let fence = loop {
+            match self.store.claim(&skey, &owner, "", self.lease).await {
+                Ok(Claim::New { fence }) => {
+                    telemetry::claim("new");
+                    break fence;
+                }
+                Ok(Claim::Completed(raw)) => {
+                    telemetry::claim("replay");
+                    return serde_json::from_slice(&raw)
+                        .map_err(|e| IdempotencyError::Serde(e.to_string()).into());
+                }
+                Ok(Claim::Mismatch) => {
+                    telemetry::claim("mismatch");
+                    return Err(IdempotencyError::Mismatch.into());
+                }
+                Ok(Claim::InProgress { retry_after }) => {
+                    let now = tokio::time::Instant::now();
+                    if now < until {
+                        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+                        continue;
+                    }
+                    telemetry::claim("conflict");
+                    return Err(IdempotencyError::InProgress { retry_after }.into());
+                }
+                Err(e) => {
+                    telemetry::claim("store_error");
+                    return Err(e.into());
+                }
+            }
+        };
+        let watchdog = Watchdog::spawn(self.store.clone(), skey.clone(), owner.clone(), self.lease);
+        let out = AssertUnwindSafe(f(FencingToken(fence), watchdog.lost.clone()))
+            .catch_unwind()
+            .await;
+        drop(watchdog);
+        let value = match out {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = self.store.release(&skey, &owner).await;
+                telemetry::complete("released");
+                return Err(RunError::Failed(e));
+            }
+            Err(panic) => {
+                let _ = self.store.release(&skey, &owner).await;
+                telemetry::complete("released");
+                std::panic::resume_unwind(panic);
+            }
+        };
+        let raw = match serde_json::to_vec(&value) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.store.release(&skey, &owner).await;
+                return Err(IdempotencyError::Serde(e.to_string()).into());
+            }
+        };
+        match self
+            .store
+            .complete(&skey, &owner, raw.into(), self.ttl)
+            .await?
+        {
+            Ownership::Owner => {
+                telemetry::complete("ok");
+                Ok(value)
+            }
+            Ownership::Stale => {
+                telemetry::complete("stale_owner");
+                Err(IdempotencyError::StaleOwner.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Reading the `Idempotency-Key` header, and turning it into a storage key and a fingerprint.
+//!
+//! The IETF draft (`draft-ietf-httpapi-idempotency-key-header`) makes the header an RFC 8941
+//! structured-field *string*: `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`. Many
+//! clients send the value bare, so a bare token is accepted too: RFC 9110 `tchar`s plus `:` and
+//! `/` (RFC 8941 `sf-token` without its first-character rule, so a bare UUID passes). Keys are at
+//! most 255 characters and never empty.
+//!
+//! The storage key hashes scope, method, route and key with length prefixes, so two tenants, two
+//! routes or two methods never share a key, and the raw client key never reaches the store,
+//! the logs or the spans.
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::Fingerprint;
+
+/// Longest accepted key, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Why a key header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header is present more than once.
+    #[error("the idempotency key header appears more than once")]
+    Repeated,
+    /// Empty, too long, or not an sf-string or token.
+    #[error("the idempotency key is not a structured-field string or token of 1..=255 characters")]
+    Malformed,
+}
+
+/// Parses one header value: an RFC 8941 sf-string (`"abc"`, with `\"` and `\\` escapes) or a
+/// bare token. Never panics.
+pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
+    let v = trim_ows(value);
+    let out = if v.first() == Some(&b'"') {
+        parse_sf_string(v)?
+    } else {
+        if v.is_empty() || !v.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
+            return Err(KeyError::Malformed);
+        }
+        // All ASCII, hence valid UTF-8.
+        String::from_utf8(v.to_vec()).map_err(|_| KeyError::Malformed)?
+    };
+    if out.is_empty() || out.len() > MAX_KEY_LEN {
+        return Err(KeyError::Malformed);
+    }
+    Ok(out)
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+fn parse_sf_string(v: &[u8]) -> Result<String, KeyError> {
+    let mut out = String::new();
+    let mut it = v.iter().skip(1);
+    loop {
+        match it.next() {
+            None => return Err(KeyError::Malformed),
+            Some(b'\\') => match it.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
+                _ => return Err(KeyError::Malformed),
+            },
+            Some(b'"') => break,
+            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
+            Some(_) => return Err(KeyError::Malformed),
+        }
+    }
+    if it.next().is_some() {
+        return Err(KeyError::Malformed);
+    }
+    Ok(out)
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Reads the key header from `headers`: `Ok(None)` when absent.
+pub fn key_from_headers(headers: &HeaderMap, name: &str) -> Result<Option<String>, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    parse_key(first.as_bytes()).map(Some)
+}
+
+fn feed(h: &mut Sha256, part: &[u8]) {
+    h.update((part.len() as u64).to_be_bytes());
+    h.update(part);
+}
+
+/// The storage key: hex SHA-256 of scope, method, route and client key (length-prefixed).
+pub fn storage_key(scope: &str, method: &str, route: &str, key: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [scope, method, route, key] {
+        feed(&mut h, part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The fingerprint of a request, per policy: hex SHA-256.
+pub fn fingerprint(policy: &Fingerprint, headers: &HeaderMap, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    match policy {
+        Fingerprint::None => {}
+        Fingerprint::Body => h.update(body),
+        Fingerprint::JsonFields(fields) => {
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Object(map)) => {
+                    for f in fields {
+                        feed(&mut h, f.as_bytes());
+                        let v = map.get(f).unwrap_or(&serde_json::Value::Null);
+                        feed(&mut h, v.to_string().as_bytes());
+                    }
+                }
+                _ => h.update(body),
+            }
+        }
+        Fingerprint::Headers(names) => {
+            for n in names {
+                feed(&mut h, n.to_ascii_lowercase().as_bytes());
+                for v in headers.get_all(n.as_str()) {
+                    feed(&mut h, v.as_bytes());
+                }
+            }
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// A short form of a storage key for logs and spans (already a hash: never the raw key).
+pub(crate) fn short(storage_key: &str) -> &str {
+    storage_key.get(..16).unwrap_or(storage_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn examples() {
+        assert_eq!(parse_key(b"\"abc\"").unwrap(), "abc");
+        assert_eq!(parse_key(b" \"a\\\"b\\\\c\" ").unwrap(), "a\"b\\c");
+        assert_eq!(
+            parse_key(b"8e03978e-40d5-43e8-bc93-6894a57f9324").unwrap(),
+            "8e03978e-40d5-43e8-bc93-6894a57f9324"
+        );
+        assert_eq!(parse_key(b"\"with space\"").unwrap(), "with space");
+        for bad in [
+            &b""[..],
+            b"\"\"",
+            b"\"abc",
+            b"\"a\"b",
+            b"a b",
+            b"\"a\\x\"",
+            b"\"\xc3\xa9\"",
+            b"a,b",
+            b"\"a\tb\"",
+        ] {
+            assert_eq!(
+                parse_key(bad),
+                Err(KeyError::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!("\"{}\"", "a".repeat(256));
+        assert_eq!(parse_key(long.as_bytes()), Err(KeyError::Malformed));
+        let ok = format!("\"{}\"", "a".repeat(255));
+        assert!(parse_key(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn storage_keys_separate_parts() {
+        assert_ne!(
+            storage_key("ab", "POST", "/x", "k"),
+            storage_key("a", "bPOST", "/x", "k")
+        );
+        assert_ne!(
+            storage_key("t1", "POST", "/x", "k"),
+            storage_key("t2", "POST", "/x", "k")
+        );
+        assert_eq!(storage_key("t", "POST", "/x", "k").len(), 64);
+    }
+
+    #[test]
+    fn json_field_fingerprint_ignores_other_fields() {
+        let p = Fingerprint::JsonFields(vec!["amount".into()]);
+        let h = HeaderMap::new();
+        assert_eq!(
+            fingerprint(&p, &h, br#"{"amount":5,"note":"a"}"#),
+            fingerprint(&p, &h, br#"{"note":"b","amount":5}"#)
+        );
+        assert_ne!(
+            fingerprint(&p, &h, br#"{"amount":5}"#),
+            fingerprint(&p, &h, br#"{"amount":6}"#)
+        );
+    }
+
+    fn serialize_sf_string(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_key(&bytes);
+        }
+
+        #[test]
+        fn sf_strings_round_trip(s in "[ -~]{1,255}") {
+            prop_assert_eq!(parse_key(serialize_sf_string(&s).as_bytes()).unwrap(), s);
+        }
+
+        #[test]
+        fn bare_tokens_accepted(s in "[A-Za-z0-9:/._~+*-]{1,255}") {
+            prop_assert_eq!(parse_key(s.as_bytes()).unwrap(), s);
+        }
+
+        #[test]
+        fn too_long_refused(s in "[a-z]{256,300}") {
+            prop_assert!(parse_key(s.as_bytes()).is_err());
+            prop_assert!(parse_key(serialize_sf_string(&s).as_bytes()).is_err());
+        }
+
+        #[test]
+        fn accepted_keys_are_short_printable(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(k) = parse_key(&bytes) {
+                prop_assert!(!k.is_empty() && k.len() <= 255);
+                prop_assert!(k.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+            }
+        }
+    }
+}

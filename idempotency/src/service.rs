@@ -1,0 +1,488 @@
+//! [`Idempotency`]: the middleware. Order of work for one request:
+//!
+//! 1. Methods not configured pass through. A missing key passes through, or is a 400 when
+//!    required; a malformed key is a 400.
+//! 2. The body is read (413 past `max_body_bytes`) and fingerprinted; the storage key is hashed
+//!    from scope, method, route (axum's `MatchedPath`, else the path) and key.
+//! 3. One claim: *completed* → replay (status, allow-listed headers, body, and
+//!    `Idempotent-Replayed: true`); *in progress* → 409 + `Retry-After`, or wait and replay;
+//!    *mismatch* → 422; *store down* → 503 + `Retry-After`, or run without idempotency when the
+//!    route fails open.
+//! 4. *New*: the handler runs with [`FencingToken`] and [`LeaseLost`] in its extensions while the
+//!    watchdog renews the lease. Its response is stored (2xx/4xx by default) with one owner-checked
+//!    completion, or the key is released (5xx, panic, body too large). A completion refused as
+//!    stale owner turns into a 409, so the client retries and gets the canonical answer.
+//! 5. Dropped mid-way (client gone): a guard releases the key (owner-checked) or lets it expire.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{body::Body, extract::MatchedPath};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use keel_core::Live;
+use tower_service::Service;
+use tracing::{debug, error, warn, Instrument};
+
+use crate::{
+    config::{Fingerprint, IdempotencyConfig, OnCancel, OnConflict, OnStoreError, StorePolicy},
+    future::ResponseFuture,
+    key,
+    layer::{IdempotencyLayer, Overrides},
+    lease::{FencingToken, Watchdog},
+    problem::problem,
+    record::StoredResponse,
+    store::{new_owner, Claim, IdempotencyStore, Ownership},
+    telemetry,
+};
+
+/// The tenant or principal a request acts for, set as a request extension by authentication.
+/// Keys are namespaced by it, so two tenants using one key never see each other's answers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyScope(pub String);
+
+/// The header set on replayed responses.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Middleware applying the `Idempotency-Key` contract; see the module docs for the order of work.
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    store: Arc<dyn IdempotencyStore>,
+    config: Live<IdempotencyConfig>,
+    overrides: Arc<Overrides>,
+}
+
+impl<S> std::fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency").finish_non_exhaustive()
+    }
+}
+
+impl<S> Idempotency<S> {
+    /// Wraps `inner` with the store, live config and overrides of `layer`.
+    pub fn new(inner: S, layer: IdempotencyLayer) -> Self {
+        Self {
+            inner,
+            store: layer.store,
+            config: layer.config,
+            overrides: layer.overrides,
+        }
+    }
+}
+
+/// The policy of one request: the live config as loaded once, with the route's overrides.
+struct Policy {
+    cfg: Arc<IdempotencyConfig>,
+    ov: Arc<Overrides>,
+}
+
+impl Policy {
+    fn required(&self) -> bool {
+        self.ov.required.unwrap_or(self.cfg.required)
+    }
+    fn on_conflict(&self) -> OnConflict {
+        self.ov.on_conflict.unwrap_or(self.cfg.on_conflict)
+    }
+    fn on_store_error(&self) -> OnStoreError {
+        self.ov.on_store_error.unwrap_or(self.cfg.on_store_error)
+    }
+    fn on_cancel(&self) -> OnCancel {
+        self.ov.on_cancel.unwrap_or(self.cfg.on_cancel)
+    }
+    fn store_policy(&self) -> StorePolicy {
+        self.ov.store_policy.unwrap_or(self.cfg.store_policy)
+    }
+    fn fingerprint(&self) -> &Fingerprint {
+        self.ov
+            .fingerprint
+            .as_ref()
+            .unwrap_or(&self.cfg.fingerprint)
+    }
+    fn lease(&self) -> Duration {
+        self.ov.lease.unwrap_or(self.cfg.lease)
+    }
+    fn ttl(&self) -> Duration {
+        self.ov.ttl.unwrap_or(self.cfg.ttl)
+    }
+}
+
+fn secs_ceil(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Releases the key when dropped while armed (client disconnect), per policy.
+struct CancelGuard {
+    store: Arc<dyn IdempotencyStore>,
+    key: String,
+    owner: String,
+    release: bool,
+    armed: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        telemetry::complete("cancelled");
+        if !self.release {
+            debug!(
+                key = key::short(&self.key),
+                "request dropped; lease left to expire"
+            );
+            return;
+        }
+        let (store, key, owner) = (
+            self.store.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.owner),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.release(&key, &owner).await;
+                debug!(key = key::short(&key), "request dropped; key released");
+            });
+        }
+    }
+}
+
+fn replay(stored: StoredResponse) -> Response<Body> {
+    let mut r = Response::new(Body::from(stored.body));
+    *r.status_mut() = stored.status;
+    let h = r.headers_mut();
+    for (n, v) in stored.headers {
+        h.append(n, v);
+    }
+    h.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    r
+}
+
+fn store_unavailable() -> Response<Body> {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store-unavailable",
+        "Idempotency store unavailable",
+        "The request was not processed because its duplicates could not be ruled out; retry later.",
+        Some(1),
+    )
+}
+
+impl<S> Service<Request<Body>> for Idempotency<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness of the inner service is awaited inside the future, after the claim.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let policy = Policy {
+            cfg: self.config.get(),
+            ov: self.overrides.clone(),
+        };
+        let store = self.store.clone();
+        ResponseFuture {
+            inner: Box::pin(handle(inner, store, policy, req)),
+        }
+    }
+}
+
+async fn call_inner<S>(mut inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    futures_util::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+    inner.call(req).await
+}
+
+async fn handle<S>(
+    inner: S,
+    store: Arc<dyn IdempotencyStore>,
+    policy: Policy,
+    req: Request<Body>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let cfg = &policy.cfg;
+    if !cfg
+        .methods
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(req.method().as_str()))
+    {
+        return call_inner(inner, req).await;
+    }
+    let client_key = match key::key_from_headers(req.headers(), &cfg.header) {
+        Ok(Some(k)) => k,
+        Ok(None) if policy.required() => {
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "missing-key",
+                "Idempotency key missing",
+                &format!("This operation requires the {} header.", cfg.header),
+                None,
+            ))
+        }
+        Ok(None) => return call_inner(inner, req).await,
+        Err(e) => {
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "malformed-key",
+                "Idempotency key malformed",
+                &e.to_string(),
+                None,
+            ))
+        }
+    };
+    let scope = req
+        .extensions()
+        .get::<IdempotencyScope>()
+        .map(|s| s.0.clone())
+        .or_else(|| {
+            let h = cfg.scope_header.as_deref()?;
+            req.headers()
+                .get(h)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        })
+        .unwrap_or_default();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned());
+    let skey = key::storage_key(&scope, req.method().as_str(), &route, &client_key);
+    drop(client_key);
+
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+                &format!(
+                    "Idempotent requests are limited to {} bytes.",
+                    cfg.max_body_bytes
+                ),
+                None,
+            ))
+        }
+    };
+    let fp = key::fingerprint(policy.fingerprint(), &parts.headers, &body);
+    let req = Request::from_parts(parts, Body::from(body));
+    let span = tracing::info_span!("keel.idempotency", key = key::short(&skey));
+    execute(inner, store, policy, req, skey, fp)
+        .instrument(span)
+        .await
+}
+
+async fn execute<S>(
+    inner: S,
+    store: Arc<dyn IdempotencyStore>,
+    policy: Policy,
+    mut req: Request<Body>,
+    skey: String,
+    fp: String,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let lease = policy.lease();
+    let owner = new_owner();
+    let wait_until = tokio::time::Instant::now() + policy.cfg.conflict_wait;
+    let fence = loop {
+        match store.claim(&skey, &owner, &fp, lease).await {
+            Ok(Claim::New { fence }) => {
+                telemetry::claim("new");
+                break fence;
+            }
+            Ok(Claim::Completed(raw)) => {
+                telemetry::claim("replay");
+                return Ok(match StoredResponse::decode(&raw) {
+                    Some(s) => replay(s),
+                    None => {
+                        error!(
+                            key = key::short(&skey),
+                            "stored idempotent response is corrupt"
+                        );
+                        problem(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "corrupt-record",
+                            "Stored response unreadable",
+                            "The stored response for this key cannot be read.",
+                            None,
+                        )
+                    }
+                });
+            }
+            Ok(Claim::Mismatch) => {
+                telemetry::claim("mismatch");
+                return Ok(problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "key-reused",
+                    "Idempotency key reused",
+                    "This idempotency key was used with a different request.",
+                    None,
+                ));
+            }
+            Ok(Claim::InProgress { retry_after }) => {
+                let now = tokio::time::Instant::now();
+                if policy.on_conflict() == OnConflict::Wait && now < wait_until {
+                    let step = retry_after
+                        .unwrap_or(Duration::from_millis(50))
+                        .clamp(Duration::from_millis(5), Duration::from_millis(50));
+                    tokio::time::sleep(step.min(wait_until - now)).await;
+                    continue;
+                }
+                telemetry::claim("conflict");
+                let secs = retry_after.map(secs_ceil).unwrap_or(1);
+                return Ok(problem(
+                    StatusCode::CONFLICT,
+                    "in-progress",
+                    "Request in progress",
+                    "A request with this idempotency key is being processed; retry later.",
+                    Some(secs),
+                ));
+            }
+            Err(e) => {
+                telemetry::claim("store_error");
+                if policy.on_store_error() == OnStoreError::FailOpen && e.is_store_failure() {
+                    metrics::counter!(telemetry::FAIL_OPEN_TOTAL).increment(1);
+                    warn!(key = key::short(&skey), error = %e, "idempotency store failed; running without idempotency (fail open)");
+                    return call_inner(inner, req).await;
+                }
+                warn!(key = key::short(&skey), error = %e, "idempotency store failed; refusing (fail closed)");
+                return Ok(store_unavailable());
+            }
+        }
+    };
+
+    let watchdog = Watchdog::spawn(store.clone(), skey.clone(), owner.clone(), lease);
+    req.extensions_mut().insert(FencingToken(fence));
+    req.extensions_mut().insert(watchdog.lost.clone());
+    let mut guard = CancelGuard {
+        store: store.clone(),
+        key: skey.clone(),
+        owner: owner.clone(),
+        release: policy.on_cancel() == OnCancel::Release,
+        armed: true,
+    };
+
+    let outcome = AssertUnwindSafe(call_inner(inner, req))
+        .catch_unwind()
+        .await;
+    let resp = match outcome {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            guard.armed = false;
+            drop(watchdog);
+            let _ = store.release(&skey, &owner).await;
+            telemetry::complete("released");
+            return Err(e);
+        }
+        Err(_) => {
+            guard.armed = false;
+            drop(watchdog);
+            let _ = store.release(&skey, &owner).await;
+            telemetry::complete("released");
+            error!(key = key::short(&skey), "handler panicked; key released");
+            return Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "handler-panicked",
+                "Internal error",
+                "The handler failed; the request may be retried.",
+                None,
+            ));
+        }
+    };
+
+    let (parts, body) = resp.into_parts();
+    let body: Bytes = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            guard.armed = false;
+            drop(watchdog);
+            let _ = store.release(&skey, &owner).await;
+            telemetry::complete("released");
+            error!(key = key::short(&skey), error = %e, "response body failed; key released");
+            return Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "body-failed",
+                "Internal error",
+                "The response could not be produced; the request may be retried.",
+                None,
+            ));
+        }
+    };
+    let lost = watchdog.lost.clone();
+    drop(watchdog);
+    guard.armed = false;
+
+    let status = parts.status.as_u16();
+    let storable = policy.store_policy().stores(status) && body.len() <= policy.cfg.max_body_bytes;
+    if !storable {
+        if body.len() > policy.cfg.max_body_bytes {
+            warn!(
+                key = key::short(&skey),
+                len = body.len(),
+                "response too large to store; key released"
+            );
+        }
+        let _ = store.release(&skey, &owner).await;
+        telemetry::complete("released");
+        return Ok(Response::from_parts(parts, Body::from(body)));
+    }
+    let record = StoredResponse::new(
+        parts.status,
+        &parts.headers,
+        &policy.cfg.replay_headers,
+        body.clone(),
+    )
+    .encode();
+    match store.complete(&skey, &owner, record, policy.ttl()).await {
+        Ok(Ownership::Owner) => {
+            telemetry::complete("ok");
+            Ok(Response::from_parts(parts, Body::from(body)))
+        }
+        Ok(Ownership::Stale) => {
+            telemetry::complete("stale_owner");
+            warn!(
+                key = key::short(&skey),
+                fence,
+                lease_lost = lost.is_lost(),
+                "completion refused: stale owner"
+            );
+            Ok(problem(
+                StatusCode::CONFLICT,
+                "lease-lost",
+                "Lease lost",
+                "This execution lost its claim on the key before completing; retry to get the stored answer.",
+                Some(1),
+            ))
+        }
+        Err(e) => {
+            telemetry::complete("error");
+            error!(key = key::short(&skey), error = %e, "completion could not be stored; the key stays claimed until its lease expires");
+            Ok(Response::from_parts(parts, Body::from(body)))
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The store contract: four owner-checked operations.
+//!
+//! A claim names its *owner*: a random token made fresh for each execution. `renew`, `complete`
+//! and `release` act only while the key is in progress *and* still held by that owner. This is
+//! the difference from AWS Powertools' Redis layer, which completes and deletes unconditionally:
+//! there, an original that outlived its lease overwrites (or deletes) the record of the execution
+//! that took over. Here the slow original is told it is a stale owner, and its result is dropped.
+//!
+//! Each claim also gets a *fencing token*: a number that grows with every claim of a key (Martin
+//! Kleppmann's fencing, as in Redisson's leases). A lease alone cannot stop a paused process from
+//! writing after its lease ran out; a downstream that remembers the highest token it saw, and
+//! refuses lower ones, can.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use crate::{
+    config::{IdempotencyConfig, StoreKind},
+    IdempotencyError,
+};
+
+mod memory;
+mod redis;
+
+pub use self::{memory::MemoryStore, redis::RedisStore};
+
+/// A boxed, `Send` future: what the object-safe [`IdempotencyStore`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free and is now held by the caller, with this fencing token.
+    New {
+        /// Grows with every claim of the key.
+        fence: u64,
+    },
+    /// Someone else holds the key; their lease runs for about `retry_after` more.
+    InProgress {
+        /// Remaining lease, when the store knows it.
+        retry_after: Option<Duration>,
+    },
+    /// The key completed; this is the stored record.
+    Completed(Bytes),
+    /// The key is in use (in progress or completed) for a request with another fingerprint.
+    Mismatch,
+}
+
+/// What an owner-checked write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// The caller still held the key: the write was done.
+    Owner,
+    /// The caller no longer holds the key (lease expired, taken over, released): nothing done.
+    Stale,
+}
+
+/// Where keys live. Object safe: hold it as `Arc<dyn IdempotencyStore>`.
+///
+/// Every implementation keeps the same semantics (the crate's conformance suite runs against
+/// each): `claim` is atomic (of two concurrent claims of a free key exactly one gets
+/// [`Claim::New`]), and `renew`/`complete`/`release` only act for the owner of an in-progress key.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` for `owner` for `lease`, or reports what holds it.
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        fingerprint: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, IdempotencyError>>;
+
+    /// Extends the lease of an in-progress key held by `owner`.
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>>;
+
+    /// Stores `record` as the key's result, kept for `retention`, if `owner` still holds it.
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        record: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>>;
+
+    /// Frees an in-progress key held by `owner`, so the next claim runs again.
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>>;
+}
+
+impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        fingerprint: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, IdempotencyError>> {
+        (**self).claim(key, owner, fingerprint, lease)
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        (**self).renew(key, owner, lease)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        record: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        (**self).complete(key, owner, record, retention)
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        (**self).release(key, owner)
+    }
+}
+
+/// A fresh owner token: 128 random bits, hex.
+pub fn new_owner() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Builds the store the configuration names (validating it first).
+pub async fn store_from_config(
+    cfg: &IdempotencyConfig,
+) -> Result<Arc<dyn IdempotencyStore>, IdempotencyError> {
+    cfg.validate().map_err(IdempotencyError::Config)?;
+    Ok(match cfg.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(cfg.memory_capacity)),
+        StoreKind::Redis => Arc::new(RedisStore::connect(cfg).await?),
+    })
+}

@@ -1,0 +1,390 @@
+//! The Redis store: shared by every instance, one Lua round trip per operation.
+//!
+//! Each operation is one `EVALSHA` of a small script, so check-and-write is atomic on the server
+//! and costs one round trip: a first request costs two (claim, complete), a replay one (claim).
+//! Scripts are loaded when the store connects; after a Redis restart the first call meets
+//! `NOSCRIPT`, loads the script again and retries once.
+//!
+//! Keys: `{prefix}{<hash>}` holds the record (a hash: state, owner, fingerprint, result) and
+//! `{prefix}{<hash>}:fence` the fencing counter. The `{<hash>}` hash tag puts both on one
+//! cluster slot, as a script's keys must be. The fence counter outlives the record (it is kept
+//! for the retention TTL after each claim) and is seeded from the Redis server's clock (`TIME`,
+//! in microseconds) when absent, so tokens keep growing even across a lost counter. All times
+//! are the Redis server's: leases and retention are `PEXPIRE`s, never a client clock.
+//!
+//! What Redis alone gives: with one primary and no failover, claims are linearizable. With
+//! asynchronous replication, a failover can lose a claim or a completion acknowledged by the old
+//! primary; `durability.replicas` adds `WAIT n timeout` after each claim (pipelined, same round
+//! trip) and fails closed when fewer replicas acknowledge. `WAIT` narrows the window; it does not
+//! make Redis a consensus store. For money movement, also pass the fencing token downstream or
+//! keep a unique constraint in the database that records the effect.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::{aio::ConnectionManager, Cmd, ErrorKind, ServerErrorKind, Value};
+use tracing::warn;
+
+use super::{BoxFuture, Claim, IdempotencyStore, Ownership};
+use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
+
+const CLAIM: &str = r"
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'r')
+if r[1] then
+  if r[2] ~= ARGV[2] then return {3} end
+  if r[1] == 'c' then return {2, r[3]} end
+  return {1, redis.call('PTTL', KEYS[1])}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+local n = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {0, n}
+";
+
+const RENEW: &str = r"
+local r = redis.call('HMGET', KEYS[1], 's', 'o')
+if r[1] == 'p' and r[2] == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const COMPLETE: &str = r"
+local r = redis.call('HMGET', KEYS[1], 's', 'o')
+if r[1] == 'p' and r[2] == ARGV[1] then
+  redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'o')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+const RELEASE: &str = r"
+local r = redis.call('HMGET', KEYS[1], 's', 'o')
+if r[1] == 'p' and r[2] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
+/// One Lua script, known by its SHA-1.
+struct Script {
+    source: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            sha: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+}
+
+/// A Redis-backed [`IdempotencyStore`].
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    replicas: u32,
+    wait_timeout: Duration,
+    scripts: std::sync::Arc<[Script; 4]>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+fn no_script(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) || e.code() == Some("NOSCRIPT")
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisStore {
+    /// Connects with the URL, prefix, timeout and durability of `cfg`, and loads the scripts.
+    pub async fn connect(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| IdempotencyError::Config(e.to_string()))?;
+        let mcfg = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(cfg.store_timeout))
+            .set_connection_timeout(Some(cfg.store_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            cfg.store_timeout * 3,
+            ConnectionManager::new_with_config(client, mcfg),
+        )
+        .await
+        .map_err(|_| IdempotencyError::Unavailable("connect timed out".to_owned()))??;
+        let store = Self {
+            conn,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.store_timeout,
+            replicas: cfg.durability.replicas,
+            wait_timeout: cfg.durability.timeout,
+            scripts: std::sync::Arc::new([
+                Script::new(CLAIM),
+                Script::new(RENEW),
+                Script::new(COMPLETE),
+                Script::new(RELEASE),
+            ]),
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// Connects to `url` with `prefix` and the default policy otherwise.
+    pub async fn open(url: &str, prefix: &str) -> Result<Self, IdempotencyError> {
+        let cfg = IdempotencyConfig {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            ..IdempotencyConfig::default()
+        };
+        Self::connect(&cfg).await
+    }
+
+    async fn load_scripts(&self) -> Result<(), IdempotencyError> {
+        let mut pipe = redis::pipe();
+        for s in self.scripts.iter() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
+        }
+        let mut conn = self.conn.clone();
+        let _: Vec<String> = self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, IdempotencyError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(IdempotencyError::Unavailable(
+                "redis did not answer in time".to_owned(),
+            )),
+        }
+    }
+
+    fn record_key(&self, key: &str) -> String {
+        format!("{}{{{}}}", self.prefix, key)
+    }
+
+    fn evalsha(&self, which: usize, keys: &[&str], args: &[&[u8]]) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.scripts[which].sha).arg(keys.len()).arg(keys);
+        for a in args {
+            cmd.arg(*a);
+        }
+        cmd
+    }
+
+    /// Runs one script; on `NOSCRIPT` loads the scripts and runs it once more. With `wait`, a
+    /// `WAIT` is pipelined behind it and its acknowledgement count returned too.
+    async fn run(
+        &self,
+        which: usize,
+        keys: &[&str],
+        args: &[&[u8]],
+        wait: bool,
+    ) -> Result<(Value, Option<u32>), IdempotencyError> {
+        let cmd = self.evalsha(which, keys, args);
+        for attempt in 0..2 {
+            let mut conn = self.conn.clone();
+            let res = if wait {
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd.clone())
+                    .cmd("WAIT")
+                    .arg(self.replicas)
+                    .arg(ms(self.wait_timeout));
+                let timeout = self.timeout + self.wait_timeout;
+                match tokio::time::timeout(timeout, pipe.query_async::<(Value, u32)>(&mut conn))
+                    .await
+                {
+                    Ok(r) => r.map(|(v, n)| (v, Some(n))),
+                    Err(_) => {
+                        return Err(IdempotencyError::Unavailable(
+                            "redis did not answer in time".to_owned(),
+                        ))
+                    }
+                }
+            } else {
+                match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut conn)).await
+                {
+                    Ok(r) => r.map(|v| (v, None)),
+                    Err(_) => {
+                        return Err(IdempotencyError::Unavailable(
+                            "redis did not answer in time".to_owned(),
+                        ))
+                    }
+                }
+            };
+            match res {
+                Err(e) if attempt == 0 && no_script(&e) => {
+                    warn!("idempotency scripts missing on redis (restart?); loading them again");
+                    self.load_scripts().await?;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(v) => return Ok(v),
+            }
+        }
+        Err(IdempotencyError::Protocol(
+            "script missing after reload".to_owned(),
+        ))
+    }
+
+    async fn owner_checked(
+        &self,
+        which: usize,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<Ownership, IdempotencyError> {
+        let rk = self.record_key(key);
+        match self.run(which, &[&rk], args, false).await?.0 {
+            Value::Int(1) => Ok(Ownership::Owner),
+            Value::Int(0) => Ok(Ownership::Stale),
+            other => Err(IdempotencyError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    async fn claim_inner(
+        &self,
+        key: &str,
+        owner: &str,
+        fp: &str,
+        lease: Duration,
+    ) -> Result<Claim, IdempotencyError> {
+        let rk = self.record_key(key);
+        let fk = format!("{rk}:fence");
+        let lease_ms = ms(lease).to_string();
+        // The fence counter must outlive any record of the key: keep it a day at least.
+        let fence_ttl = ms(Duration::from_secs(86_400))
+            .max(ms(lease) * 4)
+            .to_string();
+        let wait = self.replicas > 0;
+        let (v, acked) = self
+            .run(
+                0,
+                &[&rk, &fk],
+                &[
+                    owner.as_bytes(),
+                    fp.as_bytes(),
+                    lease_ms.as_bytes(),
+                    fence_ttl.as_bytes(),
+                ],
+                wait,
+            )
+            .await?;
+        let claim = parse_claim(v)?;
+        if let (Claim::New { .. }, Some(acked)) = (&claim, acked) {
+            if acked < self.replicas {
+                let _ = self.owner_checked(3, key, &[owner.as_bytes()]).await;
+                return Err(IdempotencyError::Durability {
+                    acked,
+                    wanted: self.replicas,
+                });
+            }
+        }
+        Ok(claim)
+    }
+}
+
+fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
+    let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {v:?}"));
+    let Value::Array(items) = &v else {
+        return Err(bad(&v));
+    };
+    match items.as_slice() {
+        [Value::Int(0), Value::Int(n)] => Ok(Claim::New {
+            fence: u64::try_from(*n).map_err(|_| bad(&v))?,
+        }),
+        [Value::Int(1), Value::Int(pttl)] => Ok(Claim::InProgress {
+            retry_after: u64::try_from(*pttl).ok().map(Duration::from_millis),
+        }),
+        [Value::Int(2), Value::BulkString(r)] => Ok(Claim::Completed(Bytes::from(r.clone()))),
+        [Value::Int(3)] => Ok(Claim::Mismatch),
+        _ => Err(bad(&v)),
+    }
+}
+
+impl IdempotencyStore for RedisStore {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        fingerprint: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, IdempotencyError>> {
+        Box::pin(async move {
+            let t = tokio::time::Instant::now();
+            let r = self.claim_inner(key, owner, fingerprint, lease).await;
+            telemetry::store_latency("claim", t);
+            r
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        Box::pin(async move {
+            let t = tokio::time::Instant::now();
+            let lease_ms = ms(lease).to_string();
+            let r = self
+                .owner_checked(1, key, &[owner.as_bytes(), lease_ms.as_bytes()])
+                .await;
+            telemetry::store_latency("renew", t);
+            r
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+        record: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        Box::pin(async move {
+            let t = tokio::time::Instant::now();
+            let ret = ms(retention).to_string();
+            let r = self
+                .owner_checked(2, key, &[owner.as_bytes(), &record, ret.as_bytes()])
+                .await;
+            telemetry::store_latency("complete", t);
+            r
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+        Box::pin(async move {
+            let t = tokio::time::Instant::now();
+            let r = self.owner_checked(3, key, &[owner.as_bytes()]).await;
+            telemetry::store_latency("release", t);
+            r
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! Metric names of keel-idempotency, in one place so code and `docs/METRICS.md` agree.
+
+/// Claims, by `outcome`: `new`, `replay`, `conflict`, `mismatch`, `store_error`.
+pub const CLAIMS_TOTAL: &str = "keel_idempotency_claims_total";
+/// Lease renewals, by `result`: `ok`, `lost`, `error`.
+pub const LEASE_RENEWALS_TOTAL: &str = "keel_idempotency_lease_renewals_total";
+/// Completions, by `result`: `ok`, `stale_owner`, `error`, `released`.
+pub const COMPLETES_TOTAL: &str = "keel_idempotency_completes_total";
+/// Store round-trip latency in seconds, by `op`: `claim`, `renew`, `complete`, `release`.
+pub const STORE_DURATION_SECONDS: &str = "keel_idempotency_store_duration_seconds";
+/// Requests let through without idempotency because the store failed and the route fails open.
+pub const FAIL_OPEN_TOTAL: &str = "keel_idempotency_fail_open_total";
+
+/// Registers the descriptions of the metrics above with the installed recorder.
+pub fn describe() {
+    metrics::describe_counter!(CLAIMS_TOTAL, "Idempotency claims, by outcome");
+    metrics::describe_counter!(
+        LEASE_RENEWALS_TOTAL,
+        "Idempotency lease renewals, by result"
+    );
+    metrics::describe_counter!(COMPLETES_TOTAL, "Idempotency completions, by result");
+    metrics::describe_histogram!(
+        STORE_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Idempotency store round trip latency, by op"
+    );
+    metrics::describe_counter!(
+        FAIL_OPEN_TOTAL,
+        "Requests served without idempotency because the store failed and the route fails open"
+    );
+}
+
+pub(crate) fn claim(outcome: &'static str) {
+    metrics::counter!(CLAIMS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn renewal(result: &'static str) {
+    metrics::counter!(LEASE_RENEWALS_TOTAL, "result" => result).increment(1);
+}
+
+pub(crate) fn complete(result: &'static str) {
+    metrics::counter!(COMPLETES_TOTAL, "result" => result).increment(1);
+}
+
+pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
+    metrics::histogram!(STORE_DURATION_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
+}
