@@ -55,7 +55,7 @@ pub use self::{
     error::{ConfigError, InvalidInstance, InvalidName},
     health::{Health, HealthMap, HealthSource, HealthStatus},
     instance::{AdminState, Instance, InstanceId, ServerParams},
-    live::{Live, LiveGuard, LiveWatch},
+    live::{Live, LiveCache, LiveGuard, LiveWatch},
     name::ServiceName,
     shutdown::Shutdown,
     units::Ratio,

@@ -15,6 +15,7 @@ use crate::ServiceName;
 /// | `weight` | 1 | re-registered |
 /// | `tags` | none | re-registered |
 /// | `drain_timeout` | `30s` | yes |
+/// | `drain_grace` | `500ms` | yes |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSection {
@@ -35,6 +36,10 @@ pub struct ServiceSection {
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "crate::units::serde_duration")]
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long to keep accepting (while already unready and deregistered) so
+    /// that callers notice before connections are refused.
+    #[serde(with = "crate::units::serde_duration")]
+    pub drain_grace: Duration,
 }
 
 impl Default for ServiceSection {
@@ -48,6 +53,7 @@ impl Default for ServiceSection {
             weight: 1,
             tags: BTreeMap::new(),
             drain_timeout: Duration::from_secs(30),
+            drain_grace: Duration::from_millis(500),
         }
     }
 }
@@ -64,6 +70,9 @@ impl ServiceSection {
         }
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err("drain_timeout must be at most 1h".to_owned());
+        }
+        if self.drain_grace > self.drain_timeout {
+            return Err("drain_grace must not exceed drain_timeout".to_owned());
         }
         Ok(())
     }

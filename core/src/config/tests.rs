@@ -440,7 +440,7 @@ fn readers_never_see_a_partial_document_across_reloads() {
             std::thread::spawn(move || {
                 let mut reads = 0u64;
                 let mut last = 0;
-                while !stop.load(Ordering::Relaxed) {
+                while reads < 1_000 || !stop.load(Ordering::Relaxed) {
                     let p = pair.load();
                     assert_eq!(p.a, p.b, "torn or invalid document");
                     assert!(p.a >= last, "went backwards");

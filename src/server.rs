@@ -1,0 +1,224 @@
+//! `keel.serve(router)`: the inbound half.
+//!
+//! Order, outermost first: trace context (`traceparent` read, `keel.server` span) → the admin
+//! routes (`/healthz`, `/readyz`, `/metrics`, `/keel/status`) beside the application's routes →
+//! the application's own layers (idempotency per route, where the application puts it).
+//!
+//! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
+//! deregistered) → a short grace so callers notice → stop accepting → in-flight requests finish
+//! within `service.drain_timeout` → return.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
+    time::SystemTime,
+};
+
+use axum::{
+    extract::{Request, State},
+    http::{header, HeaderValue, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+use crate::{trace::TraceContext, Error, Keel};
+
+/// The process-wide Prometheus recorder, installed on first use; `None` if the application
+/// installed another `metrics` recorder first.
+pub(crate) fn prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Readiness and draining, shared by the admin routes and the lifecycle.
+#[derive(Debug, Default)]
+pub(crate) struct ServerState {
+    pub(crate) ready: AtomicBool,
+    pub(crate) draining: AtomicBool,
+    pub(crate) local_addr: OnceLock<SocketAddr>,
+}
+
+impl Keel {
+    /// Binds `service.listen` and serves `app` with keel's inbound layers and admin routes until
+    /// shutdown (SIGTERM/SIGINT or [`Shutdown::trigger`](keel_core::Shutdown::trigger)), then
+    /// drains and returns.
+    pub async fn serve(&self, app: Router) -> Result<(), Error> {
+        let listen = self.service().load().listen;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        self.serve_with_listener(listener, app).await
+    }
+
+    /// Like [`serve`](Keel::serve), on a listener the caller bound (e.g. to port 0).
+    pub async fn serve_with_listener(
+        &self,
+        listener: tokio::net::TcpListener,
+        app: Router,
+    ) -> Result<(), Error> {
+        let addr = listener.local_addr()?;
+        let state = self.server_state();
+        let _ = state.local_addr.set(addr);
+        let router = app
+            .merge(self.admin_router())
+            .layer(axum::middleware::from_fn(trace_layer));
+        let shutdown = self.shutdown().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        let mut task = tokio::spawn(async move { server.await });
+        self.on_ready(addr).await?;
+        state.ready.store(true, Ordering::SeqCst);
+        tracing::info!(service = %self.name(), %addr, "serving");
+
+        tokio::select! {
+            _ = shutdown.triggered() => {}
+            result = &mut task => {
+                // The server ended by itself: an accept error. Report it.
+                state.ready.store(false, Ordering::SeqCst);
+                self.on_stopping().await;
+                return match result {
+                    Ok(r) => r.map_err(Error::Io),
+                    Err(e) => Err(Error::Io(std::io::Error::other(e))),
+                };
+            }
+        }
+        // Not ready first, so health checks and balancers stop choosing us; then deregister.
+        state.ready.store(false, Ordering::SeqCst);
+        state.draining.store(true, Ordering::SeqCst);
+        self.on_stopping().await;
+        let service = self.service().get();
+        tokio::time::sleep(service.drain_grace).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(service.drain_timeout, &mut task).await {
+            Ok(Ok(result)) => result.map_err(Error::Io)?,
+            Ok(Err(e)) => return Err(Error::Io(std::io::Error::other(e))),
+            Err(_) => {
+                tracing::warn!(timeout = ?service.drain_timeout, "in-flight requests did not finish in time");
+                task.abort();
+            }
+        }
+        tracing::info!(service = %self.name(), "stopped");
+        Ok(())
+    }
+
+    /// The address being served, once [`serve`](Keel::serve) has bound it.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.server_state().local_addr.get().copied()
+    }
+
+    /// Whether the service is ready (serving, and not draining).
+    pub fn is_ready(&self) -> bool {
+        self.server_state().ready.load(Ordering::SeqCst)
+    }
+
+    /// The admin routes alone: `/healthz`, `/readyz`, `/metrics`, `/keel/status`.
+    pub fn admin_router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
+            .route("/keel/status", get(status))
+            .with_state(self.clone())
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(keel): State<Keel>) -> Response {
+    let state = keel.server_state();
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready").into_response()
+    } else if state.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+async fn metrics_text() -> Response {
+    match prometheus() {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_IMPLEMENTED,
+            "another metrics recorder is installed in this process; export from it",
+        )
+            .into_response(),
+    }
+}
+
+async fn status(State(keel): State<Keel>) -> Json<serde_json::Value> {
+    Json(keel.status())
+}
+
+impl Keel {
+    /// What `/keel/status` shows: readiness, the configuration's generation and last reload
+    /// error, and every client's balancer, breaker and limiter state.
+    pub fn status(&self) -> serde_json::Value {
+        let state = self.server_state();
+        let config = self.config();
+        let last_error = config.last_error().map(|f| {
+            serde_json::json!({
+                "message": f.error.to_string(),
+                "keys": f.error.keys(),
+                "origins": f.error.origins(),
+                "at_unix_ms": f.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            })
+        });
+        serde_json::json!({
+            "service": self.name().as_str(),
+            "address": state.local_addr.get().map(|a| a.to_string()),
+            "ready": state.ready.load(Ordering::SeqCst),
+            "draining": state.draining.load(Ordering::SeqCst),
+            "config": {
+                "generation": config.generation(),
+                "files": config.files(),
+                "last_error": last_error,
+                "not_live_changes": self.not_live_changes(),
+            },
+            "clients": self.clients_status(),
+        })
+    }
+}
+
+/// Reads `traceparent` (or starts a trace), opens the `keel.server` span, and runs the rest of
+/// the request with the context current, so outgoing calls carry it.
+async fn trace_layer(request: Request, next: Next) -> Response {
+    let parent = request
+        .headers()
+        .get(crate::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    let ctx = match parent {
+        Some(p) => p.child(),
+        None => TraceContext::new_root(),
+    };
+    let span = tracing::info_span!(
+        "keel.server",
+        method = %request.method(),
+        path = %request.uri().path(),
+        trace_id = %ctx.trace_id_hex(),
+        status = tracing::field::Empty,
+    );
+    let response = ctx.scope(next.run(request)).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
+}
+

@@ -1,0 +1,166 @@
+//! W3C Trace Context (`traceparent`) carried across calls.
+//!
+//! The server side reads `traceparent` from each request (or starts a new trace), opens a
+//! `keel.server` span with the trace id, and runs the handler with the context in a task-local;
+//! keel's client reads it from there and sends a child `traceparent` on every outgoing call, so a
+//! trace crosses services without the handler passing anything along.
+//!
+//! Format (version 00): `00-{trace-id: 32 hex}-{parent-id: 16 hex}-{flags: 2 hex}`; all-zero ids
+//! are invalid and a malformed header starts a new trace rather than failing the request.
+
+use std::fmt;
+
+use rand::Rng;
+
+/// The name of the header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// A W3C trace context: which trace, which span is the parent, whether it is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    /// The trace id (16 bytes, never all zero).
+    pub trace_id: [u8; 16],
+    /// The id of the calling span (8 bytes, never all zero).
+    pub span_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+impl TraceContext {
+    /// A new trace with a random id, sampled.
+    pub fn new_root() -> Self {
+        let mut rng = rand::rng();
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        while trace_id == [0; 16] {
+            rng.fill(&mut trace_id);
+        }
+        while span_id == [0; 8] {
+            rng.fill(&mut span_id);
+        }
+        Self {
+            trace_id,
+            span_id,
+            flags: 1,
+        }
+    }
+
+    /// A child of this context: same trace, new span id.
+    pub fn child(&self) -> Self {
+        let mut rng = rand::rng();
+        let mut span_id = [0u8; 8];
+        while span_id == [0; 8] {
+            rng.fill(&mut span_id);
+        }
+        Self {
+            trace_id: self.trace_id,
+            span_id,
+            flags: self.flags,
+        }
+    }
+
+    /// Parses a `traceparent` header value; `None` when malformed.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let version = parts.next()?;
+        let trace = parts.next()?;
+        let span = parts.next()?;
+        let flags = parts.next()?;
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        // Version 00 has exactly four fields; later versions may add more.
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        hex_into(trace, &mut trace_id)?;
+        hex_into(span, &mut span_id)?;
+        let mut f = [0u8; 1];
+        hex_into(flags, &mut f)?;
+        u8::from_str_radix(version, 16).ok()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            flags: f[0],
+        })
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// The context of the request being served by this task, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|c| *c).ok()
+    }
+
+    /// Runs `fut` with this context as the current one.
+    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        CURRENT.scope(self, fut).await
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.span_id),
+            self.flags
+        )
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
+    if s.len() != out.len() * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_child() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = TraceContext::parse(v).unwrap();
+        assert_eq!(c.to_string(), v);
+        let child = c.child();
+        assert_eq!(child.trace_id, c.trace_id);
+        assert_ne!(child.span_id, c.span_id);
+        assert!(TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
+        assert!(TraceContext::parse("garbage").is_none());
+        let root = TraceContext::new_root();
+        assert_eq!(TraceContext::parse(&root.to_string()), Some(root));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,80}") {
+            let _ = TraceContext::parse(&s);
+        }
+    }
+}
