@@ -1,2 +1,44 @@
-//! keel-resilience. This crate is filled in by its own issue.
+//! # keel-resilience
+//!
+//! Tower layers that make a call survive a bad day, each usable alone, whose policy is read per
+//! call from a [`keel_core::Live`] and whose state (windows, buckets, budgets, limits) lives
+//! beside the policy: a reload changes behaviour on the next call and keeps what was learned.
+//!
+//! | layer | what | why |
+//! |---|---|---|
+//! | [`Deadline`] / [`Timeout`] | total deadline, per-try `min(per_try, remaining)`, `keel-deadline-ms` header | a call that cannot finish in time should stop consuming anyone's resources |
+//! | [`Retry`] | classes, full-jitter backoff, retry budget, concurrent-retry cap, idempotent only | retries without a budget multiply load exactly when the upstream is weakest |
+//! | [`CircuitBreaker`] / [`AdaptiveThrottle`] | Resilience4j breaker; SRE adaptive throttling | fail fast and give the upstream room |
+//! | [`Bulkhead`] / [`AdaptiveConcurrency`] | fixed or Gradient2/AIMD concurrency limit | one slow dependency must not take every thread |
+//! | [`RateLimit`] | GCRA, local (lock-free, per key) or on Redis (one `EVALSHA`) | protect upstreams and share quotas across a fleet |
+//! | [`Hedge`] | a second attempt after a delay or observed percentile | cut the tail ("The Tail at Scale") |
+//! | [`Fallback`] | a closure on open breaker, shed, limit or deadline | degrade instead of failing |
+//! | [`Chaos`] | injected failures and latency | demos and game days |
+//!
+//! [`ClientStackLayer`] composes them for the facade in a fixed, documented order; [`ServerStackLayer`]
+//! is the inbound set (deadline check, shedding, rate limit).
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod breaker;
+mod classify;
+mod config;
+mod error;
+pub mod metrics;
+
+pub use self::{
+    breaker::{
+        AdaptiveThrottle, Breaker, BreakerPermit, BreakerRegistry, BreakerState, CircuitBreaker,
+        CircuitBreakerLayer, ResponseFuture as CircuitBreakerFuture,
+    },
+    classify::{
+        classify_error, retry_after_header, Classifier, FailureClass, HttpClassifier, Outcome,
+    },
+    config::{
+        AdaptiveAlgorithm, BreakerConfig, BreakerMode, BulkheadConfig, ChaosConfig, HedgeConfig,
+        KeySource, RateLimitConfig, RateLimitScope, ResilienceConfig, RetryConfig, RetryOn,
+        TimeoutConfig, WindowKind,
+    },
+    error::{BoxError, InvalidConfig, ResilienceError},
+};

@@ -1,0 +1,620 @@
+//! Circuit breaker with Resilience4j semantics, and Google SRE adaptive throttling as a mode.
+//!
+//! Why a breaker: a failing upstream answered with more calls fails longer; failing fast gives it
+//! room and gives the caller an answer now. The semantics follow Resilience4j's
+//! `CircuitBreaker` (<https://resilience4j.readme.io/docs/circuitbreaker>): a count- or
+//! time-based sliding window; no rate before `minimum_calls`; open when the failure rate or the
+//! slow-call rate reaches its threshold; after `open_duration`, half-open lets *exactly*
+//! `permitted_in_half_open` probes through (a mutex-guarded counter, so 100 concurrent callers
+//! still get exactly N), whose results close or reopen it. Unlike Resilience4j, the open
+//! duration may grow on consecutive openings (with jitter, so a fleet does not probe in step),
+//! and the policy is read per call from a [`Live`]: a reload changes thresholds on the next call
+//! and a resized window migrates its counts ([`window`]) instead of starting empty.
+//!
+//! With `mode = "adaptive"` the breaker is replaced by [`AdaptiveThrottle`] (Site Reliability
+//! Engineering, ch. 21, "Client-side throttling", as go-zero's breaker): no states, a rejection
+//! probability `max(0, (requests - K * accepts) / (requests + 1))` over a sliding window.
+//!
+//! A breaker is per service (the [`CircuitBreakerLayer`]) or per instance ([`BreakerRegistry`],
+//! used below the balancer through [`Breaker::try_acquire`] / [`BreakerPermit::record`]).
+
+mod throttle;
+mod window;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use keel_core::{InstanceId, Live};
+use pin_project_lite::pin_project;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use self::throttle::AdaptiveThrottle;
+use self::window::Window;
+use crate::{
+    classify::{Classifier, HttpClassifier, Outcome},
+    config::{BreakerConfig, BreakerMode},
+    error::{BoxError, ResilienceError},
+    metrics as m,
+};
+
+/// The state of a classic breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls flow; outcomes are recorded.
+    Closed,
+    /// Calls are refused until the open duration has passed.
+    Open,
+    /// A fixed number of probes flow.
+    HalfOpen,
+    /// Refusing everything by configuration.
+    ForcedOpen,
+    /// Letting everything through by configuration.
+    Disabled,
+}
+
+const CLOSED: u8 = 0;
+const OTHER: u8 = 1;
+
+#[derive(Debug)]
+enum St {
+    Closed,
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        issued: u32,
+        done: u32,
+        failures: u32,
+        slow: u32,
+    },
+}
+
+#[derive(Debug)]
+struct Inner {
+    st: St,
+    window: Window,
+    consecutive_opens: u32,
+    rng: SmallRng,
+}
+
+/// One breaker: its state and window, beside a live policy.
+#[derive(Debug)]
+pub struct Breaker {
+    policy: Live<BreakerConfig>,
+    hint: AtomicU8,
+    epoch: AtomicU64,
+    inner: Mutex<Inner>,
+    throttle: AdaptiveThrottle,
+    base: Instant,
+    gauge: metrics::Gauge,
+    service: Arc<str>,
+    instance: Arc<str>,
+}
+
+/// The right to make one call; record its outcome, or drop it (a dropped half-open permit is
+/// given back).
+#[derive(Debug)]
+pub struct BreakerPermit {
+    breaker: Arc<Breaker>,
+    kind: PermitKind,
+    epoch: u64,
+    start: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PermitKind {
+    Closed,
+    HalfOpen,
+    Adaptive,
+    Done,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Breaker {
+    /// A breaker for `service` (and `instance`, empty for a per-service breaker).
+    pub fn new(
+        service: impl Into<Arc<str>>,
+        instance: &str,
+        policy: Live<BreakerConfig>,
+    ) -> Arc<Self> {
+        Self::with_seed(service, instance, policy, rand::random())
+    }
+
+    /// As [`new`](Self::new), with a fixed seed for the open-duration jitter and the throttle.
+    pub fn with_seed(
+        service: impl Into<Arc<str>>,
+        instance: &str,
+        policy: Live<BreakerConfig>,
+        seed: u64,
+    ) -> Arc<Self> {
+        let service = service.into();
+        let cfg = policy.load();
+        let window = Window::new(cfg.window, cfg.size);
+        let throttle = AdaptiveThrottle::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15);
+        drop(cfg);
+        let gauge = m::gauge(m::BREAKER_STATE, &service, instance);
+        gauge.set(0.0);
+        Arc::new(Self {
+            policy,
+            hint: AtomicU8::new(CLOSED),
+            epoch: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                st: St::Closed,
+                window,
+                consecutive_opens: 0,
+                rng: SmallRng::seed_from_u64(seed),
+            }),
+            throttle,
+            base: Instant::now(),
+            gauge,
+            service,
+            instance: Arc::from(instance),
+        })
+    }
+
+    /// The policy handle.
+    pub fn policy(&self) -> &Live<BreakerConfig> {
+        &self.policy
+    }
+
+    /// The adaptive throttle used in `adaptive` mode.
+    pub fn throttle(&self) -> &AdaptiveThrottle {
+        &self.throttle
+    }
+
+    /// The current state (as configuration and time make it).
+    pub fn state(&self) -> BreakerState {
+        let cfg = self.policy.load();
+        if cfg.disabled {
+            return BreakerState::Disabled;
+        }
+        if cfg.forced_open {
+            return BreakerState::ForcedOpen;
+        }
+        match lock(&self.inner).st {
+            St::Closed => BreakerState::Closed,
+            St::Open { .. } => BreakerState::Open,
+            St::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Calls, failures and slow calls in the closed-state window now.
+    pub fn window_counts(&self) -> (u32, u32, u32) {
+        let now = self.now_sec();
+        let t = lock(&self.inner).window.totals(now);
+        (t.calls, t.failures, t.slow)
+    }
+
+    fn now_sec(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_secs()
+    }
+
+    fn reject(&self, e: ResilienceError) -> ResilienceError {
+        m::counter(m::BREAKER_REJECTED_TOTAL, &self.service, e.as_str()).increment(1);
+        e
+    }
+
+    /// Asks to make a call. `Err(BreakerOpen | Throttled)` means fail fast.
+    pub fn try_acquire(self: &Arc<Self>) -> Result<BreakerPermit, ResilienceError> {
+        let cfg = self.policy.load();
+        let permit = |kind, epoch| BreakerPermit {
+            breaker: self.clone(),
+            kind,
+            epoch,
+            start: Instant::now(),
+        };
+        if cfg.disabled {
+            return Ok(permit(PermitKind::Done, 0));
+        }
+        if cfg.forced_open {
+            return Err(self.reject(ResilienceError::BreakerOpen { retry_after: None }));
+        }
+        if cfg.mode == BreakerMode::Adaptive {
+            return match self.throttle.try_acquire(&cfg) {
+                true => Ok(permit(PermitKind::Adaptive, 0)),
+                false => Err(self.reject(ResilienceError::Throttled)),
+            };
+        }
+        if self.hint.load(Ordering::Acquire) == CLOSED {
+            return Ok(permit(
+                PermitKind::Closed,
+                self.epoch.load(Ordering::Acquire),
+            ));
+        }
+        let mut g = lock(&self.inner);
+        let now = Instant::now();
+        match &mut g.st {
+            St::Closed => Ok(permit(
+                PermitKind::Closed,
+                self.epoch.load(Ordering::Acquire),
+            )),
+            St::Open { until } if now >= *until => {
+                g.st = St::HalfOpen {
+                    issued: 1,
+                    done: 0,
+                    failures: 0,
+                    slow: 0,
+                };
+                let epoch = self.transition(BreakerState::HalfOpen);
+                Ok(permit(PermitKind::HalfOpen, epoch))
+            }
+            St::Open { until } => {
+                let retry_after = Some(*until - now);
+                drop(g);
+                Err(self.reject(ResilienceError::BreakerOpen { retry_after }))
+            }
+            St::HalfOpen { issued, .. } if *issued < cfg.permitted_in_half_open => {
+                *issued += 1;
+                Ok(permit(
+                    PermitKind::HalfOpen,
+                    self.epoch.load(Ordering::Acquire),
+                ))
+            }
+            St::HalfOpen { .. } => {
+                drop(g);
+                Err(self.reject(ResilienceError::BreakerOpen { retry_after: None }))
+            }
+        }
+    }
+
+    fn transition(&self, to: BreakerState) -> u64 {
+        let (hint, v, name) = match to {
+            BreakerState::Closed => (CLOSED, 0.0, "closed"),
+            BreakerState::Open => (OTHER, 1.0, "open"),
+            BreakerState::HalfOpen => (OTHER, 2.0, "half_open"),
+            BreakerState::ForcedOpen => (OTHER, 3.0, "forced_open"),
+            BreakerState::Disabled => (OTHER, 4.0, "disabled"),
+        };
+        self.hint.store(hint, Ordering::Release);
+        self.gauge.set(v);
+        m::counter(m::BREAKER_TRANSITIONS_TOTAL, &self.service, name).increment(1);
+        tracing::info!(service = %self.service, instance = %self.instance, state = name, "circuit breaker transition");
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn open(&self, g: &mut Inner, cfg: &BreakerConfig) {
+        g.consecutive_opens = g.consecutive_opens.saturating_add(1);
+        let growth = cfg
+            .open_duration_growth
+            .powi(g.consecutive_opens.saturating_sub(1).min(64) as i32);
+        let mut d = cfg.open_duration.as_secs_f64() * growth;
+        d = d.min(cfg.open_duration_max.as_secs_f64());
+        let j = cfg.open_duration_jitter.get();
+        if j > 0.0 {
+            d *= 1.0 + g.rng.random_range(-j..=j);
+        }
+        g.st = St::Open {
+            until: Instant::now() + Duration::from_secs_f64(d.max(0.0)),
+        };
+        g.window.clear();
+        self.transition(BreakerState::Open);
+    }
+
+    fn record(&self, kind: PermitKind, epoch: u64, elapsed: Duration, outcome: Outcome) {
+        let cfg = self.policy.load();
+        if kind == PermitKind::Adaptive {
+            self.throttle.record(&cfg, !outcome.is_failure());
+            return;
+        }
+        let counted = matches!(outcome, Outcome::Success | Outcome::Failure(_));
+        let failure = outcome.is_failure();
+        let slow = elapsed >= cfg.slow_call_duration;
+        let now = self.now_sec();
+        let mut g = lock(&self.inner);
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return; // a call from an earlier state: it says nothing about this one
+        }
+        if !g.window.matches(cfg.window, cfg.size) {
+            g.window = g.window.resized(cfg.window, cfg.size, now);
+        }
+        match &mut g.st {
+            St::Closed if counted => {
+                g.window.record(now, failure, slow);
+                let t = g.window.totals(now);
+                let min = cfg.minimum_calls.max(1);
+                if t.calls >= min
+                    || (cfg.window == crate::config::WindowKind::Count && t.calls >= cfg.size)
+                {
+                    let fr = t.failures as f64 / t.calls as f64;
+                    let sr = t.slow as f64 / t.calls as f64;
+                    if fr >= cfg.failure_rate_threshold.get()
+                        || sr >= cfg.slow_call_rate_threshold.get()
+                    {
+                        self.open(&mut g, &cfg);
+                    }
+                }
+            }
+            St::HalfOpen {
+                issued,
+                done,
+                failures,
+                slow: slows,
+            } => {
+                if !counted {
+                    *issued = issued.saturating_sub(1);
+                    return;
+                }
+                *done += 1;
+                *failures += failure as u32;
+                *slows += slow as u32;
+                if *done >= cfg.permitted_in_half_open {
+                    let n = *done as f64;
+                    let fr = *failures as f64 / n;
+                    let sr = *slows as f64 / n;
+                    if fr >= cfg.failure_rate_threshold.get()
+                        || sr >= cfg.slow_call_rate_threshold.get()
+                    {
+                        self.open(&mut g, &cfg);
+                    } else {
+                        g.st = St::Closed;
+                        g.consecutive_opens = 0;
+                        g.window.clear();
+                        self.transition(BreakerState::Closed);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn release(&self, epoch: u64) {
+        let mut g = lock(&self.inner);
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        if let St::HalfOpen { issued, .. } = &mut g.st {
+            *issued = issued.saturating_sub(1);
+        }
+    }
+}
+
+impl BreakerPermit {
+    /// Records the call's outcome (its duration is measured from the permit).
+    pub fn record(mut self, outcome: Outcome) {
+        let kind = std::mem::replace(&mut self.kind, PermitKind::Done);
+        if kind != PermitKind::Done {
+            self.breaker
+                .record(kind, self.epoch, self.start.elapsed(), outcome);
+        }
+    }
+}
+
+impl Drop for BreakerPermit {
+    fn drop(&mut self) {
+        if self.kind == PermitKind::HalfOpen {
+            self.breaker.release(self.epoch);
+        }
+    }
+}
+
+/// Per-instance breakers sharing one policy, for use below the balancer.
+#[derive(Debug, Clone)]
+pub struct BreakerRegistry {
+    service: Arc<str>,
+    policy: Live<BreakerConfig>,
+    map: Arc<Mutex<HashMap<InstanceId, Arc<Breaker>>>>,
+}
+
+impl BreakerRegistry {
+    /// An empty registry.
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<BreakerConfig>) -> Self {
+        Self {
+            service: service.into(),
+            policy,
+            map: Arc::default(),
+        }
+    }
+
+    /// The breaker of `instance`, created on first use.
+    pub fn get(&self, instance: &InstanceId) -> Arc<Breaker> {
+        let mut map = match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(instance.clone())
+            .or_insert_with(|| {
+                Breaker::new(self.service.clone(), instance.as_str(), self.policy.clone())
+            })
+            .clone()
+    }
+
+    /// Forgets instances for which `keep` is false (e.g. gone from discovery).
+    pub fn retain(&self, mut keep: impl FnMut(&InstanceId) -> bool) {
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|id, _| keep(id));
+        }
+    }
+
+    /// How many instances have a breaker.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no instance has a breaker.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A per-service circuit breaker (or adaptive throttle) around `S`.
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker<S, C = HttpClassifier> {
+    inner: S,
+    breaker: Arc<Breaker>,
+    classifier: C,
+}
+
+impl<S> CircuitBreaker<S> {
+    /// Wraps `inner` with `breaker`, classifying with the default HTTP classifier.
+    pub fn new(inner: S, breaker: Arc<Breaker>) -> Self {
+        Self {
+            inner,
+            breaker,
+            classifier: HttpClassifier::default(),
+        }
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// The breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+}
+
+/// Builds [`CircuitBreaker`]s that share one [`Breaker`].
+#[derive(Debug, Clone)]
+pub struct CircuitBreakerLayer<C = HttpClassifier> {
+    breaker: Arc<Breaker>,
+    classifier: C,
+}
+
+impl CircuitBreakerLayer {
+    /// A layer with a new breaker for `service`.
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<BreakerConfig>) -> Self {
+        Self {
+            breaker: Breaker::new(service, "", policy),
+            classifier: HttpClassifier::default(),
+        }
+    }
+}
+
+impl<C> CircuitBreakerLayer<C> {
+    /// A layer over an existing breaker.
+    pub fn from_breaker(breaker: Arc<Breaker>, classifier: C) -> Self {
+        Self {
+            breaker,
+            classifier,
+        }
+    }
+
+    /// The shared breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+}
+
+impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
+    type Service = CircuitBreaker<S, C>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker {
+            inner,
+            breaker: self.breaker.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classifier<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.breaker.try_acquire() {
+            Ok(permit) => {
+                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
+            }
+            Err(e) => ResponseFuture::rejected(e),
+        }
+    }
+}
+
+pin_project! {
+    /// The breaker's response future: records the outcome when the call ends.
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        state: State<F, C>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum State<F, C> {
+        Called { #[pin] fut: F, permit: Option<BreakerPermit>, classifier: C },
+        Rejected { error: Option<ResilienceError> },
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    fn called(fut: F, permit: BreakerPermit, classifier: C) -> Self {
+        Self {
+            state: State::Called {
+                fut,
+                permit: Some(permit),
+                classifier,
+            },
+        }
+    }
+    fn rejected(e: ResilienceError) -> Self {
+        Self {
+            state: State::Rejected { error: Some(e) },
+        }
+    }
+}
+
+impl<F, C, T, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classifier<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            Proj::Called {
+                fut,
+                permit,
+                classifier,
+            } => {
+                let res = std::task::ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(p) = permit.take() {
+                    let outcome = match &res {
+                        Ok(r) => classifier.classify_response(r),
+                        Err(e) => classifier.classify_error(e),
+                    };
+                    p.record(outcome);
+                }
+                Poll::Ready(res)
+            }
+            Proj::Rejected { error } => Poll::Ready(Err(Box::new(
+                error
+                    .take()
+                    .unwrap_or(ResilienceError::BreakerOpen { retry_after: None }),
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
