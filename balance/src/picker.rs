@@ -1,0 +1,792 @@
+//! The picker: one pick reads one snapshot of the tables and the per-instance atomics, allocates
+//! nothing, and returns a guard that reports how the request ended.
+//!
+//! Order of a pick (each step documented where it is configured):
+//! 1. subset: the canary when the request matches its header or wins its weighted coin;
+//! 2. zone: the local zone while at least `min_local_healthy` of it is healthy, else every zone;
+//! 3. tier: primaries; nginx `backup` instances only when no primary is healthy;
+//! 4. panic: when fewer than `panic_threshold` of the tier are healthy, health is ignored and the
+//!    strategy spreads load over every instance of the tier (Envoy), rather than crushing the few
+//!    survivors;
+//! 5. strategy, skipping instances at `max_conns` and (while others can serve) those in the
+//!    request's `Attempt::avoid`.
+//!
+//! The two-choice strategies draw their two candidates in proportion to weight (Vose alias
+//! table, slow start by rejection) and keep the one with the lower cost: peak EWMA × (in-flight +
+//! 1) for `p2c-ewma` (Finagle's `P2CPeakEwma`, linkerd), in-flight for `least-request` (Envoy,
+//! with its `(active + 1)^bias` weight damping applied as a rejection). Two random choices get
+//! almost all the benefit of looking at every instance (Mitzenmacher, *The Power of Two Choices in
+//! Randomized Load Balancing*, 2001) at O(1) cost.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use keel_core::{request::Attempt, HealthMap, Instance, InstanceId, Live, ServiceName};
+use metrics::Counter;
+
+use crate::{
+    classify::Outcome,
+    config::{BalanceConfig, HashKeySource, Strategy},
+    error::BalanceError,
+    hash::{fmix64, hash_bytes, HashKey, Rng},
+    outlier,
+    roster::{Entry, Group, Roster, Tier, Zoned},
+    snapshot::BalancerSnapshot,
+    state::{Clock, InstanceState},
+    telemetry,
+};
+
+/// What the picker may look at in a request. Cheap to build; borrows from the request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestInfo<'a> {
+    /// The request headers (hash keys, canary header match).
+    pub headers: Option<&'a http::HeaderMap>,
+    /// The request path (hash key from a path segment).
+    pub path: &'a str,
+    /// An explicit hash key (wins over the configured source).
+    pub hash_key: Option<u64>,
+    /// Instances to avoid when others can serve (earlier attempts of this call).
+    pub avoid: &'a [InstanceId],
+}
+
+impl<'a> RequestInfo<'a> {
+    /// Reads headers, path, the [`HashKey`] and [`Attempt`] extensions of a request.
+    pub fn from_request<B>(req: &'a http::Request<B>) -> Self {
+        Self {
+            headers: Some(req.headers()),
+            path: req.uri().path(),
+            hash_key: req.extensions().get::<HashKey>().map(|k| k.0),
+            avoid: req
+                .extensions()
+                .get::<Attempt>()
+                .map_or(&[][..], |a| a.avoid.as_slice()),
+        }
+    }
+
+    /// With an explicit hash key.
+    #[must_use]
+    pub fn with_hash_key(mut self, key: u64) -> Self {
+        self.hash_key = Some(key);
+        self
+    }
+
+    /// Avoiding these instances when others can serve.
+    #[must_use]
+    pub fn with_avoid(mut self, avoid: &'a [InstanceId]) -> Self {
+        self.avoid = avoid;
+        self
+    }
+
+    /// With these headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: &'a http::HeaderMap) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Healthy,
+    Panic,
+}
+
+pub(crate) struct Shared {
+    pub(crate) service: ServiceName,
+    instances: Live<Vec<Instance>>,
+    health: Option<Live<HealthMap>>,
+    config: Live<BalanceConfig>,
+    pub(crate) roster: ArcSwap<Roster>,
+    states: Mutex<(HashMap<InstanceId, Arc<InstanceState>>, u64)>,
+    rng: Rng,
+    pub(crate) clock: Clock,
+    /// Bumped whenever an instance's health changes, so cached group health is recomputed.
+    pub(crate) epoch: AtomicU64,
+    /// Earliest end of a current ejection (ns); when passed, the epoch is bumped.
+    pub(crate) next_expiry: AtomicU64,
+    pub(crate) total_in_flight: AtomicU64,
+    pub(crate) last_sweep: Mutex<u64>,
+    no_instance: Counter,
+    panic: Counter,
+    rebuilds: Counter,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("service", &self.service)
+            .field("generation", &self.roster.load().generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn bump_epoch(&self, until: u64) {
+        if until > 0 {
+            self.next_expiry.fetch_min(until, Relaxed);
+        }
+        self.epoch.fetch_add(1, Relaxed);
+    }
+}
+
+/// The picker for one service: strategies, per-instance state and health, over live inputs.
+/// Cheap to clone (one `Arc`); clones share everything.
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Balancer {
+    /// A balancer over a live instance set and a live policy, with a seed from the clock.
+    /// Refuses an invalid policy.
+    pub fn new(
+        service: ServiceName,
+        instances: Live<Vec<Instance>>,
+        config: Live<BalanceConfig>,
+    ) -> Result<Self, BalanceError> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x5eed, |d| d.as_nanos() as u64);
+        Self::build(service, instances, None, config, seed)
+    }
+
+    /// Adds active health (from discovery's checks); an instance absent from the map is healthy.
+    #[must_use]
+    pub fn with_health(self, health: Live<HealthMap>) -> Self {
+        let s = &self.shared;
+        Self::build(
+            s.service.clone(),
+            s.instances.clone(),
+            Some(health),
+            s.config.clone(),
+            s.rng.next_u64(),
+        )
+        .unwrap_or(self)
+    }
+
+    /// Replaces the random source with a seeded one, for deterministic tests.
+    #[must_use]
+    pub fn with_seed(self, seed: u64) -> Self {
+        let s = &self.shared;
+        Self::build(
+            s.service.clone(),
+            s.instances.clone(),
+            s.health.clone(),
+            s.config.clone(),
+            seed,
+        )
+        .unwrap_or(self)
+    }
+
+    fn build(
+        service: ServiceName,
+        instances: Live<Vec<Instance>>,
+        health: Option<Live<HealthMap>>,
+        config: Live<BalanceConfig>,
+        seed: u64,
+    ) -> Result<Self, BalanceError> {
+        let cfg = config.get();
+        cfg.validate().map_err(BalanceError::InvalidConfig)?;
+        let clock = Clock::new();
+        let mut states = HashMap::new();
+        let roster = Roster::build(
+            &service,
+            instances.get(),
+            health.as_ref().map(|h| h.get()),
+            cfg,
+            &mut states,
+            clock.now(),
+            true,
+            0,
+        );
+        let label = service.to_string();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                no_instance: metrics::counter!(telemetry::NO_INSTANCE_TOTAL, "service" => label.clone()),
+                panic: metrics::counter!(telemetry::PANIC_TOTAL, "service" => label.clone()),
+                rebuilds: metrics::counter!(telemetry::REBUILDS_TOTAL, "service" => label),
+                service,
+                instances,
+                health,
+                config,
+                roster: ArcSwap::from_pointee(roster),
+                states: Mutex::new((states, 0)),
+                rng: Rng::new(seed),
+                clock,
+                epoch: AtomicU64::new(0),
+                next_expiry: AtomicU64::new(u64::MAX),
+                total_in_flight: AtomicU64::new(0),
+                last_sweep: Mutex::new(0),
+            }),
+        })
+    }
+
+    /// The service balanced.
+    pub fn service(&self) -> &ServiceName {
+        &self.shared.service
+    }
+
+    /// The current tables, rebuilt first if the instances, health or policy changed.
+    pub(crate) fn roster(&self) -> arc_swap::Guard<Arc<Roster>> {
+        let s = &self.shared;
+        let r = s.roster.load();
+        let fresh = Arc::ptr_eq(&*s.instances.load(), &r.instances)
+            && Arc::ptr_eq(&*s.config.load(), &r.config)
+            && match (&s.health, &r.health) {
+                (Some(l), Some(h)) => Arc::ptr_eq(&*l.load(), h),
+                (None, None) => true,
+                _ => false,
+            };
+        if fresh {
+            return r;
+        }
+        drop(r);
+        self.rebuild();
+        s.roster.load()
+    }
+
+    #[cold]
+    fn rebuild(&self) {
+        let s = &self.shared;
+        let mut guard = match s.states.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (states, generation) = &mut *guard;
+        let instances = s.instances.get();
+        let config = s.config.get();
+        let health = s.health.as_ref().map(|h| h.get());
+        let current = s.roster.load();
+        if Arc::ptr_eq(&instances, &current.instances)
+            && Arc::ptr_eq(&config, &current.config)
+            && match (&health, &current.health) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        {
+            return;
+        }
+        if let Err(e) = config.validate() {
+            // The facade validates before publishing; should a bad policy slip through, keep
+            // the last good one rather than balance by nonsense.
+            tracing::error!(service = %s.service, error = %e, "invalid balance config ignored");
+        }
+        let config = if config.validate().is_ok() {
+            config
+        } else {
+            current.config.clone()
+        };
+        *generation += 1;
+        let roster = Roster::build(
+            &s.service,
+            instances,
+            health,
+            config,
+            states,
+            s.clock.now(),
+            false,
+            *generation,
+        );
+        tracing::debug!(service = %s.service, generation = *generation, instances = roster.entries.len(), "balancer tables rebuilt");
+        s.roster.store(Arc::new(roster));
+        s.rebuilds.increment(1);
+        s.epoch.fetch_add(1, Relaxed);
+    }
+
+    /// The generation of the tables (bumped by each rebuild).
+    pub fn generation(&self) -> u64 {
+        self.roster().generation
+    }
+
+    /// Picks an instance, or `None` when no instance can take the request.
+    #[inline]
+    pub fn pick(&self, info: &RequestInfo<'_>) -> Option<Picked> {
+        self.try_pick(info).ok()
+    }
+
+    /// Picks an instance, or says why none can take the request.
+    pub fn try_pick(&self, info: &RequestInfo<'_>) -> Result<Picked, BalanceError> {
+        let r = self.roster();
+        let now = self.shared.clock.now();
+        match self.select(&r, info, now) {
+            Some(e) => {
+                let entry = r.entries[e as usize].clone();
+                entry.state.in_flight.fetch_add(1, Relaxed);
+                self.shared.total_in_flight.fetch_add(1, Relaxed);
+                Ok(Picked {
+                    shared: self.shared.clone(),
+                    entry,
+                    start: now,
+                    done: false,
+                })
+            }
+            None => {
+                self.shared.no_instance.increment(1);
+                Err(BalanceError::NoInstance {
+                    service: self.shared.service.clone(),
+                })
+            }
+        }
+    }
+
+    /// The admin view: every instance with its state, health, load and ejections.
+    pub fn snapshot(&self) -> BalancerSnapshot {
+        BalancerSnapshot::of(self)
+    }
+
+    /// The current instances known to the tables (admin `down` ones included).
+    pub fn instances(&self) -> Vec<Instance> {
+        self.roster()
+            .entries
+            .iter()
+            .map(|e| e.instance.clone())
+            .collect()
+    }
+
+    fn select(&self, r: &Roster, info: &RequestInfo<'_>, now: u64) -> Option<u32> {
+        let s = &self.shared;
+        if now >= s.next_expiry.load(Relaxed) {
+            s.next_expiry.store(u64::MAX, Relaxed);
+            s.epoch.fetch_add(1, Relaxed);
+        }
+        let canary_first = match (&r.canary, &r.config.canary) {
+            (Some(_), Some(c)) => {
+                let by_header = match (&r.canary_header, info.headers) {
+                    (Some((name, value)), Some(h)) => h.get(name) == Some(value),
+                    _ => false,
+                };
+                by_header || (c.weight.get() > 0.0 && s.rng.unit() < c.weight.get())
+            }
+            _ => false,
+        };
+        let (first, second) = if canary_first {
+            (r.canary.as_ref(), Some(&r.stable))
+        } else {
+            (Some(&r.stable), r.canary.as_ref())
+        };
+        for z in [first, second].into_iter().flatten() {
+            if let Some(e) = self.select_zoned(r, z, info, now) {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    fn select_zoned(&self, r: &Roster, z: &Zoned, info: &RequestInfo<'_>, now: u64) -> Option<u32> {
+        if let Some(local) = &z.local {
+            let (h, t) = self.health(r, &local.primary, now);
+            if t > 0 && h as f64 >= r.config.zone.min_local_healthy.get() * t as f64 && h > 0 {
+                if let Some(e) = self.select_tier(r, local, info, now) {
+                    return Some(e);
+                }
+            }
+        }
+        self.select_tier(r, &z.all, info, now)
+    }
+
+    #[inline]
+    fn health(&self, r: &Roster, g: &Group, now: u64) -> (usize, usize) {
+        let s = &self.shared;
+        g.health(r, s.epoch.load(Relaxed), &s.next_expiry, now)
+    }
+
+    fn select_tier(&self, r: &Roster, t: &Tier, info: &RequestInfo<'_>, now: u64) -> Option<u32> {
+        let (h, total) = self.health(r, &t.primary, now);
+        if h > 0 {
+            let panic = (h as f64) < r.config.panic_threshold.get() * total as f64;
+            let mode = if panic {
+                self.shared.panic.increment(1);
+                Mode::Panic
+            } else {
+                Mode::Healthy
+            };
+            if let Some(e) = self.pick_group(r, &t.primary, mode, info, now) {
+                return Some(e);
+            }
+        }
+        let (bh, _) = self.health(r, &t.backup, now);
+        if bh > 0 {
+            if let Some(e) = self.pick_group(r, &t.backup, Mode::Healthy, info, now) {
+                return Some(e);
+            }
+        }
+        // Nothing healthy at all: panic, primaries first.
+        if !t.primary.members.is_empty() || !t.backup.members.is_empty() {
+            self.shared.panic.increment(1);
+        }
+        self.pick_group(r, &t.primary, Mode::Panic, info, now)
+            .or_else(|| self.pick_group(r, &t.backup, Mode::Panic, info, now))
+    }
+
+    fn pick_group(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        info: &RequestInfo<'_>,
+        now: u64,
+    ) -> Option<u32> {
+        if g.members.is_empty() {
+            return None;
+        }
+        if !info.avoid.is_empty() {
+            if let Some(e) = self.strategy(r, g, mode, info, info.avoid, now) {
+                return Some(e);
+            }
+        }
+        self.strategy(r, g, mode, info, &[], now)
+    }
+
+    #[inline]
+    fn usable(&self, r: &Roster, e: &Entry, mode: Mode, avoid: &[InstanceId], now: u64) -> bool {
+        if e.max_conns != 0 && e.state.in_flight.load(Relaxed) >= e.max_conns {
+            return false;
+        }
+        if !avoid.is_empty() && avoid.contains(&e.instance.id) {
+            return false;
+        }
+        mode == Mode::Panic || r.healthy(e, now)
+    }
+
+    fn strategy(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        info: &RequestInfo<'_>,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<u32> {
+        match r.config.strategy {
+            Strategy::P2cEwma => self.p2c(r, g, mode, avoid, now, |e| {
+                e.state.ewma_ns(r.default_rtt_ns) * f64::from(e.state.in_flight.load(Relaxed) + 1)
+            }),
+            Strategy::LeastRequest => self.p2c(r, g, mode, avoid, now, |e| {
+                f64::from(e.state.in_flight.load(Relaxed))
+            }),
+            Strategy::Random => self.draw(r, g, mode, avoid, now),
+            Strategy::RoundRobin => self.swrr(r, g, now, |e| self.usable(r, e, mode, avoid, now)),
+            Strategy::LeastConn => self.least_conn(r, g, mode, avoid, now),
+            Strategy::RingHash | Strategy::Maglev => match self.hash_key(r, info) {
+                Some(key) => self.hashed(r, g, mode, avoid, now, key),
+                None => self.draw(r, g, mode, avoid, now),
+            },
+        }
+    }
+
+    /// A weighted draw of a usable member (alias table, slow start and least-request damping by
+    /// rejection); a scan from a random point when draws keep missing.
+    #[inline]
+    fn draw(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<u32> {
+        let rng = &self.shared.rng;
+        let bias = if r.config.strategy == Strategy::LeastRequest {
+            r.config.least_request_bias
+        } else {
+            0.0
+        };
+        for _ in 0..8 {
+            let m = g.members[g.alias.sample(rng)];
+            let e = &r.entries[m as usize];
+            if !self.usable(r, e, mode, avoid, now) {
+                continue;
+            }
+            let mut accept = r.slow_factor(e, now);
+            if bias > 0.0 {
+                let active = e.state.in_flight.load(Relaxed);
+                if active > 0 {
+                    accept /= f64::from(active + 1).powf(bias);
+                }
+            }
+            if accept < 1.0 && rng.unit() >= accept {
+                continue;
+            }
+            return Some(m);
+        }
+        self.scan(r, g, mode, avoid, now)
+    }
+
+    fn scan(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<u32> {
+        let n = g.members.len();
+        let start = self.shared.rng.below(n);
+        (0..n)
+            .map(|k| g.members[(start + k) % n])
+            .find(|&m| self.usable(r, &r.entries[m as usize], mode, avoid, now))
+    }
+
+    #[inline]
+    fn p2c(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+        cost: impl Fn(&Entry) -> f64,
+    ) -> Option<u32> {
+        let a = self.draw(r, g, mode, avoid, now)?;
+        if g.members.len() == 1 {
+            return Some(a);
+        }
+        let mut b = a;
+        for _ in 0..4 {
+            match self.draw(r, g, mode, avoid, now) {
+                Some(x) if x != a => {
+                    b = x;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if b == a {
+            return Some(a);
+        }
+        let (ea, eb) = (&r.entries[a as usize], &r.entries[b as usize]);
+        Some(if cost(eb) < cost(ea) { b } else { a })
+    }
+
+    /// nginx smooth weighted round robin (`ngx_http_upstream_get_peer`), over the members
+    /// `ok` accepts: each adds its effective weight to its current weight, the largest wins and
+    /// gives back the total; an effective weight lowered by failures grows back by one per pick.
+    fn swrr(&self, r: &Roster, g: &Group, now: u64, ok: impl Fn(&Entry) -> bool) -> Option<u32> {
+        let mut current = match g.swrr.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (k, &m) in g.members.iter().enumerate() {
+            let e = &r.entries[m as usize];
+            if !ok(e) {
+                continue;
+            }
+            let w = ((f64::from(e.weight) * r.slow_factor(e, now)).round() as i64).max(1);
+            let mut ew = e.state.effective_weight.load(Relaxed).clamp(0, w);
+            current[k] += ew;
+            total += ew;
+            if ew < w {
+                ew += 1;
+            }
+            e.state.effective_weight.store(ew, Relaxed);
+            if best.is_none_or(|b| current[k] > current[b]) {
+                best = Some(k);
+            }
+        }
+        let b = best?;
+        current[b] -= total;
+        Some(g.members[b])
+    }
+
+    /// nginx `least_conn`: fewest in-flight per weight; ties broken by smooth weighted round robin.
+    fn least_conn(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<u32> {
+        let mut best: Option<(u64, u64)> = None; // (conns, weight)
+        for &m in &g.members {
+            let e = &r.entries[m as usize];
+            if !self.usable(r, e, mode, avoid, now) {
+                continue;
+            }
+            let c = u64::from(e.state.in_flight.load(Relaxed));
+            let w = u64::from(e.weight);
+            if best.is_none_or(|(bc, bw)| c * bw < bc * w) {
+                best = Some((c, w));
+            }
+        }
+        let (bc, bw) = best?;
+        self.swrr(r, g, now, |e| {
+            u64::from(e.state.in_flight.load(Relaxed)) * bw == bc * u64::from(e.weight)
+                && self.usable(r, e, mode, avoid, now)
+        })
+        .or_else(|| self.scan(r, g, mode, avoid, now))
+    }
+
+    fn hash_key(&self, r: &Roster, info: &RequestInfo<'_>) -> Option<u64> {
+        if let Some(k) = info.hash_key {
+            return Some(k);
+        }
+        match r.config.hash_key.as_ref()? {
+            HashKeySource::Header(_) => {
+                let v = info.headers?.get(r.hash_header.as_ref()?)?;
+                Some(hash_bytes(v.as_bytes(), 0))
+            }
+            HashKeySource::PathSegment(n) => {
+                let seg = info.path.split('/').filter(|s| !s.is_empty()).nth(*n)?;
+                Some(hash_bytes(seg.as_bytes(), 0))
+            }
+            HashKeySource::Cookie(name) => {
+                let headers = info.headers?;
+                headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|kv| kv.trim().split_once('='))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| hash_bytes(v.as_bytes(), 0))
+            }
+            HashKeySource::Explicit => None,
+        }
+    }
+
+    /// Whether `e` is within the bounded load: `in_flight + 1 ≤ ⌈c × (total + 1) × w / W⌉`
+    /// (HAProxy `hash-balance-factor`; Mirrokni, Thorup, Zadimoghaddam 2018).
+    #[inline]
+    fn within_bound(&self, r: &Roster, g: &Group, e: &Entry) -> bool {
+        let Some(c) = r.config.hash_balance_factor else {
+            return true;
+        };
+        let total = self.shared.total_in_flight.load(Relaxed) as f64;
+        let cap = (c * (total + 1.0) * f64::from(e.weight) / g.weight_sum.max(1) as f64).ceil();
+        f64::from(e.state.in_flight.load(Relaxed) + 1) <= cap
+    }
+
+    fn hashed(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+        key: u64,
+    ) -> Option<u32> {
+        let ok = |m: u32| {
+            let e = &r.entries[m as usize];
+            self.usable(r, e, mode, avoid, now) && self.within_bound(r, g, e)
+        };
+        let found = if r.config.strategy == Strategy::Maglev {
+            let table = g.maglev(r);
+            // The owner, else probe the table with rehashed keys (stable for the key, spread
+            // over the others).
+            (0..=(g.members.len() as u64 * 2).min(64))
+                .filter_map(|salt| {
+                    let h = if salt == 0 {
+                        key
+                    } else {
+                        fmix64(key ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    };
+                    table.lookup(h)
+                })
+                .map(|k| g.members[k])
+                .find(|&m| ok(m))
+        } else {
+            g.ring(r)
+                .successors(key)
+                .map(|k| g.members[k])
+                .find(|&m| ok(m))
+        };
+        found.or_else(|| {
+            // Everyone at the bound or unusable: the least loaded usable member.
+            g.members
+                .iter()
+                .copied()
+                .filter(|&m| self.usable(r, &r.entries[m as usize], mode, avoid, now))
+                .min_by_key(|&m| r.entries[m as usize].state.in_flight.load(Relaxed))
+        })
+    }
+}
+
+/// A picked instance. Report how the request ended with [`complete`](Picked::complete);
+/// dropping it unreported counts as cancelled (in-flight released, nothing learned).
+#[derive(Debug)]
+pub struct Picked {
+    shared: Arc<Shared>,
+    entry: Arc<Entry>,
+    start: u64,
+    done: bool,
+}
+
+impl Picked {
+    /// The instance's id.
+    pub fn id(&self) -> &InstanceId {
+        &self.entry.instance.id
+    }
+
+    /// The instance's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.entry.instance.addr
+    }
+
+    /// The instance.
+    pub fn instance(&self) -> &Instance {
+        &self.entry.instance
+    }
+
+    /// Time since the pick.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.shared.clock.now().saturating_sub(self.start))
+    }
+
+    /// For long-lived connections (`least-conn`): whether this one should now be closed,
+    /// because it is older than `max_connection_age` or its instance left or is draining.
+    pub fn should_close(&self) -> bool {
+        let r = Balancer {
+            shared: self.shared.clone(),
+        }
+        .roster();
+        let gone = r.entry(&self.entry.instance.id).is_none_or(|e| !e.pickable);
+        gone || r
+            .config
+            .max_connection_age
+            .is_some_and(|age| self.elapsed() >= age)
+    }
+
+    /// Reports the outcome; the latency is the time since the pick.
+    pub fn complete(self, outcome: Outcome) {
+        let latency = self.elapsed();
+        self.complete_with(outcome, latency);
+    }
+
+    /// Reports the outcome with a measured latency.
+    pub fn complete_with(mut self, outcome: Outcome, latency: Duration) {
+        self.done = true;
+        self.release();
+        let now = self.shared.clock.now();
+        let b = Balancer {
+            shared: self.shared.clone(),
+        };
+        let r = b.roster();
+        outlier::on_complete(&self.shared, &r, &self.entry, outcome, latency, now);
+    }
+
+    fn release(&self) {
+        self.entry.state.in_flight.fetch_sub(1, Relaxed);
+        self.shared.total_in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if !self.done {
+            self.release();
+            self.entry.metrics.request(Outcome::Cancelled);
+        }
+    }
+}

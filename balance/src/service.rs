@@ -1,0 +1,236 @@
+//! The tower side: [`Balance`] routes each `http::Request` to the inner service of the picked
+//! instance, one inner service (one connection pool) per instance.
+//!
+//! Inner services are made by a [`MakeInstanceService`] when an instance appears and dropped when
+//! it leaves. Routing depends on the request (hash keys, canary headers, `Attempt::avoid`), so the
+//! pick happens in `call`, not in `poll_ready`; the picked instance's service is driven to
+//! readiness inside the response future. Errors are boxed (like tower's own `Balance`): a
+//! [`BalanceError`] when nothing could be picked, a [`keel_core::request::InstanceFailure`] naming
+//! the instance when its service failed. Responses carry [`keel_core::request::ServedBy`].
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use keel_core::{
+    request::{InstanceFailure, ServedBy},
+    Instance, InstanceId,
+};
+use tower::{util::ServiceExt, BoxError};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    classify::{Classify, HttpClassifier, Outcome},
+    error::BalanceError,
+    picker::{Balancer, RequestInfo},
+};
+
+/// Makes the inner service of one instance (e.g. a client bound to its address).
+/// Any `Fn(&Instance) -> S` is one; returning `None` leaves the instance unroutable for now.
+pub trait MakeInstanceService {
+    /// The per-instance service.
+    type Service;
+    /// The service for `instance`.
+    fn make_service(&self, instance: &Instance) -> Option<Self::Service>;
+}
+
+impl<S, F: Fn(&Instance) -> S> MakeInstanceService for F {
+    type Service = S;
+    fn make_service(&self, instance: &Instance) -> Option<S> {
+        Some(self(instance))
+    }
+}
+
+struct Services<S> {
+    generation: u64,
+    by_id: HashMap<InstanceId, S>,
+}
+
+/// Routes each request to the inner service of the instance the [`Balancer`] picks.
+pub struct Balance<F: MakeInstanceService, C = HttpClassifier> {
+    balancer: Balancer,
+    factory: Arc<F>,
+    services: Arc<Mutex<Services<F::Service>>>,
+    classifier: C,
+}
+
+impl<F: MakeInstanceService, C: Clone> Clone for Balance<F, C> {
+    fn clone(&self) -> Self {
+        Self {
+            balancer: self.balancer.clone(),
+            factory: self.factory.clone(),
+            services: self.services.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<F: MakeInstanceService, C> std::fmt::Debug for Balance<F, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balance")
+            .field("balancer", &self.balancer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: MakeInstanceService> Balance<F> {
+    /// Routes through `balancer`, making per-instance services with `factory`.
+    pub fn new(balancer: Balancer, factory: F) -> Self {
+        Self::with_classifier(balancer, factory, HttpClassifier::default())
+    }
+}
+
+impl<F: MakeInstanceService, C> Balance<F, C> {
+    /// With a custom response classifier.
+    pub fn with_classifier(balancer: Balancer, factory: F, classifier: C) -> Self {
+        Self {
+            balancer,
+            factory: Arc::new(factory),
+            services: Arc::new(Mutex::new(Services {
+                generation: u64::MAX,
+                by_id: HashMap::new(),
+            })),
+            classifier,
+        }
+    }
+
+    /// The balancer (for snapshots).
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+}
+
+impl<F: MakeInstanceService, C> Balance<F, C>
+where
+    F::Service: Clone,
+{
+    /// The inner service of `id`, syncing the per-instance services with the tables first.
+    fn service_for(&self, id: &InstanceId) -> Option<F::Service> {
+        let mut svcs = match self.services.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let r = self.balancer.roster();
+        if svcs.generation != r.generation || !svcs.by_id.contains_key(id) {
+            let mut next = HashMap::with_capacity(r.entries.len());
+            for e in &r.entries {
+                let id = &e.instance.id;
+                let svc = match svcs.by_id.remove(id) {
+                    Some(s) => Some(s),
+                    None => self.factory.make_service(&e.instance),
+                };
+                if let Some(s) = svc {
+                    next.insert(id.clone(), s);
+                }
+            }
+            svcs.by_id = next;
+            svcs.generation = r.generation;
+        }
+        svcs.by_id.get(id).cloned()
+    }
+}
+
+/// The future of [`Balance`].
+pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+impl<S, F, C, B, RB> Service<http::Request<B>> for Balance<F, C>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    F: MakeInstanceService<Service = S>,
+    C: Classify<http::Response<RB>>,
+    B: Send + 'static,
+    RB: 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<http::Response<RB>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let picked = match self.balancer.try_pick(&RequestInfo::from_request(&req)) {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
+        let served_by = ServedBy {
+            id: picked.id().clone(),
+            addr: picked.addr(),
+        };
+        let Some(svc) = self.service_for(picked.id()) else {
+            let err = BalanceError::NoService {
+                service: self.balancer.service().clone(),
+                id: picked.id().clone(),
+            };
+            return Box::pin(async move { Err(err.into()) });
+        };
+        let classifier = self.classifier.clone();
+        tracing::trace!(instance = %served_by.id, "routed");
+        Box::pin(async move {
+            match svc.oneshot(req).await {
+                Ok(mut res) => {
+                    let outcome = classifier.classify_response(&res, picked.elapsed());
+                    picked.complete(outcome);
+                    res.extensions_mut().insert(served_by);
+                    Ok(res)
+                }
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    let outcome = classifier.classify_error(&*e);
+                    picked.complete(if outcome == Outcome::Cancelled {
+                        Outcome::GatewayFailure
+                    } else {
+                        outcome
+                    });
+                    Err(Box::new(InstanceFailure {
+                        served_by,
+                        source: e,
+                    }) as BoxError)
+                }
+            }
+        })
+    }
+}
+
+/// Wraps a per-instance service factory into a [`Balance`].
+#[derive(Debug, Clone)]
+pub struct BalanceLayer<C = HttpClassifier> {
+    balancer: Balancer,
+    classifier: C,
+}
+
+impl BalanceLayer {
+    /// A layer routing through `balancer`.
+    pub fn new(balancer: Balancer) -> Self {
+        Self {
+            balancer,
+            classifier: HttpClassifier::default(),
+        }
+    }
+}
+
+impl<C> BalanceLayer<C> {
+    /// With a custom classifier.
+    pub fn with_classifier<C2>(self, classifier: C2) -> BalanceLayer<C2> {
+        BalanceLayer {
+            balancer: self.balancer,
+            classifier,
+        }
+    }
+}
+
+impl<F: MakeInstanceService, C: Clone> Layer<F> for BalanceLayer<C> {
+    type Service = Balance<F, C>;
+
+    fn layer(&self, factory: F) -> Self::Service {
+        Balance::with_classifier(self.balancer.clone(), factory, self.classifier.clone())
+    }
+}

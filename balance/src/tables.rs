@@ -1,0 +1,281 @@
+//! Pick tables, built once per change of the instance set and read lock-free by every pick.
+//!
+//! - [`Alias`]: Vose's alias method (Vose, *A linear algorithm for generating random numbers with
+//!   a given distribution*, IEEE TSE 1991): a weighted draw in O(1), for `random` and for the
+//!   weighted candidate draws of the P2C strategies.
+//! - [`Ring`]: ketama consistent hashing (Karger et al. 1997; the libketama layout of 160 points
+//!   per weight unit). Removing one of N instances moves only its ~1/N of the keys.
+//! - [`Maglev`]: the lookup table of Eisenbud et al., *Maglev: A Fast and Reliable Software
+//!   Network Load Balancer* (NSDI 2016), §3.4: each backend fills the prime-sized table along its
+//!   own permutation `(offset + j × skip) mod M`, in turns, so shares are even to within M/N and
+//!   a lookup is one modulo and one load. Weights follow Envoy's extension: a backend takes a turn
+//!   in round `r` only while `r × weight ≥ turns taken × max weight`.
+
+use crate::hash::{hash_bytes, Rng};
+
+/// Vose alias table over the member weights.
+#[derive(Debug, Default)]
+pub(crate) struct Alias {
+    /// Acceptance threshold of each column, scaled to `u32`.
+    prob: Vec<u32>,
+    alias: Vec<u32>,
+}
+
+impl Alias {
+    pub(crate) fn new(weights: &[f64]) -> Self {
+        let n = weights.len();
+        if n == 0 {
+            return Self::default();
+        }
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 {
+            return Self {
+                prob: vec![u32::MAX; n],
+                alias: (0..n as u32).collect(),
+            };
+        }
+        let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+        let mut prob = vec![u32::MAX; n];
+        let mut alias: Vec<u32> = (0..n as u32).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            prob[s] = (scaled[s] * u32::MAX as f64) as u32;
+            alias[s] = l as u32;
+            scaled[l] -= 1.0 - scaled[s];
+            if scaled[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        Self { prob, alias }
+    }
+
+    /// A weighted draw: an index into the weights.
+    #[inline]
+    pub(crate) fn sample(&self, rng: &Rng) -> usize {
+        let n = self.prob.len();
+        let r = rng.next_u64();
+        let col = (((r >> 32) * n as u64) >> 32) as usize;
+        if (r as u32) <= self.prob[col] {
+            col
+        } else {
+            self.alias[col] as usize
+        }
+    }
+}
+
+/// A ketama hash ring: sorted points, each naming a member.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    points: Vec<(u64, u32)>,
+    members: usize,
+}
+
+impl Ring {
+    /// The most points a ring holds; weights are scaled down to fit.
+    pub const MAX_POINTS: usize = 1 << 21;
+
+    /// Builds the ring over `(name, weight)` members, `points_per_weight` points per unit of weight
+    /// relative to the lightest member.
+    pub fn build<'a>(
+        members: impl IntoIterator<Item = (&'a str, u32)>,
+        points_per_weight: u32,
+    ) -> Self {
+        let members: Vec<(&str, u32)> = members.into_iter().collect();
+        let min_w = members.iter().map(|m| m.1.max(1)).min().unwrap_or(1) as f64;
+        let wanted: f64 = members
+            .iter()
+            .map(|m| f64::from(points_per_weight) * f64::from(m.1.max(1)) / min_w)
+            .sum();
+        let scale = if wanted > Self::MAX_POINTS as f64 {
+            Self::MAX_POINTS as f64 / wanted
+        } else {
+            1.0
+        };
+        let mut points = Vec::with_capacity(wanted.min(Self::MAX_POINTS as f64) as usize);
+        for (idx, (name, w)) in members.iter().enumerate() {
+            let n = (f64::from(points_per_weight) * f64::from((*w).max(1)) / min_w * scale)
+                .round()
+                .max(1.0) as u64;
+            let base = hash_bytes(name.as_bytes(), 0x6b65_7461_6d61);
+            for p in 0..n {
+                points.push((
+                    crate::hash::fmix64(base ^ p.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                    idx as u32,
+                ));
+            }
+        }
+        points.sort_unstable();
+        Self {
+            points,
+            members: members.len(),
+        }
+    }
+
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// The member owning `hash`.
+    pub fn lookup(&self, hash: u64) -> Option<usize> {
+        self.successors(hash).next()
+    }
+
+    /// Members clockwise from `hash`, each distinct member once, for skipping unusable ones.
+    pub fn successors(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.points.partition_point(|p| p.0 < hash);
+        let len = self.points.len();
+        let mut seen = 0usize;
+        let mut last = u32::MAX;
+        (0..len)
+            .map(move |k| self.points[(start + k) % len].1)
+            .filter(move |&m| {
+                // Skip runs of the same member; a member may reappear later (rare and harmless).
+                let new = m != last;
+                last = m;
+                new
+            })
+            .take_while(move |_| {
+                seen += 1;
+                seen <= self.members.max(1) * 4
+            })
+            .map(|m| m as usize)
+    }
+}
+
+/// A Maglev lookup table of prime size `M`.
+#[derive(Debug, Clone)]
+pub struct Maglev {
+    table: Vec<u32>,
+}
+
+impl Maglev {
+    /// Builds the table over `(name, weight)` members. `m` should be a prime well above 100 × the
+    /// number of members (65537 by default). Members are indexed in the order given.
+    pub fn build<'a>(members: impl IntoIterator<Item = (&'a str, u32)>, m: u32) -> Self {
+        let members: Vec<(&str, u32)> = members.into_iter().collect();
+        let m = u64::from(m.max(1));
+        if members.is_empty() {
+            return Self { table: Vec::new() };
+        }
+        struct Build {
+            offset: u64,
+            skip: u64,
+            next: u64,
+            weight: u64,
+            target: u64,
+        }
+        let max_w = members
+            .iter()
+            .map(|x| u64::from(x.1.max(1)))
+            .max()
+            .unwrap_or(1);
+        let mut b: Vec<Build> = members
+            .iter()
+            .map(|(name, w)| {
+                let h1 = hash_bytes(name.as_bytes(), 0x6d61_676c_6576);
+                let h2 = hash_bytes(name.as_bytes(), 0x736b_6970);
+                Build {
+                    offset: h1 % m,
+                    skip: if m > 1 { h2 % (m - 1) + 1 } else { 1 },
+                    next: 0,
+                    weight: u64::from((*w).max(1)),
+                    target: 0,
+                }
+            })
+            .collect();
+        let mut table = vec![u32::MAX; m as usize];
+        let mut filled = 0u64;
+        let mut round = 1u64;
+        while filled < m {
+            for (i, e) in b.iter_mut().enumerate() {
+                if filled >= m {
+                    break;
+                }
+                if round * e.weight < e.target {
+                    continue;
+                }
+                e.target += max_w;
+                // Position (offset + next × skip) mod M, walked incrementally.
+                let mut c = (e.offset + (e.next % m) * e.skip) % m;
+                while table[c as usize] != u32::MAX {
+                    e.next += 1;
+                    c += e.skip;
+                    if c >= m {
+                        c -= m;
+                    }
+                }
+                table[c as usize] = i as u32;
+                e.next += 1;
+                filled += 1;
+            }
+            round += 1;
+        }
+        Self { table }
+    }
+
+    /// The table size.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether the table is empty (no members).
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The member owning `hash`: one modulo, one load.
+    #[inline]
+    pub fn lookup(&self, hash: u64) -> Option<usize> {
+        if self.table.is_empty() {
+            return None;
+        }
+        Some(self.table[(hash % self.table.len() as u64) as usize] as usize)
+    }
+
+    /// How many table entries each of `n` members owns.
+    pub fn shares(&self, n: usize) -> Vec<usize> {
+        let mut s = vec![0; n];
+        for &e in &self.table {
+            if let Some(x) = s.get_mut(e as usize) {
+                *x += 1;
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_is_weighted() {
+        let a = Alias::new(&[5.0, 1.0, 1.0, 3.0]);
+        let rng = Rng::new(3);
+        let mut c = [0u32; 4];
+        for _ in 0..100_000 {
+            c[a.sample(&rng)] += 1;
+        }
+        for (i, w) in [0.5, 0.1, 0.1, 0.3].iter().enumerate() {
+            assert!((f64::from(c[i]) / 100_000.0 - w).abs() < 0.01, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn maglev_weighted_shares() {
+        let names: Vec<String> = (0..4).map(|i| format!("i{i}")).collect();
+        let t = Maglev::build(names.iter().map(|n| n.as_str()).zip([1, 2, 3, 4]), 65_537);
+        let s = t.shares(4);
+        for (i, w) in [0.1, 0.2, 0.3, 0.4].iter().enumerate() {
+            assert!((s[i] as f64 / 65_537.0 - w).abs() < 0.01, "{s:?}");
+        }
+    }
+}
