@@ -1,0 +1,258 @@
+//! Redis failure modes on the test's own private Redis: paused, restarted, round trips counted,
+//! durability (`WAIT`) failing closed.
+
+mod common;
+
+use std::{sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use common::*;
+use keel_idempotency::{
+    Claim, Durability, IdempotencyConfig, IdempotencyError, IdempotencyStore, RedisStore, StoreKind,
+};
+use keel_testkit::RedisServer;
+use reqwest::StatusCode;
+
+fn cfg(server: &RedisServer) -> IdempotencyConfig {
+    IdempotencyConfig {
+        store: StoreKind::Redis,
+        url: server.url(),
+        prefix: "t:".into(),
+        store_timeout: Duration::from_millis(250),
+        ..test_config()
+    }
+}
+
+async fn post(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
+    c.post(url)
+        .header("Idempotency-Key", key)
+        .header("x-test-tag", key)
+        .body("b")
+        .send()
+        .await
+        .unwrap()
+}
+
+fn stat(info: &str, line_prefix: &str, field: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|rest| rest.split(',').find_map(|kv| kv.strip_prefix(field)))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Commands the scripts run inside Redis: counted by INFO, but no round trip of ours.
+const IN_SCRIPT: &[&str] = &[
+    "hmget", "incr", "set", "exists", "pexpire", "hset", "hdel", "time", "pttl", "del",
+];
+
+/// (EVALSHA calls, commands sent by clients other than our INFO), over one long-lived connection.
+async fn counts(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
+    let i: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut sent = 0;
+    for l in i.lines() {
+        let Some(rest) = l.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, fields)) = rest.split_once(':') else {
+            continue;
+        };
+        if name == "info" || IN_SCRIPT.contains(&name) {
+            continue;
+        }
+        sent += stat(fields, "", "calls=");
+    }
+    (stat(&i, "cmdstat_evalsha:", "calls="), sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_two_then_one() {
+    let server = RedisServer::start();
+    let store = keel_idempotency::store_from_config(&cfg(&server))
+        .await
+        .unwrap();
+    let app = start(store, cfg(&server)).await;
+    let c = client();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (e0, t0) = counts(&mut conn).await;
+    assert_eq!(
+        post(&c, &app.url("/work"), "rt").await.status(),
+        StatusCode::CREATED
+    );
+    let (e1, t1) = counts(&mut conn).await;
+    assert_eq!(e1 - e0, 2, "first request: claim + complete");
+    assert_eq!(t1 - t0, 2, "and no other command");
+    let r = post(&c, &app.url("/work"), "rt").await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let (e2, t2) = counts(&mut conn).await;
+    assert_eq!(e2 - e1, 1, "replay: claim only");
+    assert_eq!(t2 - t1, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_fails_closed_then_replays_stored() {
+    let mut server = RedisServer::start();
+    let store = keel_idempotency::store_from_config(&cfg(&server))
+        .await
+        .unwrap();
+    let app = start(store, cfg(&server)).await;
+    let c = client();
+    let first = post(&c, &app.url("/work"), "kept").await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let body = first.bytes().await.unwrap();
+    // Persist what Redis holds, then kill it (the restart loads the snapshot).
+    {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    }
+    server.stop();
+    for key in ["kept", "new-while-down"] {
+        let r = post(&c, &app.url("/work"), key).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fail closed while down"
+        );
+        assert!(r.headers().get("retry-after").is_some());
+    }
+    assert_eq!(app.seen.execs(), 1, "nothing ran while Redis was down");
+    server.restart();
+    // The connection comes back (scripts are gone: NOSCRIPT is handled by reloading them).
+    let mut replay = None;
+    for _ in 0..40 {
+        let r = post(&c, &app.url("/work"), "kept").await;
+        if r.status() != StatusCode::SERVICE_UNAVAILABLE {
+            replay = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replay = replay.expect("store back after restart");
+    assert_eq!(replay.status(), StatusCode::CREATED);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.bytes().await.unwrap(), body);
+    assert_eq!(
+        app.seen.execs(),
+        1,
+        "no double execution for the stored key"
+    );
+    assert_eq!(
+        post(&c, &app.url("/work"), "new-while-down").await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(app.seen.execs(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_redis_loses_the_lease() {
+    let server = RedisServer::start();
+    let config = IdempotencyConfig {
+        lease: Duration::from_millis(300),
+        ..cfg(&server)
+    };
+    let store = keel_idempotency::store_from_config(&config).await.unwrap();
+    let app = start(store, config).await;
+    app.seen.sleeps.lock().unwrap().extend([1500, 10]);
+    let c = client();
+    let first = tokio::spawn({
+        let (c, u) = (c.clone(), app.url("/work"));
+        async move { post(&c, &u, "paused").await.status() }
+    });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    server.pause();
+    // Renewals hang; Redis's own clock runs the lease out meanwhile.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.resume();
+    let mut second = None;
+    for _ in 0..20 {
+        let r = post(&c, &app.url("/work"), "paused").await;
+        if r.status() == StatusCode::CREATED {
+            second = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = second.expect("second claimant runs");
+    assert!(second.headers().get("idempotent-replayed").is_none());
+    assert_eq!(
+        first.await.unwrap(),
+        StatusCode::CONFLICT,
+        "first's completion refused as stale owner"
+    );
+    assert_eq!(app.seen.execs(), 2);
+    assert_eq!(app.seen.lease_lost_seen.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_without_replicas_fails_closed() {
+    let server = RedisServer::start();
+    let config = IdempotencyConfig {
+        durability: Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(50),
+        },
+        ..cfg(&server)
+    };
+    let store = RedisStore::connect(&config).await.unwrap();
+    let r = store.claim("k", "o1", "f", Duration::from_secs(5)).await;
+    assert!(
+        matches!(
+            r,
+            Err(IdempotencyError::Durability {
+                acked: 0,
+                wanted: 1
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(r.unwrap_err().is_retryable());
+    // The failed claim was released: a store without durability claims the key at once.
+    let plain = RedisStore::connect(&cfg(&server)).await.unwrap();
+    assert!(matches!(
+        plain.claim("k", "o2", "f", Duration::from_secs(5)).await,
+        Ok(Claim::New { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_is_survived_and_fences_grow() {
+    let server = RedisServer::start();
+    let store: Arc<dyn IdempotencyStore> =
+        Arc::new(RedisStore::connect(&cfg(&server)).await.unwrap());
+    let Ok(Claim::New { fence: f1 }) = store.claim("k", "o1", "f", Duration::from_secs(5)).await
+    else {
+        panic!()
+    };
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.release("k", "o1").await.unwrap(),
+        keel_idempotency::Ownership::Owner
+    );
+    let Ok(Claim::New { fence: f2 }) = store.claim("k", "o2", "f", Duration::from_secs(5)).await
+    else {
+        panic!()
+    };
+    assert!(f2 > f1);
+    // Record and fence counter share one hash tag (one cluster slot).
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("t:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|k| k.contains("{k}")));
+}
