@@ -47,16 +47,16 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod config;
-//mod dns;
+mod dns;
 mod error;
-//mod etcd;
+mod etcd;
 mod file;
-//mod health;
+mod health;
 mod memory;
 mod publish;
-//mod redis;
+mod redis;
 mod registration;
-//mod setup;
+mod setup;
 mod snapshot;
 mod static_discovery;
 pub mod telemetry;
@@ -67,16 +67,16 @@ pub use self::{
         Backend, CheckKind, DiscoveryConfig, DnsConfig, DnsRecord, HealthCheckConfig,
         StaticEndpoint,
     },
-
+    dns::DnsDiscovery,
     error::DiscoveryError,
-
+    etcd::EtcdDiscovery,
     file::{parse_file, FileDiscovery, FileSets},
-
+    health::{HealthChecker, Probe},
     memory::MemoryDiscovery,
     publish::{GuardDecision, ShrinkGuard},
-
+    redis::RedisDiscovery,
     registration::Registration,
-
+    setup::{from_config, watch_with_health},
     snapshot::{diff, Change, Changes, InstanceWatch, TowerDiscover},
     static_discovery::StaticDiscovery,
     traits::{BoxFuture, Discover, Discovery, Registry},

@@ -145,6 +145,7 @@ impl Publisher {
     }
 
     /// The set in force now.
+    #[cfg(test)]
     pub(crate) fn current(&self) -> Arc<Vec<Instance>> {
         self.set.get()
     }

@@ -1,0 +1,270 @@
+//! DNS: A/AAAA records (with a configured port) or SRV records, re-resolved on their TTL.
+//!
+//! The re-resolve interval follows the answer's TTL, bounded by `min_ttl` (so a zero TTL does
+//! not become a busy loop) and `max_ttl` (so a day-long TTL does not hide changes for a day).
+//! SRV records map as nginx's `resolve service=` does: the lowest priority present are the
+//! primaries, every higher priority is `AdminState::Backup`; the SRV weight becomes the weight (0
+//! counts as 1). SRV targets are resolved from the additional section when the server sent it,
+//! else by an A/AAAA lookup. A record that cannot become an instance (port 0, a target that does
+//! not resolve) is skipped and counted; an empty or failed answer goes through the
+//! registry-loss guard like every other backend.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hickory_resolver::{
+    config::{ConnectionConfig, NameServerConfig, ResolverConfig},
+    net::runtime::TokioRuntimeProvider,
+    proto::rr::{RData, RecordType},
+    TokioResolver,
+};
+use keel_core::{AdminState, Instance, ServiceName, Shutdown};
+use tracing::Instrument;
+
+use crate::{
+    publish::{Publisher, SafetyOptions},
+    registration::LocalLease,
+    telemetry, BoxFuture, Discover, Discovery, DiscoveryConfig, DiscoveryError, DnsConfig,
+    DnsRecord, InstanceWatch, Registration, Registry,
+};
+
+const BACKEND: &str = "dns";
+
+struct Inner {
+    resolver: TokioResolver,
+    config: DnsConfig,
+    safety: SafetyOptions,
+    shutdown: Shutdown,
+    publishers: Mutex<BTreeMap<ServiceName, Arc<Publisher>>>,
+}
+
+/// Discovery from DNS A/AAAA or SRV records.
+#[derive(Clone)]
+pub struct DnsDiscovery {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DnsDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsDiscovery")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl DnsDiscovery {
+    /// A resolver on `cfg.url` (`ip:port` of a DNS server, UDP then TCP), or on the system's
+    /// resolvers when `url` is empty; names and TTL bounds from `cfg.dns`.
+    pub fn from_config(cfg: &DiscoveryConfig, shutdown: Shutdown) -> Result<Self, DiscoveryError> {
+        let bad = |e: &dyn std::fmt::Display| DiscoveryError::Config(format!("dns: {e}"));
+        let mut builder = match cfg.url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                let url = url.trim_start_matches("dns://").trim_end_matches('/');
+                let server: SocketAddr = url
+                    .parse()
+                    .or_else(|_| url.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        DiscoveryError::Config(format!(
+                            "discovery.url {url:?} must be ip or ip:port of a DNS server"
+                        ))
+                    })?;
+                let mut udp = ConnectionConfig::udp();
+                udp.port = server.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = server.port();
+                let ns = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_name_servers(vec![ns]),
+                    TokioRuntimeProvider::default(),
+                )
+            }
+            None => TokioResolver::builder_tokio().map_err(|e| bad(&e))?,
+        };
+        let opts = builder.options_mut();
+        opts.timeout = Duration::from_secs(2);
+        opts.attempts = 1;
+        let resolver = builder.build().map_err(|e| bad(&e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                resolver,
+                config: cfg.dns.clone(),
+                safety: crate::setup::safety(cfg),
+                shutdown,
+                publishers: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// Resolves a service once: its instances and how long the answer may be kept.
+    pub async fn resolve(
+        &self,
+        service: &ServiceName,
+    ) -> Result<(Vec<Instance>, Duration), DiscoveryError> {
+        resolve(&self.inner, service).await
+    }
+}
+
+fn skip(service: &ServiceName, what: &str, reason: impl std::fmt::Display) {
+    telemetry::malformed(service.as_str(), BACKEND);
+    tracing::warn!(%service, record = what, %reason, "skipping unusable DNS record");
+}
+
+async fn resolve(
+    inner: &Inner,
+    service: &ServiceName,
+) -> Result<(Vec<Instance>, Duration), DiscoveryError> {
+    let name = inner.config.name.replace("{service}", service.as_str());
+    let err = |e: hickory_resolver::net::NetError| {
+        if e.is_no_records_found() {
+            None
+        } else {
+            Some(DiscoveryError::unavailable(BACKEND, format!("{name}: {e}")))
+        }
+    };
+    inner.resolver.clear_cache();
+    let now = std::time::Instant::now();
+    match inner.config.record {
+        DnsRecord::A => {
+            let lookup = match inner.resolver.lookup_ip(name.as_str()).await {
+                Ok(l) => l,
+                Err(e) => match err(e) {
+                    Some(e) => return Err(e),
+                    None => return Ok((Vec::new(), inner.config.min_ttl)),
+                },
+            };
+            let ttl = lookup.valid_until().saturating_duration_since(now);
+            let set = lookup
+                .iter()
+                .map(|ip| Instance::new(service.clone(), SocketAddr::new(ip, inner.config.port)))
+                .filter(|i| match i.validate() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        skip(service, &name, e);
+                        false
+                    }
+                })
+                .collect();
+            Ok((set, ttl))
+        }
+        DnsRecord::Srv => {
+            let lookup = match inner.resolver.lookup(name.as_str(), RecordType::SRV).await {
+                Ok(l) => l,
+                Err(e) => match err(e) {
+                    Some(e) => return Err(e),
+                    None => return Ok((Vec::new(), inner.config.min_ttl)),
+                },
+            };
+            let mut ttl = lookup.valid_until().saturating_duration_since(now);
+            let srvs: Vec<_> = lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::SRV(srv) => Some(srv.clone()),
+                    _ => None,
+                })
+                .collect();
+            let primary = srvs.iter().map(|s| s.priority).min();
+            let mut set = Vec::new();
+            for srv in srvs {
+                if srv.port == 0 {
+                    skip(service, &srv.target.to_string(), "port 0");
+                    continue;
+                }
+                let mut ips: Vec<IpAddr> = lookup
+                    .additionals()
+                    .iter()
+                    .filter(|r| r.name == srv.target)
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    match inner.resolver.lookup_ip(srv.target.clone()).await {
+                        Ok(l) => {
+                            ttl = ttl.min(l.valid_until().saturating_duration_since(now));
+                            ips = l.iter().collect();
+                        }
+                        Err(e) => {
+                            skip(service, &srv.target.to_string(), e);
+                            continue;
+                        }
+                    }
+                }
+                for ip in ips {
+                    let i = Instance::new(service.clone(), SocketAddr::new(ip, srv.port))
+                        .with_weight(u32::from(srv.weight.max(1)))
+                        .with_state(if Some(srv.priority) == primary {
+                            AdminState::Up
+                        } else {
+                            AdminState::Backup
+                        })
+                        .with_tag("srv_priority", srv.priority.to_string());
+                    match i.validate() {
+                        Ok(()) => set.push(i),
+                        Err(e) => skip(service, &srv.target.to_string(), e),
+                    }
+                }
+            }
+            Ok((set, ttl))
+        }
+    }
+}
+
+async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
+    let service = publisher.service().clone();
+    loop {
+        let wait = match resolve(&inner, &service).await {
+            Ok((set, ttl)) => {
+                publisher.offer(set);
+                ttl.clamp(inner.config.min_ttl, inner.config.max_ttl)
+            }
+            Err(error) => {
+                publisher.failed(&error);
+                inner.config.min_ttl
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = inner.shutdown.triggered() => return,
+        }
+    }
+}
+
+impl Discover for DnsDiscovery {
+    fn watch(&self, service: &ServiceName) -> Result<InstanceWatch, DiscoveryError> {
+        let mut ps = match self.inner.publishers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(p) = ps.get(service) {
+            return Ok(p.watch());
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            DiscoveryError::Config("watch must be called inside a tokio runtime".into())
+        })?;
+        let p = Publisher::new(service.clone(), &self.inner.safety);
+        ps.insert(service.clone(), p.clone());
+        let span = tracing::info_span!("keel.discovery.watch", backend = BACKEND, %service);
+        handle.spawn(watcher(self.inner.clone(), p.clone()).instrument(span));
+        Ok(p.watch())
+    }
+}
+
+impl Registry for DnsDiscovery {
+    /// Accepted and ignored: DNS is managed elsewhere.
+    fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, DiscoveryError>> {
+        Box::pin(Registration::start(Arc::new(LocalLease), instance))
+    }
+}
+
+impl Discovery for DnsDiscovery {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+}

@@ -1,0 +1,547 @@
+//! etcd (3.4 and later) through its JSON gRPC gateway, with `reqwest`.
+//!
+//! Why the gateway and not a gRPC client: it needs no `protoc` or generated code, works with every
+//! etcd since 3.4 (`/v3/...` paths), and the few calls discovery needs (range, put, delete, lease
+//! grant/keepalive/revoke, and the watch stream) map one to one.
+//!
+//! ## Key layout (interoperable with etcd's Go `naming/endpoints`)
+//!
+//! `{prefix}/{service}/{addr}` → `{"Op":0,"Addr":"127.0.0.1:8066","Metadata":{...}}`
+//!
+//! `{prefix}/{service}` is the Go endpoints manager's *target*: a Go gRPC client resolving
+//! `etcd:///{prefix}/{service}` sees keel instances, and keel sees instances registered by Go
+//! (`Metadata` may then be anything; such an instance gets weight 1 and id `{service}-{addr}`).
+//! keel writes the whole [`Instance`] (weight, zone, version, tags, state, params) as `Metadata`.
+//! Each record is attached to a lease of `ttl` (at least etcd's minimum, 2 s) kept alive every
+//! `ttl / 3`; a lease found gone is granted again and the record rewritten.
+//!
+//! Watchers read the whole prefix at revision R, then watch from R+1, so nothing between the read
+//! and the watch is lost; when the watch is cancelled because R was compacted away, or breaks,
+//! they re-read everything.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use futures_util::StreamExt;
+use keel_core::{Instance, ServiceName, Shutdown};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use crate::{
+    publish::{Publisher, SafetyOptions},
+    registration::{Beat, Lease},
+    telemetry, BoxFuture, Discover, Discovery, DiscoveryConfig, DiscoveryError, InstanceWatch,
+    Registration, Registry,
+};
+
+const BACKEND: &str = "etcd";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The value stored under each key (Go's `naming/endpoints` update).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    #[serde(rename = "Op", default)]
+    op: u8,
+    #[serde(rename = "Addr")]
+    addr: String,
+    #[serde(rename = "Metadata", default)]
+    metadata: Value,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> DiscoveryError {
+    DiscoveryError::unavailable(BACKEND, e)
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's `WithPrefix`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Parses one stored value into an instance of `service`; `None` (logged, counted) if malformed.
+fn parse_record(service: &ServiceName, key: &str, value: &[u8]) -> Option<Instance> {
+    let parsed = (|| -> Result<Instance, String> {
+        let rec: Record = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        if rec.op != 0 {
+            return Err(format!("Op {} is not an addition", rec.op));
+        }
+        let addr = rec
+            .addr
+            .parse()
+            .map_err(|_| format!("Addr {:?} is not ip:port", rec.addr))?;
+        let instance = match serde_json::from_value::<Instance>(rec.metadata) {
+            Ok(mut i) => {
+                i.addr = addr;
+                i
+            }
+            // Registered by someone else (Go's endpoints manager): metadata is theirs.
+            Err(_) => Instance::new(service.clone(), addr),
+        };
+        instance.validate().map_err(|e| e.to_string())?;
+        if &instance.service != service {
+            return Err(format!("belongs to service {}", instance.service));
+        }
+        Ok(instance)
+    })();
+    match parsed {
+        Ok(i) => Some(i),
+        Err(reason) => {
+            telemetry::malformed(service.as_str(), BACKEND);
+            tracing::warn!(%service, key, %reason, "skipping malformed discovery record");
+            None
+        }
+    }
+}
+
+struct Inner {
+    http: reqwest::Client,
+    endpoint: String,
+    prefix: String,
+    ttl: Duration,
+    resync: Duration,
+    safety: SafetyOptions,
+    shutdown: Shutdown,
+    publishers: Mutex<BTreeMap<ServiceName, Arc<Publisher>>>,
+}
+
+impl Inner {
+    async fn call(&self, path: &str, body: Value) -> Result<Value, DiscoveryError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.endpoint))
+            .timeout(REQUEST_TIMEOUT)
+            .json(&body)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = resp.status();
+        let v: Value = resp.json().await.map_err(unavailable)?;
+        if !status.is_success() || v.get("error").is_some() {
+            return Err(unavailable(format!("{path}: {status} {v}")));
+        }
+        Ok(v)
+    }
+
+    fn service_prefix(&self, service: &ServiceName) -> String {
+        format!("{}/{service}/", self.prefix)
+    }
+}
+
+/// Discovery and registry on etcd; see the module docs for the key layout.
+#[derive(Clone)]
+pub struct EtcdDiscovery {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EtcdDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdDiscovery")
+            .field("endpoint", &self.inner.endpoint)
+            .field("prefix", &self.inner.prefix)
+            .finish()
+    }
+}
+
+impl EtcdDiscovery {
+    /// A backend on `cfg.url` (`http://127.0.0.1:2379`) with `cfg.prefix`, `cfg.ttl` (at least
+    /// 2 s) and `cfg.resync`. It does not fail when etcd is down.
+    pub fn from_config(cfg: &DiscoveryConfig, shutdown: Shutdown) -> Result<Self, DiscoveryError> {
+        let endpoint = cfg
+            .url
+            .as_deref()
+            .unwrap_or("http://127.0.0.1:2379")
+            .trim_end_matches('/')
+            .to_owned();
+        if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+            return Err(DiscoveryError::Config(format!(
+                "discovery.url {endpoint:?} must be http://host:port for etcd"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| DiscoveryError::Config(format!("http client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                endpoint,
+                prefix: cfg.prefix.trim_end_matches('/').to_owned(),
+                ttl: cfg.ttl.max(Duration::from_secs(2)),
+                resync: cfg.resync,
+                safety: crate::setup::safety(cfg),
+                shutdown,
+                publishers: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// The key an instance is stored under.
+    pub fn key_of(&self, instance: &Instance) -> String {
+        format!("{}{}", self.inner.service_prefix(&instance.service), instance.addr)
+    }
+}
+
+impl Discover for EtcdDiscovery {
+    fn watch(&self, service: &ServiceName) -> Result<InstanceWatch, DiscoveryError> {
+        let mut ps = match self.inner.publishers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(p) = ps.get(service) {
+            return Ok(p.watch());
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            DiscoveryError::Config("watch must be called inside a tokio runtime".into())
+        })?;
+        let p = Publisher::new(service.clone(), &self.inner.safety);
+        ps.insert(service.clone(), p.clone());
+        let span = tracing::info_span!("keel.discovery.watch", backend = BACKEND, %service);
+        handle.spawn(watcher(self.inner.clone(), p.clone()).instrument(span));
+        Ok(p.watch())
+    }
+}
+
+impl Registry for EtcdDiscovery {
+    fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, DiscoveryError>> {
+        let lease = Arc::new(EtcdLease {
+            inner: self.inner.clone(),
+            key: self.key_of(&instance),
+            lease: Mutex::new(None),
+        });
+        Box::pin(Registration::start(lease, instance))
+    }
+}
+
+impl Discovery for EtcdDiscovery {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+}
+
+struct EtcdLease {
+    inner: Arc<Inner>,
+    key: String,
+    lease: Mutex<Option<String>>,
+}
+
+impl EtcdLease {
+    fn lease_id(&self) -> Option<String> {
+        match self.lease.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_lease(&self, id: Option<String>) {
+        *match self.lease.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        } = id;
+    }
+
+    async fn write(&self, instance: &Instance, lease: &str) -> Result<(), DiscoveryError> {
+        let value = serde_json::to_vec(&Record {
+            op: 0,
+            addr: instance.addr.to_string(),
+            metadata: serde_json::to_value(instance)
+                .map_err(|e| DiscoveryError::malformed(BACKEND, &self.key, e))?,
+        })
+        .map_err(|e| DiscoveryError::malformed(BACKEND, &self.key, e))?;
+        self.inner
+            .call(
+                "/v3/kv/put",
+                json!({"key": B64.encode(&self.key), "value": B64.encode(value), "lease": lease}),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn grant_and_write(&self, instance: &Instance) -> Result<(), DiscoveryError> {
+        let ttl = self.inner.ttl.as_secs_f64().ceil() as i64;
+        let v = self
+            .inner
+            .call("/v3/lease/grant", json!({ "TTL": ttl }))
+            .await?;
+        let id = match v.get("ID") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(unavailable(format!("lease grant answered {v}"))),
+        };
+        self.write(instance, &id).await?;
+        self.set_lease(Some(id));
+        Ok(())
+    }
+}
+
+impl Lease for EtcdLease {
+    fn put<'a>(
+        &'a self,
+        instance: &'a Instance,
+        changed: bool,
+    ) -> BoxFuture<'a, Result<Beat, DiscoveryError>> {
+        Box::pin(async move {
+            let Some(id) = self.lease_id() else {
+                self.grant_and_write(instance).await?;
+                return Ok(Beat::Refreshed);
+            };
+            let v = self
+                .inner
+                .call("/v3/lease/keepalive", json!({ "ID": id }))
+                .await?;
+            let ttl = v.get("result").and_then(|r| r.get("TTL")).map(int).unwrap_or(0);
+            if ttl <= 0 {
+                // The lease expired (a long pause, an etcd outage): start again.
+                self.set_lease(None);
+                self.grant_and_write(instance).await?;
+                return Ok(Beat::Reregistered);
+            }
+            if changed {
+                self.write(instance, &id).await?;
+            }
+            Ok(Beat::Refreshed)
+        })
+    }
+
+    fn remove<'a>(&'a self, _instance: &'a Instance) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        Box::pin(async move {
+            self.inner
+                .call("/v3/kv/deleterange", json!({ "key": B64.encode(&self.key) }))
+                .await?;
+            if let Some(id) = self.lease_id() {
+                // Best effort: the record is already gone.
+                let _ = self.inner.call("/v3/lease/revoke", json!({ "ID": id })).await;
+            }
+            self.set_lease(None);
+            Ok(())
+        })
+    }
+
+    fn interval(&self) -> Option<Duration> {
+        Some(self.inner.ttl / 3)
+    }
+}
+
+fn decode(v: Option<&Value>) -> Vec<u8> {
+    v.and_then(Value::as_str)
+        .and_then(|s| B64.decode(s).ok())
+        .unwrap_or_default()
+}
+
+/// Reads the whole prefix: (revision, key → instance).
+async fn read_all(
+    inner: &Inner,
+    service: &ServiceName,
+) -> Result<(i64, BTreeMap<String, Instance>), DiscoveryError> {
+    let prefix = inner.service_prefix(service);
+    let v = inner
+        .call(
+            "/v3/kv/range",
+            json!({"key": B64.encode(&prefix), "range_end": B64.encode(prefix_end(prefix.as_bytes()))}),
+        )
+        .await?;
+    let revision = v
+        .get("header")
+        .and_then(|h| h.get("revision"))
+        .map(int)
+        .unwrap_or(0);
+    let mut set = BTreeMap::new();
+    for kv in v.get("kvs").and_then(Value::as_array).into_iter().flatten() {
+        let key = String::from_utf8_lossy(&decode(kv.get("key"))).into_owned();
+        if let Some(i) = parse_record(service, &key, &decode(kv.get("value"))) {
+            set.insert(key, i);
+        }
+    }
+    Ok((revision, set))
+}
+
+enum WatchEnd {
+    /// The start revision was compacted: re-read.
+    Compacted,
+    /// Time for the periodic full re-read.
+    Resync,
+    /// Shutdown.
+    Stop,
+}
+
+async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
+    let service = publisher.service().clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = async {
+            let (revision, mut raw) = read_all(&inner, &service).await?;
+            publisher.offer(raw.values().cloned().collect());
+            watch_from(&inner, &publisher, &mut raw, revision + 1).await
+        }
+        .await;
+        match result {
+            Ok(WatchEnd::Stop) => return,
+            Ok(WatchEnd::Compacted) => {
+                tracing::info!(%service, "watch revision compacted; re-reading everything");
+                backoff = Duration::from_millis(100);
+            }
+            Ok(WatchEnd::Resync) => backoff = Duration::from_millis(100),
+            Err(error) => {
+                publisher.failed(&error);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = inner.shutdown.triggered() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn watch_from(
+    inner: &Inner,
+    publisher: &Publisher,
+    raw: &mut BTreeMap<String, Instance>,
+    start: i64,
+) -> Result<WatchEnd, DiscoveryError> {
+    let service = publisher.service().clone();
+    let prefix = inner.service_prefix(&service);
+    let body = json!({"create_request": {
+        "key": B64.encode(&prefix),
+        "range_end": B64.encode(prefix_end(prefix.as_bytes())),
+        "start_revision": start,
+    }});
+    let resp = inner
+        .http
+        .post(format!("{}/v3/watch", inner.endpoint))
+        .json(&body)
+        .send()
+        .await
+        .map_err(unavailable)?;
+    if !resp.status().is_success() {
+        return Err(unavailable(format!("watch: {}", resp.status())));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let resync = tokio::time::sleep(inner.resync);
+    tokio::pin!(resync);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let chunk = tokio::select! {
+            c = stream.next() => c,
+            _ = &mut resync => return Ok(WatchEnd::Resync),
+            _ = inner.shutdown.triggered() => return Ok(WatchEnd::Stop),
+            _ = tick.tick() => {
+                // A read for the guard: a held shrink is confirmed by persistence.
+                publisher.offer(raw.values().cloned().collect());
+                continue;
+            }
+        };
+        let chunk = match chunk {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(unavailable(e)),
+            None => return Err(unavailable("watch stream ended")),
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let msg: Value = match serde_json::from_slice(&line) {
+                Ok(v) => v,
+                Err(e) => return Err(unavailable(format!("watch message: {e}"))),
+            };
+            if let Some(end) = apply_watch_message(&service, &msg, raw)? {
+                return Ok(end);
+            }
+            publisher.offer(raw.values().cloned().collect());
+        }
+    }
+}
+
+fn apply_watch_message(
+    service: &ServiceName,
+    msg: &Value,
+    raw: &mut BTreeMap<String, Instance>,
+) -> Result<Option<WatchEnd>, DiscoveryError> {
+    if let Some(e) = msg.get("error") {
+        return Err(unavailable(format!("watch: {e}")));
+    }
+    let Some(result) = msg.get("result") else {
+        return Ok(None);
+    };
+    if result.get("compact_revision").map(int).unwrap_or(0) > 0 {
+        return Ok(Some(WatchEnd::Compacted));
+    }
+    if result.get("canceled").and_then(Value::as_bool) == Some(true) {
+        return Err(unavailable("watch cancelled by the server"));
+    }
+    for ev in result.get("events").and_then(Value::as_array).into_iter().flatten() {
+        let kv = ev.get("kv");
+        let key = String::from_utf8_lossy(&decode(kv.and_then(|k| k.get("key")))).into_owned();
+        match ev.get("type").and_then(Value::as_str) {
+            Some("DELETE") => {
+                raw.remove(&key);
+            }
+            _ => {
+                let value = decode(kv.and_then(|k| k.get("value")));
+                match parse_record(service, &key, &value) {
+                    Some(i) => {
+                        raw.insert(key, i);
+                    }
+                    // A record overwritten by garbage: the old content is no longer true.
+                    None => {
+                        raw.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end(b"keel/a/"), b"keel/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn go_endpoints_records_are_understood() {
+        let s = ServiceName::new("payments").unwrap();
+        let go = br#"{"Op":0,"Addr":"127.0.0.1:9000","Metadata":"anything"}"#;
+        let i = parse_record(&s, "k", go).unwrap();
+        assert_eq!(i.id.as_str(), "payments-127.0.0.1:9000");
+        assert!(parse_record(&s, "k", br#"{"Op":1,"Addr":"127.0.0.1:9000"}"#).is_none());
+        assert!(parse_record(&s, "k", b"not json").is_none());
+        assert!(parse_record(&s, "k", br#"{"Addr":"db.internal:5432"}"#).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_values_never_panic(v in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_record(&ServiceName::new("p").unwrap(), "k", &v);
+        }
+    }
+}
