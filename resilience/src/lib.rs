@@ -22,16 +22,21 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod breaker;
+mod budget;
 mod classify;
 mod config;
+mod deadline;
 mod error;
 pub mod metrics;
+mod retry;
+mod util;
 
 pub use self::{
     breaker::{
         AdaptiveThrottle, Breaker, BreakerPermit, BreakerRegistry, BreakerState, CircuitBreaker,
         CircuitBreakerLayer, ResponseFuture as CircuitBreakerFuture,
     },
+    budget::RetryBudget,
     classify::{
         classify_error, retry_after_header, Classifier, FailureClass, HttpClassifier, Outcome,
     },
@@ -40,5 +45,14 @@ pub use self::{
         KeySource, RateLimitConfig, RateLimitScope, ResilienceConfig, RetryConfig, RetryOn,
         TimeoutConfig, WindowKind,
     },
+    deadline::{
+        remaining_from_header, Deadline, DeadlineCheck, DeadlineCheckLayer, DeadlineLayer,
+        ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
+    },
     error::{BoxError, InvalidConfig, ResilienceError},
+    retry::{
+        is_retry_safe, replay_request, served_by, ReplayBody, ResponseFuture as RetryFuture, Retry,
+        RetryLayer, IDEMPOTENCY_KEY,
+    },
+    util::EitherResponse,
 };

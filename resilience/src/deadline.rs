@@ -1,0 +1,425 @@
+//! Deadlines and timeouts: a total deadline over the whole call (retries and backoff included),
+//! a per-try timeout of `min(per_try, remaining)`, and the remaining budget carried downstream.
+//!
+//! Why a deadline and not only timeouts: a timeout per hop lets a call that has already been
+//! abandoned upstream keep consuming every service below it. Carrying the *remaining* budget (as
+//! gRPC does with `grpc-timeout`, here the `keel-deadline-ms` header, relative so no clock
+//! agreement is needed) lets each hop give up as soon as the original caller has, and lets a
+//! server refuse work whose caller is already gone ([`DeadlineCheck`], 504).
+//!
+//! The deadline itself travels inside the process as the [`keel_core::request::Deadline`]
+//! request extension, so the retry layer caps its backoff and the per-try timeout caps each
+//! attempt without knowing about each other.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{HeaderName, HeaderValue};
+use keel_core::{request::Deadline as DeadlineExt, Live};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    config::TimeoutConfig,
+    error::{BoxError, ResilienceError},
+};
+
+/// The header that carries the remaining budget downstream, in milliseconds.
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("keel-deadline-ms");
+
+/// Sets the total deadline of a call (the earlier of `timeout.total` and any deadline the request
+/// already carries, e.g. one inherited from the inbound request) and, if `enforce`, ends the call
+/// with [`ResilienceError::DeadlineExceeded`] when it passes.
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    policy: Live<TimeoutConfig>,
+    enforce: bool,
+}
+
+/// Builds [`Deadline`].
+#[derive(Debug, Clone)]
+pub struct DeadlineLayer {
+    policy: Live<TimeoutConfig>,
+    enforce: bool,
+}
+
+impl DeadlineLayer {
+    /// A layer that sets and enforces the total deadline.
+    pub fn new(policy: Live<TimeoutConfig>) -> Self {
+        Self {
+            policy,
+            enforce: true,
+        }
+    }
+
+    /// Only sets the deadline extension, leaving enforcement to a [`Timeout`] below (which caps
+    /// every attempt at the time remaining) and to the retry layer (which never sleeps past it).
+    /// Saves one timer per call; [`ClientStackLayer`](crate::ClientStackLayer) uses it.
+    #[must_use]
+    pub fn propagate_only(mut self) -> Self {
+        self.enforce = false;
+        self
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline {
+            inner,
+            policy: self.policy.clone(),
+            enforce: self.enforce,
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Deadline<S>
+where
+    S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let total = self.policy.load().total;
+        let now = Instant::now();
+        let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
+        let deadline = match (inherited, total.is_zero()) {
+            (Some(d), true) => Some(d),
+            (None, true) => None,
+            (Some(d), false) if d <= now + total => Some(d),
+            (_, false) => {
+                let d = now + total;
+                req.extensions_mut().insert(DeadlineExt(d));
+                Some(d)
+            }
+        };
+        if let Some(d) = deadline {
+            if d <= now {
+                return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
+            }
+        }
+        let sleep = match deadline {
+            Some(d) if self.enforce => Some(tokio::time::sleep_until(d)),
+            _ => None,
+        };
+        ResponseFuture::new(self.inner.call(req), sleep, None, false)
+    }
+}
+
+/// Caps each attempt at `min(per_try, remaining deadline)`, and writes that budget into the
+/// `keel-deadline-ms` header for the next hop. Expiry is [`ResilienceError::Timeout`] (retryable,
+/// an upstream failure) or, once the total deadline has passed,
+/// [`ResilienceError::DeadlineExceeded`].
+#[derive(Debug, Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    policy: Live<TimeoutConfig>,
+}
+
+/// Builds [`Timeout`].
+#[derive(Debug, Clone)]
+pub struct TimeoutLayer {
+    policy: Live<TimeoutConfig>,
+}
+
+impl TimeoutLayer {
+    /// A per-try timeout layer.
+    pub fn new(policy: Live<TimeoutConfig>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Timeout<S>
+where
+    S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let per_try = self.policy.load().per_try;
+        let now = Instant::now();
+        let deadline = req.extensions().get::<DeadlineExt>().map(|d| d.0);
+        let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
+        let end = match (deadline, per_try_end) {
+            (Some(d), Some(p)) => Some(d.min(p)),
+            (a, b) => a.or(b),
+        };
+        let Some(end) = end else {
+            return ResponseFuture::new(self.inner.call(req), None, None, true);
+        };
+        if end <= now {
+            return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
+        }
+        let ms = (end - now).as_millis().max(1) as u64;
+        req.headers_mut()
+            .insert(DEADLINE_HEADER, HeaderValue::from(ms));
+        ResponseFuture::new(
+            self.inner.call(req),
+            Some(tokio::time::sleep_until(end)),
+            deadline,
+            true,
+        )
+    }
+}
+
+pin_project! {
+    /// Response future of [`Deadline`] and [`Timeout`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        fut: Option<F>,
+        #[pin]
+        sleep: Option<Sleep>,
+        deadline: Option<Instant>,
+        per_try: bool,
+        error: Option<ResilienceError>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn new(fut: F, sleep: Option<Sleep>, deadline: Option<Instant>, per_try: bool) -> Self {
+        Self {
+            fut: Some(fut),
+            sleep,
+            deadline,
+            per_try,
+            error: None,
+        }
+    }
+    fn failed(e: ResilienceError) -> Self {
+        Self {
+            fut: None,
+            sleep: None,
+            deadline: None,
+            per_try: false,
+            error: Some(e),
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(fut) = this.fut.as_pin_mut() else {
+            let e = this
+                .error
+                .take()
+                .unwrap_or(ResilienceError::DeadlineExceeded);
+            deadline_metric(&e);
+            return Poll::Ready(Err(Box::new(e)));
+        };
+        if let Poll::Ready(r) = fut.poll(cx) {
+            return Poll::Ready(r.map_err(Into::into));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            if sleep.poll(cx).is_ready() {
+                let e = match this.deadline {
+                    _ if !*this.per_try => ResilienceError::DeadlineExceeded,
+                    Some(d) if *d <= Instant::now() => ResilienceError::DeadlineExceeded,
+                    _ => ResilienceError::Timeout,
+                };
+                deadline_metric(&e);
+                return Poll::Ready(Err(Box::new(e)));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+fn deadline_metric(e: &ResilienceError) {
+    metrics::counter!(crate::metrics::DEADLINE_TOTAL, "outcome" => e.as_str()).increment(1);
+}
+
+/// Server side: reads `keel-deadline-ms`, answers 504 at once if the caller's budget is already
+/// spent, and otherwise sets the [`keel_core::request::Deadline`] extension so the handler's own
+/// outgoing calls inherit what is left.
+#[derive(Debug, Clone)]
+pub struct DeadlineCheck<S> {
+    inner: S,
+}
+
+/// Builds [`DeadlineCheck`].
+#[derive(Debug, Clone, Default)]
+pub struct DeadlineCheckLayer;
+
+impl DeadlineCheckLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl<S> Layer<S> for DeadlineCheckLayer {
+    type Service = DeadlineCheck<S>;
+    fn layer(&self, inner: S) -> DeadlineCheck<S> {
+        DeadlineCheck { inner }
+    }
+}
+
+/// Reads the remaining budget a caller sent, if any.
+pub fn remaining_from_header(h: &http::HeaderMap) -> Option<Duration> {
+    let ms = h
+        .get(DEADLINE_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+impl<S, B, RB> Service<http::Request<B>> for DeadlineCheck<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Default,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = crate::util::EitherResponse<S::Future, RB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if let Some(left) = remaining_from_header(req.headers()) {
+            if left.is_zero() {
+                metrics::counter!(crate::metrics::DEADLINE_TOTAL, "outcome" => "rejected_expired")
+                    .increment(1);
+                let mut res = http::Response::new(RB::default());
+                *res.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
+                return crate::util::EitherResponse::ready(res);
+            }
+            let d = Instant::now() + left;
+            let earlier = match req.extensions().get::<DeadlineExt>() {
+                Some(old) => old.0.min(d),
+                None => d,
+            };
+            req.extensions_mut().insert(DeadlineExt(earlier));
+        }
+        crate::util::EitherResponse::inner(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt};
+
+    fn policy(total: u64, per_try: u64) -> Live<TimeoutConfig> {
+        Live::new(TimeoutConfig {
+            total: Duration::from_millis(total),
+            per_try: Duration::from_millis(per_try),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_is_min_of_per_try_and_remaining_and_travels_in_header() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let inner = service_fn(move |req: http::Request<()>| {
+            s2.lock()
+                .unwrap()
+                .push(remaining_from_header(req.headers()).unwrap());
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, BoxError>(())
+            }
+        });
+        let svc = DeadlineLayer::new(policy(1000, 300))
+            .layer(TimeoutLayer::new(policy(1000, 300)).layer(inner));
+        let t0 = Instant::now();
+        let e = svc
+            .clone()
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::Timeout)
+        );
+        assert_eq!(Instant::now() - t0, Duration::from_millis(300));
+        // Only 100ms left of an inherited deadline: the attempt gets 100ms, then deadline exceeded.
+        let mut req = http::Request::new(());
+        req.extensions_mut()
+            .insert(DeadlineExt(Instant::now() + Duration::from_millis(100)));
+        let e = svc.clone().oneshot(req).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::DeadlineExceeded)
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![Duration::from_millis(300), Duration::from_millis(100)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn total_deadline_enforced_alone() {
+        let inner = service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, BoxError>(())
+        });
+        let svc = DeadlineLayer::new(policy(500, 0)).layer(inner);
+        let e = svc.oneshot(http::Request::new(())).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::DeadlineExceeded)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_rejects_expired_work_and_sets_deadline() {
+        let inner = service_fn(|req: http::Request<()>| async move {
+            let left = req.extensions().get::<DeadlineExt>().unwrap().remaining();
+            Ok::<_, BoxError>(http::Response::new(left.as_millis().to_string()))
+        });
+        let svc = DeadlineCheckLayer::new().layer(inner);
+        let req = |ms: &str| {
+            http::Request::builder()
+                .header("keel-deadline-ms", ms)
+                .body(())
+                .unwrap()
+        };
+        let r = svc.clone().oneshot(req("0")).await.unwrap();
+        assert_eq!(r.status(), 504);
+        let r = svc.clone().oneshot(req("250")).await.unwrap();
+        assert_eq!(r.into_body(), "250");
+    }
+}

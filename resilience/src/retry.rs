@@ -1,0 +1,544 @@
+//! Retries: on which failures, for which requests, how long to wait, and how many in all.
+//!
+//! - **Which requests**: only idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE, RFC 9110
+//!   §9.2.2) or requests carrying an `Idempotency-Key` (IETF draft
+//!   `draft-ietf-httpapi-idempotency-key-header`), whose server deduplicates them. A bare POST is
+//!   never sent twice: it may have been executed even if its answer was lost.
+//! - **Which failures**: the classes in `retry_on` (connect, reset, per-try timeout, status
+//!   codes); a 429 or 503 with `Retry-After` waits that long (if the deadline allows).
+//! - **How long to wait**: full-jitter exponential backoff, `uniform(0, min(max, base * 2^n))`
+//!   (AWS Architecture Blog, "Exponential Backoff And Jitter"): spreads retries of many clients
+//!   instead of synchronising them. Never past the total deadline.
+//! - **How many**: a [`RetryBudget`] (20% of requests + a floor per second, over 10 s) and a cap
+//!   on concurrent retries (20% of calls in flight, at least 3); see [`crate::budget`].
+//! - **Where**: each retry carries an [`Attempt`] extension whose `avoid` lists the instances
+//!   earlier attempts went to (learned from [`ServedBy`] in the response extensions, or from an
+//!   [`InstanceFailure`] in the error chain), so the balancer below picks another.
+//!
+//! The body must be sent again, so the layer is generic over [`ReplayBody`]; a body that cannot
+//! be replayed is not retried (counted as `not_replayable`), never a panic.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use keel_core::{
+    request::{Attempt, Deadline as DeadlineExt, InstanceFailure, ServedBy},
+    InstanceId, Live,
+};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::{
+    budget::RetryBudget,
+    classify::{Classifier, FailureClass, HttpClassifier, Outcome},
+    config::{RetryConfig, RetryOn},
+    error::BoxError,
+    metrics as m,
+};
+
+/// The request header that makes a non-idempotent request safe to retry.
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
+/// A request body that can be sent again.
+pub trait ReplayBody: Sized {
+    /// A copy to send again, or `None` if this body cannot be replayed (e.g. a stream).
+    fn try_replay(&self) -> Option<Self>;
+}
+
+macro_rules! replay_by_clone {
+    ($($t:ty),*) => {$(
+        impl ReplayBody for $t {
+            fn try_replay(&self) -> Option<Self> { Some(self.clone()) }
+        }
+    )*};
+}
+replay_by_clone!((), String, Vec<u8>, Bytes, &'static str, &'static [u8]);
+
+impl<D: Clone> ReplayBody for http_body_util::Full<D> {
+    fn try_replay(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl<D> ReplayBody for http_body_util::Empty<D> {
+    fn try_replay(&self) -> Option<Self> {
+        Some(http_body_util::Empty::new())
+    }
+}
+
+impl<B: ReplayBody> ReplayBody for Option<B> {
+    fn try_replay(&self) -> Option<Self> {
+        match self {
+            Some(b) => b.try_replay().map(Some),
+            None => Some(None),
+        }
+    }
+}
+
+/// Whether a request may be sent more than once: an idempotent method, or an `Idempotency-Key`.
+pub fn is_retry_safe<B>(req: &http::Request<B>) -> bool {
+    use http::Method;
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || req.headers().contains_key(IDEMPOTENCY_KEY)
+}
+
+/// A copy of a request for another attempt, or `None` if its body cannot be replayed.
+pub fn replay_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
+    let body = req.body().try_replay()?;
+    let mut r = http::Request::new(body);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    *r.extensions_mut() = req.extensions().clone();
+    Some(r)
+}
+
+/// The instance that served (or failed) an attempt, if the balancer said.
+pub fn served_by<T>(res: &Result<http::Response<T>, BoxError>) -> Option<InstanceId> {
+    match res {
+        Ok(r) => r.extensions().get::<ServedBy>().map(|s| s.id.clone()),
+        Err(e) => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+            while let Some(x) = cur {
+                if let Some(f) = x.downcast_ref::<InstanceFailure>() {
+                    return Some(f.served_by.id.clone());
+                }
+                cur = x.source();
+            }
+            None
+        }
+    }
+}
+
+fn wants_retry(on: &RetryOn, o: &Outcome) -> bool {
+    match o {
+        Outcome::Success | Outcome::Rejected => false,
+        Outcome::Throttled { .. } => on.codes.contains(&429),
+        Outcome::Failure(c) => match c {
+            FailureClass::Connect => on.connect,
+            FailureClass::Reset => on.reset,
+            FailureClass::Timeout => on.timeout,
+            FailureClass::Status(s) => on.codes.contains(s),
+            FailureClass::Other => on.error,
+        },
+    }
+}
+
+/// State shared by every clone of a [`Retry`]: budget, counters, RNG.
+#[derive(Debug)]
+pub(crate) struct RetryShared {
+    pub(crate) policy: Live<RetryConfig>,
+    pub(crate) budget: Arc<RetryBudget>,
+    active: AtomicUsize,
+    active_retries: AtomicUsize,
+    rng: Mutex<SmallRng>,
+    service: Arc<str>,
+    first: metrics::Counter,
+}
+
+struct Dec<'a>(&'a AtomicUsize);
+impl Drop for Dec<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl RetryShared {
+    fn backoff(&self, cfg: &RetryConfig, retry: u32) -> Duration {
+        let cap = cfg
+            .backoff_base
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
+            .min(cfg.backoff_max);
+        if cap.is_zero() {
+            return cap;
+        }
+        let mut rng = match self.rng.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        cap.mul_f64(rng.random::<f64>())
+    }
+
+    fn count(&self, outcome: &'static str) {
+        m::counter(m::RETRY_ATTEMPTS_TOTAL, &self.service, outcome).increment(1);
+    }
+}
+
+/// Retries failed attempts of `S` within a budget.
+#[derive(Debug, Clone)]
+pub struct Retry<S, C = HttpClassifier> {
+    inner: S,
+    shared: Arc<RetryShared>,
+    classifier: C,
+}
+
+/// Builds [`Retry`]s that share one budget.
+#[derive(Debug, Clone)]
+pub struct RetryLayer<C = HttpClassifier> {
+    shared: Arc<RetryShared>,
+    classifier: C,
+}
+
+impl RetryLayer {
+    /// A retry layer for `service` with a fresh budget.
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<RetryConfig>) -> Self {
+        Self::with_seed(service, policy, rand::random())
+    }
+
+    /// As [`new`](Self::new), with a fixed seed for the backoff jitter.
+    pub fn with_seed(service: impl Into<Arc<str>>, policy: Live<RetryConfig>, seed: u64) -> Self {
+        let service = service.into();
+        let budget = Arc::new(RetryBudget::new(policy.clone()));
+        Self {
+            shared: Arc::new(RetryShared {
+                first: m::counter(m::RETRY_ATTEMPTS_TOTAL, &service, "first"),
+                policy,
+                budget,
+                active: AtomicUsize::new(0),
+                active_retries: AtomicUsize::new(0),
+                rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+                service,
+            }),
+            classifier: HttpClassifier::default(),
+        }
+    }
+}
+
+impl<C> RetryLayer<C> {
+    /// Uses another classifier.
+    pub fn with_classifier<C2>(self, classifier: C2) -> RetryLayer<C2> {
+        RetryLayer {
+            shared: self.shared,
+            classifier,
+        }
+    }
+
+    /// The budget, to share with a [`Hedge`](crate::Hedge).
+    pub fn budget(&self) -> Arc<RetryBudget> {
+        self.shared.budget.clone()
+    }
+}
+
+impl<S, C: Clone> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
+    fn layer(&self, inner: S) -> Retry<S, C> {
+        Retry {
+            inner,
+            shared: self.shared.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+/// The retry layer's response future (boxed: the retry loop holds the service and a replay copy).
+pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'static>>;
+
+impl<S, C, B, T> Service<http::Request<B>> for Retry<S, C>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    C: Classifier<http::Response<T>>,
+    B: ReplayBody + Send + 'static,
+    T: Send + 'static,
+{
+    type Response = http::Response<T>;
+    type Error = BoxError;
+    type Future = ResponseFuture<http::Response<T>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let shared = self.shared.clone();
+        let classifier = self.classifier.clone();
+        // The clone is not ready; keep the ready one for this call (tower's pattern).
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        let cfg = shared.policy.get();
+        shared.budget.deposit();
+        shared.first.increment(1);
+        let safe = cfg.max_attempts > 1 && is_retry_safe(&req);
+        let mut replay = if safe { replay_request(&req) } else { None };
+        Box::pin(async move {
+            shared.active.fetch_add(1, Ordering::Relaxed);
+            let _active = Dec(&shared.active);
+            let mut attempt = 1u32;
+            let mut avoid: Vec<InstanceId> = Vec::new();
+            let mut res = svc
+                .call(req)
+                .instrument(tracing::debug_span!("keel.attempt", service = %shared.service, attempt = 1u32, hedge = false))
+                .await
+                .map_err(Into::into);
+            loop {
+                let outcome = match &res {
+                    Ok(r) => classifier.classify_response(r),
+                    Err(e) => classifier.classify_error(e),
+                };
+                if attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
+                    return res;
+                }
+                if !safe {
+                    shared.count("not_idempotent");
+                    return res;
+                }
+                let Some(next) = replay.as_ref().and_then(replay_request) else {
+                    shared.count("not_replayable");
+                    return res;
+                };
+                let remaining = next
+                    .extensions()
+                    .get::<DeadlineExt>()
+                    .map(|d| d.remaining());
+                let wait = match outcome {
+                    Outcome::Throttled {
+                        retry_after: Some(ra),
+                    } => {
+                        if ra > cfg.max_retry_after {
+                            return res;
+                        }
+                        ra
+                    }
+                    _ => match &res {
+                        Ok(r) => match crate::classify::retry_after_header(r.headers()) {
+                            Some(ra) if ra <= cfg.max_retry_after => ra,
+                            Some(_) => return res,
+                            None => shared.backoff(&cfg, attempt),
+                        },
+                        Err(_) => shared.backoff(&cfg, attempt),
+                    },
+                };
+                if remaining.is_some_and(|left| wait >= left) {
+                    shared.count("deadline");
+                    return res;
+                }
+                let active = shared.active.load(Ordering::Relaxed);
+                let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
+                    .max(cfg.concurrent_min as usize);
+                if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
+                    shared.active_retries.fetch_sub(1, Ordering::AcqRel);
+                    shared.count("concurrency_capped");
+                    return res;
+                }
+                let _retrying = Dec(&shared.active_retries);
+                if shared.budget.try_withdraw().is_err() {
+                    shared.count("budget_exhausted");
+                    return res;
+                }
+                if let Some(id) = served_by(&res) {
+                    if !avoid.contains(&id) {
+                        avoid.push(id);
+                    }
+                }
+                drop(res);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                attempt += 1;
+                shared.count("retry");
+                let mut next = next;
+                next.extensions_mut().insert(Attempt {
+                    number: attempt,
+                    hedge: false,
+                    avoid: avoid.clone(),
+                });
+                if let Err(e) = std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
+                    return Err(e.into());
+                }
+                res = svc
+                    .call(next)
+                    .instrument(tracing::debug_span!("keel.attempt", service = %shared.service, attempt, hedge = false))
+                    .await
+                    .map_err(Into::into);
+                if attempt >= cfg.max_attempts {
+                    replay = None;
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use tower::{service_fn, ServiceExt};
+
+    fn cfg() -> RetryConfig {
+        RetryConfig {
+            backoff_base: Duration::from_millis(10),
+            ..Default::default()
+        }
+    }
+
+    fn counting(
+        status: u16,
+    ) -> (
+        Arc<AtomicU32>,
+        impl Service<
+                http::Request<String>,
+                Response = http::Response<()>,
+                Error = BoxError,
+                Future = impl Send,
+            > + Clone
+            + Send
+            + 'static,
+    ) {
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        (
+            n,
+            service_fn(move |req: http::Request<String>| {
+                n2.fetch_add(1, Ordering::SeqCst);
+                let a = req
+                    .extensions()
+                    .get::<Attempt>()
+                    .map(|a| a.number)
+                    .unwrap_or(1);
+                async move {
+                    let mut r = http::Response::new(());
+                    *r.status_mut() =
+                        http::StatusCode::from_u16(if a >= 3 { 200 } else { status }).unwrap();
+                    Ok::<_, BoxError>(r)
+                }
+            }),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_resends_a_bare_post_but_does_with_idempotency_key() {
+        let (n, inner) = counting(503);
+        let svc = RetryLayer::with_seed("svc", Live::new(cfg()), 1).layer(inner);
+        let post = http::Request::post("/orders")
+            .body("{}".to_string())
+            .unwrap();
+        let r = svc.clone().oneshot(post).await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(n.load(Ordering::SeqCst), 1, "bare POST sent once");
+        let keyed = http::Request::post("/orders")
+            .header("Idempotency-Key", "k1")
+            .body("{}".to_string())
+            .unwrap();
+        let r = svc.clone().oneshot(keyed).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(n.load(Ordering::SeqCst), 4, "keyed POST retried twice");
+        let get = http::Request::get("/orders").body(String::new()).unwrap();
+        assert_eq!(svc.oneshot(get).await.unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after_and_avoids_failed_instance() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let inner = service_fn(move |req: http::Request<()>| {
+            let a = req
+                .extensions()
+                .get::<Attempt>()
+                .cloned()
+                .unwrap_or_default();
+            s2.lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), a.avoid.clone()));
+            async move {
+                if a.number < 2 {
+                    let mut r = http::Response::new(());
+                    *r.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                    r.headers_mut()
+                        .insert("retry-after", http::HeaderValue::from_static("2"));
+                    r.extensions_mut().insert(ServedBy {
+                        id: InstanceId::from("i1"),
+                        addr: "127.0.0.1:1".parse().unwrap(),
+                    });
+                    Ok::<_, BoxError>(r)
+                } else {
+                    Ok(http::Response::new(()))
+                }
+            }
+        });
+        let svc = RetryLayer::with_seed("svc", Live::new(cfg()), 1).layer(inner);
+        let r = svc.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1].0 - seen[0].0, Duration::from_secs(2));
+        assert_eq!(seen[1].1, vec![InstanceId::from("i1")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_caps_amplification_under_total_failure() {
+        let (n, inner) = counting(503);
+        let n2 = n.clone();
+        let _ = n2;
+        let inner = inner.map_response(|mut r: http::Response<()>| {
+            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            r
+        });
+        let c = RetryConfig {
+            max_attempts: 3,
+            min_per_second: 10,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let svc = RetryLayer::with_seed("svc", Live::new(c), 3).layer(inner);
+        let requests = 1000u32;
+        // 1000 requests within one second (sequential, so the concurrency cap is not the limit).
+        for _ in 0..requests {
+            let r = svc
+                .clone()
+                .oneshot(http::Request::new(String::new()))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 503);
+        }
+        let attempts = n.load(Ordering::SeqCst);
+        let bound = 1.2 * requests as f64 + 10.0;
+        assert!(attempts as f64 <= bound, "attempts {attempts} > {bound}");
+        assert!(attempts > requests + 150, "the budget was used: {attempts}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_replayable_body_is_not_retried() {
+        struct Stream;
+        impl ReplayBody for Stream {
+            fn try_replay(&self) -> Option<Self> {
+                None
+            }
+        }
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        let inner = service_fn(move |_req: http::Request<Stream>| {
+            n2.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err::<http::Response<()>, BoxError>(Box::new(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
+            }
+        });
+        let svc = RetryLayer::with_seed("svc", Live::new(cfg()), 1).layer(inner);
+        let e = svc
+            .oneshot(http::Request::put("/x").body(Stream).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(classify_kind(&e), Outcome::Failure(FailureClass::Connect));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    fn classify_kind(e: &BoxError) -> Outcome {
+        crate::classify::classify_error(e.as_ref())
+    }
+}
