@@ -45,6 +45,7 @@ impl<S: Clone> MakeInstanceService for DiscoveredServices<S> {
 /// Adapts a tower `Discover`: `describe` turns each key (and its service) into an [`Instance`]
 /// (at least an address and an id). Returns the live instance set, the services for
 /// [`Balance`](crate::Balance), and the future to spawn; it ends when the stream ends or fails.
+#[allow(clippy::type_complexity)] // three plain parts, named in the docs
 pub fn from_discover<D, K, S, T>(
     discover: D,
     describe: T,

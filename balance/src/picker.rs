@@ -12,11 +12,12 @@
 //!    request's `Attempt::avoid`.
 //!
 //! The two-choice strategies draw their two candidates in proportion to weight (Vose alias
-//! table, slow start by rejection) and keep the one with the lower cost: peak EWMA × (in-flight +
-//! 1) for `p2c-ewma` (Finagle's `P2CPeakEwma`, linkerd), in-flight for `least-request` (Envoy,
-//! with its `(active + 1)^bias` weight damping applied as a rejection). Two random choices get
-//! almost all the benefit of looking at every instance (Mitzenmacher, *The Power of Two Choices in
-//! Randomized Load Balancing*, 2001) at O(1) cost.
+//! table, slow start by rejection) and keep the one with the lower cost. For `p2c-ewma` the cost
+//! is peak EWMA × (in-flight + 1), as in Finagle's `P2CPeakEwma` and linkerd; for
+//! `least-request` it is the in-flight count (Envoy, with its `(active + 1)^bias` weight damping
+//! applied as a rejection). Two random choices get almost all the benefit of looking at every
+//! instance (Mitzenmacher, *The Power of Two Choices in Randomized Load Balancing*, 2001) at O(1)
+//! cost.
 
 use std::{
     collections::HashMap,

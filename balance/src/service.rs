@@ -110,13 +110,13 @@ where
     F::Service: Clone,
 {
     /// The inner service of `id`, syncing the per-instance services with the tables first.
-    fn service_for(&self, id: &InstanceId) -> Option<F::Service> {
+    fn service_for(&self, id: Option<&InstanceId>) -> Option<F::Service> {
         let mut svcs = match self.services.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let r = self.balancer.roster();
-        if svcs.generation != r.generation || !svcs.by_id.contains_key(id) {
+        if svcs.generation != r.generation || id.is_some_and(|id| !svcs.by_id.contains_key(id)) {
             let mut next = HashMap::with_capacity(r.entries.len());
             for e in &r.entries {
                 let id = &e.instance.id;
@@ -131,7 +131,7 @@ where
             svcs.by_id = next;
             svcs.generation = r.generation;
         }
-        svcs.by_id.get(id).cloned()
+        svcs.by_id.get(id?).cloned()
     }
 }
 
@@ -159,13 +159,17 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let picked = match self.balancer.try_pick(&RequestInfo::from_request(&req)) {
             Ok(p) => p,
-            Err(e) => return Box::pin(async move { Err(e.into()) }),
+            Err(e) => {
+                // Drop the services of instances that left even when nothing can be picked.
+                let _ = self.service_for(None);
+                return Box::pin(async move { Err(e.into()) });
+            }
         };
         let served_by = ServedBy {
             id: picked.id().clone(),
             addr: picked.addr(),
         };
-        let Some(svc) = self.service_for(picked.id()) else {
+        let Some(svc) = self.service_for(Some(picked.id())) else {
             let err = BalanceError::NoService {
                 service: self.balancer.service().clone(),
                 id: picked.id().clone(),

@@ -1,0 +1,70 @@
+//! The adapter over tower's `Discover`.
+
+mod common;
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use common::*;
+use keel_balance::{from_discover, Balance, BalanceConfig, Balancer};
+use keel_core::{request::ServedBy, Instance, Live};
+use tower::{discover::Change, Service, ServiceExt};
+
+#[tokio::test]
+async fn balances_over_a_tower_discover_stream() {
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<Change<SocketAddr, _>, Infallible>>();
+    let echo = |n: &'static str| {
+        tower::service_fn(move |_req: http::Request<()>| async move {
+            Ok::<_, Infallible>(http::Response::new(n))
+        })
+    };
+    let a: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+    let b: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+    tx.send(Ok(Change::Insert(a, echo("a")))).unwrap();
+    tx.send(Ok(Change::Insert(b, echo("b")))).unwrap();
+    let stream = tokio_stream_like(rx);
+    let (live, services, drive) =
+        from_discover(stream, |addr: &SocketAddr, _| Instance::new(svc(), *addr));
+    let task = tokio::spawn(drive);
+    while live.load().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let balancer = Balancer::new(svc(), live.clone(), Live::new(BalanceConfig::default())).unwrap();
+    let mut s = Balance::new(balancer, services);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let res = s
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert!(res.extensions().get::<ServedBy>().is_some());
+        seen.insert(*res.body());
+    }
+    assert_eq!(seen.len(), 2);
+    tx.send(Ok(Change::Remove(a))).unwrap();
+    while live.load().len() > 1 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..20 {
+        let res = s
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(*res.body(), "b");
+    }
+    drop(tx);
+    task.await.unwrap().unwrap();
+}
+
+/// An mpsc receiver as a `Stream` (tower's `Discover` is any `TryStream` of `Change`s).
+fn tokio_stream_like<T>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures_util::stream::Stream<Item = T> + Unpin {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
