@@ -386,14 +386,26 @@ enum WatchEnd {
 async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
     let service = publisher.service().clone();
     let mut backoff = Duration::from_millis(100);
+    // Where to resume watching after the stream broke: (next revision, the set as of then).
+    let mut resume: Option<(i64, BTreeMap<String, Instance>)> = None;
     loop {
-        let result = async {
-            let (revision, mut raw) = read_all(&inner, &service).await?;
-            publisher.offer(raw.values().cloned().collect());
-            watch_from(&inner, &publisher, &mut raw, revision + 1).await
-        }
-        .await;
-        match result {
+        let mut current = match resume.take() {
+            Some(c) => c,
+            None => match read_all(&inner, &service).await {
+                Ok((revision, raw)) => {
+                    publisher.offer(raw.values().cloned().collect());
+                    (revision + 1, raw)
+                }
+                Err(error) => {
+                    publisher.failed(&error);
+                    if pause(&inner, &mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        match watch_from(&inner, &publisher, &mut current.1, &mut current.0).await {
             Ok(WatchEnd::Stop) => return,
             Ok(WatchEnd::Compacted) => {
                 tracing::info!(%service, "watch revision compacted; re-reading everything");
@@ -401,29 +413,40 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
             }
             Ok(WatchEnd::Resync) => backoff = Duration::from_millis(100),
             Err(error) => {
+                // Resume from the next revision: nothing in between is lost, and if it was
+                // compacted meanwhile the server says so and everything is re-read.
                 publisher.failed(&error);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = inner.shutdown.triggered() => return,
+                resume = Some(current);
+                if pause(&inner, &mut backoff).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
+}
+
+/// Sleeps `backoff` (then doubles it, up to 2 s); true if shutdown came first.
+async fn pause(inner: &Inner, backoff: &mut Duration) -> bool {
+    let stop = tokio::select! {
+        _ = tokio::time::sleep(*backoff) => false,
+        _ = inner.shutdown.triggered() => true,
+    };
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    stop
 }
 
 async fn watch_from(
     inner: &Inner,
     publisher: &Publisher,
     raw: &mut BTreeMap<String, Instance>,
-    start: i64,
+    next: &mut i64,
 ) -> Result<WatchEnd, DiscoveryError> {
     let service = publisher.service().clone();
     let prefix = inner.service_prefix(&service);
     let body = json!({"create_request": {
         "key": B64.encode(&prefix),
         "range_end": B64.encode(prefix_end(prefix.as_bytes())),
-        "start_revision": start,
+        "start_revision": *next,
     }});
     let resp = inner
         .http
@@ -467,7 +490,7 @@ async fn watch_from(
                 Ok(v) => v,
                 Err(e) => return Err(unavailable(format!("watch message: {e}"))),
             };
-            if let Some(end) = apply_watch_message(&service, &msg, raw)? {
+            if let Some(end) = apply_watch_message(&service, &msg, raw, next)? {
                 return Ok(end);
             }
             publisher.offer(raw.values().cloned().collect());
@@ -479,6 +502,7 @@ fn apply_watch_message(
     service: &ServiceName,
     msg: &Value,
     raw: &mut BTreeMap<String, Instance>,
+    next: &mut i64,
 ) -> Result<Option<WatchEnd>, DiscoveryError> {
     if let Some(e) = msg.get("error") {
         return Err(unavailable(format!("watch: {e}")));
@@ -494,6 +518,8 @@ fn apply_watch_message(
     }
     for ev in result.get("events").and_then(Value::as_array).into_iter().flatten() {
         let kv = ev.get("kv");
+        let revision = kv.and_then(|k| k.get("mod_revision")).map(int).unwrap_or(0);
+        *next = (*next).max(revision + 1);
         let key = String::from_utf8_lossy(&decode(kv.and_then(|k| k.get("key")))).into_owned();
         match ev.get("type").and_then(Value::as_str) {
             Some("DELETE") => {
@@ -536,6 +562,35 @@ mod tests {
         assert!(parse_record(&s, "k", br#"{"Op":1,"Addr":"127.0.0.1:9000"}"#).is_none());
         assert!(parse_record(&s, "k", b"not json").is_none());
         assert!(parse_record(&s, "k", br#"{"Addr":"db.internal:5432"}"#).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_a_compacted_revision_asks_for_a_full_read() {
+        let etcd = keel_testkit::EtcdServer::start();
+        let cfg = DiscoveryConfig {
+            backend: crate::Backend::Etcd,
+            url: Some(etcd.endpoint()),
+            ttl: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let d = EtcdDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+        let svc = ServiceName::new("compacted").unwrap();
+        let reg = d
+            .register(Instance::new(svc.clone(), "127.0.0.1:7001".parse().unwrap()))
+            .await
+            .unwrap();
+        reg.drain().await.unwrap();
+        let (revision, raw) = read_all(&d.inner, &svc).await.unwrap();
+        assert_eq!(raw.len(), 1);
+        d.inner
+            .call("/v3/kv/compaction", json!({ "revision": revision }))
+            .await
+            .unwrap();
+        let p = Publisher::new(svc, &SafetyOptions::default());
+        let mut raw = BTreeMap::new();
+        let mut next = 1;
+        let end = watch_from(&d.inner, &p, &mut raw, &mut next).await.unwrap();
+        assert!(matches!(end, WatchEnd::Compacted));
     }
 
     proptest! {

@@ -1,0 +1,161 @@
+//! Redis backend against real servers: the machine's Redis with a unique prefix, or a private
+//! `redis-server` for tests that stop or restart it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keel_core::{AdminState, Shutdown};
+use keel_discovery::{
+    Backend, Discover, DiscoveryConfig, Registry, RedisDiscovery,
+};
+use keel_testkit::{shared_redis_url, unique_prefix, RedisServer};
+use redis::AsyncCommands;
+
+fn config(url: String, prefix: String) -> DiscoveryConfig {
+    DiscoveryConfig {
+        backend: Backend::Redis,
+        url: Some(url),
+        prefix,
+        ttl: Duration::from_millis(600),
+        resync: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn register_is_seen_by_a_watcher_in_another_task_then_drain_and_deregister() {
+    let cfg = config(shared_redis_url(), unique_prefix("disc-reg"));
+    let watcher_side = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let registry_side = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("orders");
+    let w = watcher_side.watch(&s).unwrap();
+    w.ready().await;
+    assert!(w.snapshot().is_empty());
+    let s2 = s.clone();
+    let reg = tokio::spawn(async move { registry_side.register(inst(&s2, 9101)).await.unwrap() })
+        .await
+        .unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    reg.drain().await.unwrap();
+    let w2 = w.clone();
+    eventually(LIMIT, "draining visible", move || {
+        let s = w2.snapshot();
+        async move { s.first().is_some_and(|i| i.state == AdminState::Draining) }
+    })
+    .await;
+    reg.deregister().await.unwrap();
+    // 1 -> 0 is a full shrink: believed once it persists for `confirm_reads` reads.
+    wait_len(&w, 0, LIMIT).await;
+}
+
+#[tokio::test]
+async fn a_registration_whose_heartbeat_stops_is_removed_after_its_ttl() {
+    let cfg = config(shared_redis_url(), unique_prefix("disc-ttl"));
+    let d = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("payments");
+    let w = d.watch(&s).unwrap();
+    let stays = d.register(inst(&s, 9201)).await.unwrap();
+    let leaves = d.register(inst(&s, 9202)).await.unwrap();
+    wait_len(&w, 2, LIMIT).await;
+    // Outlive a few heartbeats: both stay.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(w.snapshot().len(), 2);
+    let started = std::time::Instant::now();
+    drop(leaves); // heartbeats stop; nothing is deleted
+    wait_len(&w, 1, LIMIT).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(200), "removed by expiry, not by drop: {took:?}");
+    assert_eq!(ports(&w), vec![9201]);
+    drop(stays);
+}
+
+#[tokio::test]
+async fn malformed_records_are_skipped_and_the_watcher_keeps_going() {
+    let prefix = unique_prefix("disc-bad");
+    let cfg = config(shared_redis_url(), prefix.clone());
+    let d = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("inventory");
+    let _good = d.register(inst(&s, 9301)).await.unwrap();
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let alive = format!("{prefix}:{{inventory}}:alive");
+    let events = format!("{prefix}:{{inventory}}:events");
+    let bad_key = format!("{prefix}:{{inventory}}:inst:bad");
+    let _: () = c.set_ex(&bad_key, "{not json", 60).await.unwrap();
+    let _: () = c.zadd(&alive, "bad", 1e15).await.unwrap();
+    // Also a record of another service, and garbage change events.
+    let wrong = serde_json::to_string(&inst(&svc("other"), 9399)).unwrap();
+    let _: () = c.set_ex(format!("{prefix}:{{inventory}}:inst:wrong"), &wrong, 60).await.unwrap();
+    let _: () = c.zadd(&alive, "wrong", 1e15).await.unwrap();
+    let w = d.watch(&s).unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    let _: String = c.xadd(&events, "*", &[("op", "put"), ("id", "x"), ("data", "garbage")]).await.unwrap();
+    let _: String = c.xadd(&events, "*", &[("nonsense", "1")]).await.unwrap();
+    let _more = d.register(inst(&s, 9302)).await.unwrap();
+    wait_len(&w, 2, LIMIT).await;
+    assert_eq!(ports(&w), vec![9301, 9302]);
+}
+
+#[tokio::test]
+async fn the_shrink_guard_holds_on_a_bogus_empty_answer() {
+    let prefix = unique_prefix("disc-guard");
+    let mut cfg = config(shared_redis_url(), prefix.clone());
+    cfg.ttl = Duration::from_secs(30); // no heartbeat during the test repairs the keys
+    cfg.resync = Duration::from_millis(200);
+    cfg.confirm_reads = 1000;
+    let d = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("search");
+    let w = d.watch(&s).unwrap();
+    let mut regs = Vec::new();
+    for p in 9401..9405 {
+        regs.push(d.register(inst(&s, p)).await.unwrap());
+    }
+    wait_len(&w, 4, LIMIT).await;
+    // The registry "loses" everything without any event: full reads now answer empty.
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = c.del(format!("{prefix}:{{search}}:alive")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // several resyncs
+    assert_eq!(w.snapshot().len(), 4, "the last known set is kept");
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_watchers_recover_and_registrations_come_back() {
+    let mut server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let mut cfg = config(server.url(), "keel".into());
+    cfg.cache_path = Some(cache.path().to_owned());
+    let d = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("ledger");
+    let w = d.watch(&s).unwrap();
+    let _a = d.register(inst(&s, 9501)).await.unwrap();
+    let _b = d.register(inst(&s, 9502)).await.unwrap();
+    wait_len(&w, 2, LIMIT).await;
+
+    server.restart(); // empty
+    let client = redis::Client::open(server.url()).unwrap();
+    eventually(LIMIT, "registrations rewritten in the new server", || {
+        let client = client.clone();
+        async move {
+            let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+            let n: usize = c.zcard("keel:{ledger}:alive").await.unwrap_or(0);
+            n == 2
+        }
+    })
+    .await;
+    assert_eq!(w.snapshot().len(), 2, "the set never dropped below what the guard allows");
+    // The watcher follows changes again.
+    let _c = d.register(inst(&s, 9503)).await.unwrap();
+    wait_len(&w, 3, LIMIT).await;
+
+    // The backend is down at start: a new process uses the on-disk cache.
+    server.stop();
+    let d2 = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let w2 = d2.watch(&s).unwrap();
+    tokio::time::timeout(LIMIT, w2.ready()).await.unwrap();
+    assert_eq!(ports(&w2), vec![9501, 9502, 9503]);
+}
