@@ -28,6 +28,7 @@ mod config;
 mod deadline;
 mod error;
 pub mod metrics;
+mod ratelimit;
 mod retry;
 mod util;
 
@@ -50,6 +51,11 @@ pub use self::{
         ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
     },
     error::{BoxError, InvalidConfig, ResilienceError},
+    ratelimit::{
+        request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
+        RateLimiter, RedisGcra, ResponseFuture as RateLimitFuture, ServerRateLimit,
+        ServerRateLimitLayer, Source as DecisionSource,
+    },
     retry::{
         is_retry_safe, replay_request, served_by, ReplayBody, ResponseFuture as RetryFuture, Retry,
         RetryLayer, IDEMPOTENCY_KEY,

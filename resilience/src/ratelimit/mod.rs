@@ -1,0 +1,428 @@
+//! Rate limiting with GCRA, locally ([`LocalGcra`], lock-free per key, bounded memory) or across
+//! a fleet on Redis ([`RedisGcra`], one `EVALSHA` per decision, local-share fallback).
+//!
+//! [`RateLimit`] is the client side (a refused call is [`ResilienceError::RateLimited`] with its
+//! `retry_after`); [`ServerRateLimit`] is the inbound side, answering 429 with `Retry-After` and
+//! the `RateLimit-Limit` / `RateLimit-Remaining` / `RateLimit-Reset` headers of the IETF draft
+//! `draft-ietf-httpapi-ratelimit-headers`, which it also puts on allowed responses.
+//!
+//! The policy (rate, burst, key, scope) is read per call; the state (each key's theoretical
+//! arrival time) stays, so a reload neither resets limits nor grants a fresh burst.
+
+mod gcra;
+mod redis;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use http::HeaderValue;
+use keel_core::Live;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use self::{
+    gcra::{Decision, LocalGcra, Quota},
+    redis::{RedisGcra, Source},
+};
+use crate::{
+    config::{KeySource, RateLimitConfig, RateLimitScope},
+    error::{BoxError, ResilienceError},
+    metrics as m,
+};
+
+/// The limiter state shared by every clone of a rate limit layer.
+#[derive(Debug)]
+pub struct RateLimiter {
+    policy: Live<RateLimitConfig>,
+    local: Arc<LocalGcra>,
+    redis: Mutex<Option<Arc<RedisGcra>>>,
+    allowed: metrics::Counter,
+    limited: metrics::Counter,
+    fallback: metrics::Counter,
+}
+
+/// The key of a request under `key`.
+pub fn request_key<'a, B>(key: &KeySource, req: &'a http::Request<B>) -> &'a str {
+    match key {
+        KeySource::Global => "",
+        KeySource::Path => req.uri().path(),
+        KeySource::Header(h) => req
+            .headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    }
+}
+
+impl RateLimiter {
+    /// A limiter for `service`.
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<RateLimitConfig>) -> Arc<Self> {
+        let service = service.into();
+        Arc::new(Self {
+            policy,
+            local: Arc::new(LocalGcra::new()),
+            redis: Mutex::new(None),
+            allowed: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "allowed"),
+            limited: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "limited"),
+            fallback: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "fallback"),
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Live<RateLimitConfig> {
+        &self.policy
+    }
+
+    /// Whether a decision for this policy needs Redis (and so is asynchronous).
+    pub fn is_distributed(cfg: &RateLimitConfig) -> bool {
+        cfg.enabled && cfg.scope == RateLimitScope::Redis && cfg.redis_url.is_some()
+    }
+
+    /// A local decision (the policy's scope is ignored).
+    pub fn check_local(&self, cfg: &RateLimitConfig, key: &str) -> Decision {
+        let d = self
+            .local
+            .check(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys);
+        self.count(&d);
+        d
+    }
+
+    fn count(&self, d: &Decision) {
+        if d.allowed {
+            self.allowed.increment(1)
+        } else {
+            self.limited.increment(1)
+        }
+    }
+
+    fn redis(&self, url: &str) -> Arc<RedisGcra> {
+        let mut g = match self.redis.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match &*g {
+            Some(r) if r.url() == url => r.clone(),
+            _ => {
+                let r = Arc::new(RedisGcra::new(url, self.local.clone()));
+                *g = Some(r.clone());
+                r
+            }
+        }
+    }
+
+    /// A decision under the policy in force: local, or Redis with the local-share fallback.
+    pub async fn check(&self, key: &str) -> Decision {
+        let cfg = self.policy.get();
+        if !cfg.enabled {
+            return Decision {
+                allowed: true,
+                remaining: u64::MAX,
+                retry_after: std::time::Duration::ZERO,
+                reset: std::time::Duration::ZERO,
+            };
+        }
+        let Some(url) = cfg
+            .redis_url
+            .as_deref()
+            .filter(|_| Self::is_distributed(&cfg))
+        else {
+            return self.check_local(&cfg, key);
+        };
+        let r = self.redis(url);
+        let full = format!("{}:{}", cfg.redis_prefix, key);
+        let q = Quota::new(cfg.rate, cfg.burst);
+        let share = Quota::new(
+            cfg.rate * cfg.local_share.get().max(1e-6),
+            ((cfg.burst as f64 * cfg.local_share.get()).ceil() as u32).max(1),
+        );
+        let (d, src) = r
+            .check(&full, q, share, cfg.redis_timeout, cfg.max_keys)
+            .await;
+        if src == Source::Fallback {
+            self.fallback.increment(1);
+        }
+        self.count(&d);
+        d
+    }
+}
+
+/// Client-side rate limit around `S`.
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<RateLimiter>,
+}
+
+/// Builds [`RateLimit`]s sharing one [`RateLimiter`].
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<RateLimiter>,
+}
+
+impl RateLimitLayer {
+    /// A layer with a new limiter.
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<RateLimitConfig>) -> Self {
+        Self {
+            limiter: RateLimiter::new(service, policy),
+        }
+    }
+
+    /// A layer over an existing limiter.
+    pub fn from_limiter(limiter: Arc<RateLimiter>) -> Self {
+        Self { limiter }
+    }
+
+    /// The shared limiter.
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+type BoxFut<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+pin_project! {
+    /// [`RateLimit`]'s future: the inner call, a refusal, or a pending Redis decision.
+    pub struct ResponseFuture<F, T> {
+        #[pin]
+        state: State<F, T>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum State<F, T> {
+        Inner { #[pin] fut: F },
+        Refused { error: Option<ResilienceError> },
+        Boxed { fut: BoxFut<T, BoxError> },
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F, T>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            Proj::Inner { fut } => fut.poll(cx).map_err(Into::into),
+            Proj::Refused { error } => {
+                Poll::Ready(Err(Box::new(error.take().unwrap_or(ResilienceError::Shed))))
+            }
+            Proj::Boxed { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<S, B, T> Service<http::Request<B>> for RateLimit<S>
+where
+    S: Service<http::Request<B>, Response = T> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = T;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, T>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let cfg = self.limiter.policy.load();
+        if !cfg.enabled {
+            return ResponseFuture {
+                state: State::Inner {
+                    fut: self.inner.call(req),
+                },
+            };
+        }
+        if !RateLimiter::is_distributed(&cfg) {
+            let d = self.limiter.check_local(&cfg, request_key(&cfg.key, &req));
+            drop(cfg);
+            return ResponseFuture {
+                state: if d.allowed {
+                    State::Inner {
+                        fut: self.inner.call(req),
+                    }
+                } else {
+                    State::Refused {
+                        error: Some(ResilienceError::RateLimited {
+                            retry_after: d.retry_after,
+                        }),
+                    }
+                },
+            };
+        }
+        let key = request_key(&cfg.key, &req).to_owned();
+        drop(cfg);
+        let limiter = self.limiter.clone();
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Boxed {
+                fut: Box::pin(async move {
+                    let d = limiter.check(&key).await;
+                    if !d.allowed {
+                        return Err(Box::new(ResilienceError::RateLimited {
+                            retry_after: d.retry_after,
+                        }) as BoxError);
+                    }
+                    svc.call(req).await.map_err(Into::into)
+                }),
+            },
+        }
+    }
+}
+
+/// Server-side rate limit: 429 with `Retry-After` and RateLimit headers.
+#[derive(Debug, Clone)]
+pub struct ServerRateLimit<S> {
+    inner: S,
+    limiter: Arc<RateLimiter>,
+}
+
+/// Builds [`ServerRateLimit`].
+#[derive(Debug, Clone)]
+pub struct ServerRateLimitLayer {
+    limiter: Arc<RateLimiter>,
+}
+
+impl ServerRateLimitLayer {
+    /// A layer with a new limiter (`service` is this service's name, for metrics).
+    pub fn new(service: impl Into<Arc<str>>, policy: Live<RateLimitConfig>) -> Self {
+        Self {
+            limiter: RateLimiter::new(service, policy),
+        }
+    }
+}
+
+impl<S> Layer<S> for ServerRateLimitLayer {
+    type Service = ServerRateLimit<S>;
+    fn layer(&self, inner: S) -> ServerRateLimit<S> {
+        ServerRateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+fn secs_ceil(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Writes the RateLimit headers (and `Retry-After` on a refusal) for a decision.
+pub fn write_headers(h: &mut http::HeaderMap, limit: u32, d: &Decision) {
+    h.insert("ratelimit-limit", HeaderValue::from(limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(secs_ceil(d.reset)));
+    if !d.allowed {
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(secs_ceil(d.retry_after).max(1)),
+        );
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for ServerRateLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Error: Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFut<http::Response<RB>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let cfg = self.limiter.policy.get();
+        let key = request_key(&cfg.key, &req).to_owned();
+        let limiter = self.limiter.clone();
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            if !cfg.enabled {
+                return svc.call(req).await;
+            }
+            let d = limiter.check(&key).await;
+            if !d.allowed {
+                let mut res = http::Response::new(RB::default());
+                *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                write_headers(res.headers_mut(), cfg.burst, &d);
+                return Ok(res);
+            }
+            let mut res = svc.call(req).await?;
+            write_headers(res.headers_mut(), cfg.burst, &d);
+            Ok(res)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn client_and_server_sides() {
+        let policy = Live::new(RateLimitConfig {
+            enabled: true,
+            rate: 10.0,
+            burst: 2,
+            key: KeySource::Header(http::HeaderName::from_static("x-tenant")),
+            ..Default::default()
+        });
+        let inner = service_fn(|_r: http::Request<()>| async {
+            Ok::<_, BoxError>(http::Response::new(String::new()))
+        });
+        let client = RateLimitLayer::new("svc", policy.clone()).layer(inner);
+        let req = |t: &str| {
+            http::Request::builder()
+                .header("x-tenant", t)
+                .body(())
+                .unwrap()
+        };
+        assert!(client.clone().oneshot(req("a")).await.is_ok());
+        assert!(client.clone().oneshot(req("a")).await.is_ok());
+        let e = client.clone().oneshot(req("a")).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::RateLimited {
+                retry_after: std::time::Duration::from_millis(100)
+            })
+        );
+        assert!(client.clone().oneshot(req("b")).await.is_ok(), "per key");
+
+        let server = ServerRateLimitLayer::new("me", policy).layer(inner);
+        let ok = server.clone().oneshot(req("c")).await.unwrap();
+        assert_eq!(ok.headers()["ratelimit-remaining"], "1");
+        let _ = server.clone().oneshot(req("c")).await.unwrap();
+        let no = server.clone().oneshot(req("c")).await.unwrap();
+        assert_eq!(no.status(), 429);
+        assert_eq!(no.headers()["retry-after"], "1");
+        assert_eq!(no.headers()["ratelimit-limit"], "2");
+    }
+}

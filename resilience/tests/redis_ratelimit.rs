@@ -1,0 +1,114 @@
+//! The distributed limiter against real Redis servers on loopback.
+
+use std::{sync::Arc, time::Duration};
+
+use keel_core::{Live, Ratio};
+use keel_resilience::{RateLimitConfig, RateLimitScope, RateLimiter};
+use keel_testkit::{shared_redis_url, unique_prefix, RedisServer};
+
+fn policy(url: String, prefix: String, rate: f64, burst: u32, share: f64) -> Live<RateLimitConfig> {
+    Live::new(RateLimitConfig {
+        enabled: true,
+        rate,
+        burst,
+        scope: RateLimitScope::Redis,
+        redis_url: Some(url),
+        redis_prefix: prefix,
+        redis_timeout: Duration::from_millis(100),
+        local_share: Ratio::new(share).unwrap(),
+        ..Default::default()
+    })
+}
+
+/// Two clients, each with its own limiter and connection, offered more than the rate: together
+/// they get the global rate within 5%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_hold_the_global_rate() {
+    let prefix = unique_prefix("rl-global");
+    let (rate, burst) = (200.0, 10u32);
+    let a = RateLimiter::new(
+        "a",
+        policy(shared_redis_url(), prefix.clone(), rate, burst, 0.5),
+    );
+    let b = RateLimiter::new("b", policy(shared_redis_url(), prefix, rate, burst, 0.5));
+    // Warm both connections (and load the script) without spending the key.
+    let _ = a.check("warmup").await;
+    let _ = b.check("warmup").await;
+    let run = Duration::from_secs(2);
+    let start = tokio::time::Instant::now();
+    let client = |l: Arc<RateLimiter>| {
+        tokio::spawn(async move {
+            let mut allowed = 0u64;
+            let mut decisions = 0u64;
+            while start.elapsed() < run {
+                if l.check("k").await.allowed {
+                    allowed += 1;
+                }
+                decisions += 1;
+                // ~4x the rate offered in total.
+                tokio::time::sleep(Duration::from_micros(2500)).await;
+            }
+            (allowed, decisions)
+        })
+    };
+    let (ta, tb) = (client(a), client(b));
+    let (ra, rb) = (ta.await.unwrap(), tb.await.unwrap());
+    let elapsed = start.elapsed().as_secs_f64();
+    let allowed = (ra.0 + rb.0) as f64;
+    let expected = rate * elapsed + burst as f64;
+    let err = (allowed - expected).abs() / expected;
+    eprintln!(
+        "allowed {allowed} of {} decisions, expected {expected:.0}, error {:.2}%",
+        ra.1 + rb.1,
+        err * 100.0
+    );
+    assert!(err <= 0.05, "allowed {allowed}, expected {expected}");
+    assert!(
+        ra.0 > 0 && rb.0 > 0,
+        "both clients were served: {ra:?} {rb:?}"
+    );
+}
+
+/// Killing the test's own Redis: decisions continue from the local share, without errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_falls_back_to_local_share() {
+    let mut server = RedisServer::start();
+    let prefix = unique_prefix("rl-down");
+    let l = RateLimiter::new("svc", policy(server.url(), prefix.clone(), 100.0, 10, 0.25));
+    assert!(l.check("k").await.allowed);
+    server.stop();
+    // Share: 25 per second, burst ceil(2.5) = 3. Offer 200/s for 1 s.
+    let start = tokio::time::Instant::now();
+    let mut allowed = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        if l.check("k").await.allowed {
+            allowed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let expected = 25.0 * start.elapsed().as_secs_f64() + 3.0;
+    assert!(
+        (allowed as f64 - expected).abs() <= expected * 0.2 + 2.0,
+        "allowed {allowed}, expected {expected}"
+    );
+    // Redis back: decisions come from it again (within the one-second back-off).
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut from_redis = false;
+    for _ in 0..40 {
+        let _ = l.check("fresh").await;
+        let v: Option<i64> = redis::cmd("GET")
+            .arg(format!("{prefix}:fresh"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if v.is_some() {
+            from_redis = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(from_redis, "decisions went back to Redis");
+}
