@@ -126,7 +126,6 @@ async fn resolve(
         }
     };
     inner.resolver.clear_cache();
-    let now = std::time::Instant::now();
     match inner.config.record {
         DnsRecord::A => {
             let lookup = match inner.resolver.lookup_ip(name.as_str()).await {
@@ -136,7 +135,7 @@ async fn resolve(
                     None => return Ok((Vec::new(), inner.config.min_ttl)),
                 },
             };
-            let ttl = lookup.valid_until().saturating_duration_since(now);
+            let ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now());
             let set = lookup
                 .iter()
                 .map(|ip| Instance::new(service.clone(), SocketAddr::new(ip, inner.config.port)))
@@ -158,7 +157,7 @@ async fn resolve(
                     None => return Ok((Vec::new(), inner.config.min_ttl)),
                 },
             };
-            let mut ttl = lookup.valid_until().saturating_duration_since(now);
+            let mut ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now());
             let srvs: Vec<_> = lookup
                 .answers()
                 .iter()
@@ -187,7 +186,7 @@ async fn resolve(
                 if ips.is_empty() {
                     match inner.resolver.lookup_ip(srv.target.clone()).await {
                         Ok(l) => {
-                            ttl = ttl.min(l.valid_until().saturating_duration_since(now));
+                            ttl = ttl.min(l.valid_until().saturating_duration_since(std::time::Instant::now()));
                             ips = l.iter().collect();
                         }
                         Err(e) => {
