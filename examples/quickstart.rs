@@ -60,14 +60,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
     let shop = keel.settings::<Shop>("shop")?;
-    println!("keel quickstart: service `{}`, config {}", keel.name(), path.display());
-    println!("  generation {}: {:?}", keel.config().generation(), *shop.load());
+    println!(
+        "keel quickstart: service `{}`, config {}",
+        keel.name(),
+        path.display()
+    );
+    println!(
+        "  generation {}: {:?}",
+        keel.config().generation(),
+        *shop.load()
+    );
 
     let edits: [(&str, &str); 4] = [
-        ("edit in place", "[shop]\ngreeting = \"bonjour\"\ndiscount_percent = 10\ncheckout_timeout = \"2s\"\n"),
-        ("write a temp file and rename it over", "[shop]\ngreeting = \"bonjour\"\ndiscount_percent = 15\ncheckout_timeout = \"800ms\"\n"),
-        ("a broken edit (discount too high)", "[shop]\ngreeting = \"oops\"\ndiscount_percent = 95\ncheckout_timeout = \"800ms\"\n"),
-        ("the fix", "[shop]\ngreeting = \"hallo\"\ndiscount_percent = 20\ncheckout_timeout = \"1s\"\n"),
+        (
+            "edit in place",
+            "[shop]\ngreeting = \"bonjour\"\ndiscount_percent = 10\ncheckout_timeout = \"2s\"\n",
+        ),
+        (
+            "write a temp file and rename it over",
+            "[shop]\ngreeting = \"bonjour\"\ndiscount_percent = 15\ncheckout_timeout = \"800ms\"\n",
+        ),
+        (
+            "a broken edit (discount too high)",
+            "[shop]\ngreeting = \"oops\"\ndiscount_percent = 95\ncheckout_timeout = \"800ms\"\n",
+        ),
+        (
+            "the fix",
+            "[shop]\ngreeting = \"hallo\"\ndiscount_percent = 20\ncheckout_timeout = \"1s\"\n",
+        ),
     ];
     for (i, (what, text)) in edits.iter().enumerate() {
         println!("\n> {what}");
@@ -82,12 +102,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             if keel.config().generation() != before {
-                println!("  generation {}: {:?}", keel.config().generation(), *shop.load());
+                println!(
+                    "  generation {}: {:?}",
+                    keel.config().generation(),
+                    *shop.load()
+                );
                 break;
             }
             if let Some(failure) = keel.config().last_error() {
                 println!("  refused: {}", failure.error);
-                println!("  still in force (generation {}): {:?}", keel.config().generation(), *shop.load());
+                println!(
+                    "  still in force (generation {}): {:?}",
+                    keel.config().generation(),
+                    *shop.load()
+                );
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -108,7 +136,11 @@ async fn watch_forever(path: &str) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let shop = keel.settings::<Shop>("shop")?;
     println!("watching {path}; edit it, Ctrl-C to stop");
-    println!("generation {}: {:?}", keel.config().generation(), *shop.load());
+    println!(
+        "generation {}: {:?}",
+        keel.config().generation(),
+        *shop.load()
+    );
     let mut changes = keel.config().subscribe().ok_or("no document")?;
     let mut reported_error = None;
     loop {

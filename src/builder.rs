@@ -1,12 +1,31 @@
-use std::{fmt, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use keel_core::{
     config::{ConfigLoader, EnvMap, OverrideValue, ServiceSection, WatchOptions},
     Config, ConfigWatcher, Live, ServiceName, Shutdown,
 };
+use keel_discovery::{Backend, Discovery, DiscoveryConfig, MemoryDiscovery, Registration};
+use keel_idempotency::{IdempotencyConfig, IdempotencyLayer, IdempotencyStore};
 use serde::de::DeserializeOwned;
 
-use crate::Error;
+use crate::{
+    client::Client,
+    server::ServerState,
+    settings::{validate_clients, ClientsSection, InboundConfig},
+    ClientError, Error,
+};
+
+/// The discovery every `backend = "memory"` keel in this process shares, so a whole fleet can
+/// run in one process (tests, the demo).
+pub fn process_memory_discovery() -> MemoryDiscovery {
+    static MEMORY: OnceLock<MemoryDiscovery> = OnceLock::new();
+    MEMORY.get_or_init(MemoryDiscovery::new).clone()
+}
 
 type Register = Box<dyn FnOnce(&mut ConfigLoader) -> Result<(), keel_core::ConfigError> + Send>;
 
@@ -26,6 +45,8 @@ pub struct KeelBuilder {
     sections: Vec<Register>,
     watch: Option<WatchOptions>,
     shutdown: Option<Shutdown>,
+    discovery: Option<Arc<dyn Discovery>>,
+    idempotency_store: Option<Arc<dyn IdempotencyStore>>,
 }
 
 impl fmt::Debug for KeelBuilder {
@@ -99,7 +120,20 @@ impl KeelBuilder {
         self
     }
 
-    /// Loads and validates the whole configuration and starts watching it.
+    /// Uses `discovery` instead of the one `[discovery]` names.
+    pub fn discovery(mut self, discovery: Arc<dyn Discovery>) -> Self {
+        self.discovery = Some(discovery);
+        self
+    }
+
+    /// Uses `store` instead of the one `[idempotency]` names.
+    pub fn idempotency_store(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.idempotency_store = Some(store);
+        self
+    }
+
+    /// Loads and validates the whole configuration, connects discovery and the idempotency
+    /// store it names, and starts watching it.
     pub async fn build(self) -> Result<Keel, Error> {
         let name = ServiceName::new(&self.name)?;
         let mut loader = ConfigLoader::new();
@@ -116,6 +150,10 @@ impl KeelBuilder {
             loader = loader.with_override(key, value);
         }
         loader.register_with::<ServiceSection>("service", ServiceSection::validate)?;
+        loader.register_with::<DiscoveryConfig>("discovery", DiscoveryConfig::validate)?;
+        loader.register_with::<ClientsSection>("clients", validate_clients)?;
+        loader.register_with::<InboundConfig>("inbound", InboundConfig::validate)?;
+        loader.register_with::<IdempotencyConfig>("idempotency", IdempotencyConfig::validate)?;
         for register in self.sections {
             register(&mut loader)?;
         }
@@ -131,23 +169,75 @@ impl KeelBuilder {
             )?)
         };
         let service = config.section::<ServiceSection>("service")?;
+        let discovery_cfg = config.section::<DiscoveryConfig>("discovery")?;
+        let discovery = match self.discovery {
+            Some(d) => d,
+            None => discovery_from_config(&discovery_cfg.load(), shutdown.clone()).await?,
+        };
+        let idempotency = config.section::<IdempotencyConfig>("idempotency")?;
+        let store = match self.idempotency_store {
+            Some(s) => s,
+            None => keel_idempotency::store_from_config(&idempotency.load()).await?,
+        };
+        crate::server::prometheus();
         Ok(Keel {
             inner: Arc::new(Inner {
                 name,
+                clients_cfg: config.section::<ClientsSection>("clients")?,
+                inbound: config.section::<InboundConfig>("inbound")?,
+                at_start: StartValues {
+                    listen: service.load().listen,
+                    discovery: discovery_cfg.get(),
+                    idempotency: idempotency.get(),
+                },
+                discovery_cfg,
                 config,
                 service,
                 shutdown,
+                discovery,
+                idempotency,
+                store,
+                clients: Mutex::new(HashMap::new()),
+                registration: tokio::sync::Mutex::new(None),
+                server: ServerState::default(),
                 _watcher: watcher,
             }),
         })
     }
 }
 
-struct Inner {
+async fn discovery_from_config(
+    cfg: &DiscoveryConfig,
+    shutdown: Shutdown,
+) -> Result<Arc<dyn Discovery>, Error> {
+    Ok(match cfg.backend {
+        Backend::Memory => Arc::new(process_memory_discovery()),
+        _ => keel_discovery::from_config(cfg, shutdown).await?,
+    })
+}
+
+/// Values that cannot change while the service runs; a reload that changes them is reported.
+struct StartValues {
+    listen: std::net::SocketAddr,
+    discovery: Arc<DiscoveryConfig>,
+    idempotency: Arc<IdempotencyConfig>,
+}
+
+pub(crate) struct Inner {
     name: ServiceName,
     config: Config,
     service: Live<ServiceSection>,
     shutdown: Shutdown,
+    pub(crate) discovery: Arc<dyn Discovery>,
+    discovery_cfg: Live<DiscoveryConfig>,
+    pub(crate) clients_cfg: Live<ClientsSection>,
+    pub(crate) inbound: Live<InboundConfig>,
+    idempotency: Live<IdempotencyConfig>,
+    store: Arc<dyn IdempotencyStore>,
+    pub(crate) clients: Mutex<HashMap<String, Client>>,
+    pub(crate) registration: tokio::sync::Mutex<Option<Registration>>,
+    pub(crate) server: ServerState,
+    at_start: StartValues,
     _watcher: Option<ConfigWatcher>,
 }
 
@@ -179,6 +269,8 @@ impl Keel {
             sections: Vec::new(),
             watch: None,
             shutdown: None,
+            discovery: None,
+            idempotency_store: None,
         }
     }
 
@@ -209,5 +301,68 @@ impl Keel {
     /// The stop signal (SIGTERM/SIGINT unless another was given).
     pub fn shutdown(&self) -> &Shutdown {
         &self.inner.shutdown
+    }
+
+    /// The discovery this service registers in and discovers from.
+    pub fn discovery(&self) -> Arc<dyn Discovery> {
+        self.inner.discovery.clone()
+    }
+
+    /// A client for `service`: discovered (or `[clients.NAME].endpoints`), balanced, resilient.
+    /// Built once per name and shared; its policies follow `[clients.NAME]` live.
+    pub fn client(&self, service: &str) -> Result<Client, ClientError> {
+        let mut clients = match self.inner.clients.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = clients.get(service) {
+            return Ok(c.clone());
+        }
+        let client = crate::stack::build_client(self, service)?;
+        clients.insert(service.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// The idempotency layer for routes that must run once per `Idempotency-Key`: put it on a
+    /// route with `.route_layer(...)` or on a `MethodRouter` with `.layer(...)`. Policy follows
+    /// `[idempotency]` live; refine per route with the layer's own methods (`required`, ...).
+    pub fn idempotency(&self) -> IdempotencyLayer {
+        IdempotencyLayer::new(self.inner.store.clone(), self.inner.idempotency.clone())
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    pub(crate) fn server_state(&self) -> &ServerState {
+        &self.inner.server
+    }
+
+    /// Keys changed in the files since start that take effect only after a restart.
+    pub fn not_live_changes(&self) -> Vec<String> {
+        let mut changes = Vec::new();
+        let start = &self.inner.at_start;
+        if self.service().load().listen != start.listen {
+            changes.push(format!(
+                "service.listen changed to {} (serving on {} until restart)",
+                self.service().load().listen,
+                start.listen
+            ));
+        }
+        let d = self.inner.discovery_cfg.load();
+        if d.backend != start.discovery.backend
+            || d.url != start.discovery.url
+            || d.prefix != start.discovery.prefix
+        {
+            changes.push(format!(
+                "discovery backend/url/prefix changed (still {} until restart)",
+                start.discovery.backend.as_str()
+            ));
+        }
+        let i = self.inner.idempotency.load();
+        if i.store != start.idempotency.store || i.url != start.idempotency.url {
+            changes.push("idempotency store/url changed (takes effect after restart)".to_owned());
+        }
+        changes
     }
 }

@@ -16,6 +16,15 @@ pub enum Error {
     /// The service name is not valid.
     #[error(transparent)]
     Name(#[from] keel_core::InvalidName),
+    /// Discovery could not be set up, or registration failed.
+    #[error(transparent)]
+    Discovery(#[from] keel_discovery::DiscoveryError),
+    /// The idempotency store could not be set up.
+    #[error(transparent)]
+    Idempotency(#[from] keel_idempotency::IdempotencyError),
+    /// A client could not be built.
+    #[error(transparent)]
+    Client(#[from] crate::ClientError),
     /// Binding or serving failed.
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
@@ -25,6 +34,10 @@ impl Error {
     /// Whether trying the same thing again may succeed (a transient I/O failure), as opposed to
     /// a mistake that must be fixed first (a bad configuration or name).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io(_))
+        match self {
+            Error::Io(_) => true,
+            Error::Client(c) => c.is_retryable(),
+            _ => false,
+        }
     }
 }

@@ -33,12 +33,24 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod builder;
+mod client;
 mod error;
+mod server;
+mod settings;
+mod stack;
+pub mod trace;
+mod transport;
 
+pub use keel_balance;
 pub use keel_core;
 pub use keel_core::{Live, ServiceName};
+pub use keel_discovery;
+pub use keel_idempotency;
+pub use keel_resilience;
 
 pub use self::{
-    builder::{Keel, KeelBuilder},
+    builder::{process_memory_discovery, Keel, KeelBuilder},
+    client::{Client, ClientError, RequestBuilder, Response},
     error::Error,
+    settings::{ClientConfig, ClientsSection, InboundConfig},
 };

@@ -71,9 +71,10 @@ impl Keel {
             .layer(axum::middleware::from_fn(trace_layer));
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
+        let server =
+            axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
         let mut task = tokio::spawn(async move { server.await });
         self.on_ready(addr).await?;
         state.ready.store(true, Ordering::SeqCst);
@@ -198,6 +199,47 @@ impl Keel {
     }
 }
 
+impl Keel {
+    /// Registers this instance in discovery, once serving.
+    async fn on_ready(&self, addr: SocketAddr) -> Result<(), Error> {
+        let service = self.service().get();
+        let advertise = service.advertise.unwrap_or(addr);
+        let mut instance =
+            keel_core::Instance::new(self.name().clone(), advertise).with_weight(service.weight);
+        instance.zone = service.zone.clone();
+        instance.version = service.version.clone();
+        instance.tags = service.tags.clone();
+        let registration = self.inner().discovery.register(instance).await?;
+        *self.inner().registration.lock().await = Some(registration);
+        Ok(())
+    }
+
+    /// Marks this instance draining and removes it from discovery.
+    async fn on_stopping(&self) {
+        let registration = self.inner().registration.lock().await.take();
+        if let Some(r) = registration {
+            if let Err(error) = r.drain().await {
+                tracing::warn!(%error, "could not mark this instance draining");
+            }
+            if let Err(error) = r.deregister().await {
+                tracing::warn!(%error, "could not deregister; the record will expire by itself");
+            }
+        }
+    }
+
+    fn clients_status(&self) -> serde_json::Value {
+        let clients = match self.inner().clients.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let mut out = serde_json::Map::new();
+        for (name, client) in clients {
+            out.insert(name, client.status());
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
 /// Reads `traceparent` (or starts a trace), opens the `keel.server` span, and runs the rest of
 /// the request with the context current, so outgoing calls carry it.
 async fn trace_layer(request: Request, next: Next) -> Response {
@@ -221,4 +263,3 @@ async fn trace_layer(request: Request, next: Next) -> Response {
     span.record("status", response.status().as_u16());
     response
 }
-

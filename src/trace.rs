@@ -70,7 +70,12 @@ impl TraceContext {
         let trace = parts.next()?;
         let span = parts.next()?;
         let flags = parts.next()?;
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        if version.len() != 2
+            || version == "ff"
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
             return None;
         }
         // Version 00 has exactly four fields; later versions may add more.
@@ -127,7 +132,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
-    if s.len() != out.len() * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != out.len() * 2
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     for (i, o) in out.iter_mut().enumerate() {
@@ -149,9 +158,18 @@ mod tests {
         let child = c.child();
         assert_eq!(child.trace_id, c.trace_id);
         assert_ne!(child.span_id, c.span_id);
-        assert!(TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
-        assert!(TraceContext::parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01").is_none());
-        assert!(TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none());
+        assert!(
+            TraceContext::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01")
+                .is_none()
+        );
+        assert!(
+            TraceContext::parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")
+                .is_none()
+        );
+        assert!(
+            TraceContext::parse("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .is_none()
+        );
         assert!(TraceContext::parse("garbage").is_none());
         let root = TraceContext::new_root();
         assert_eq!(TraceContext::parse(&root.to_string()), Some(root));

@@ -872,11 +872,18 @@ impl Config {
     ) -> ConfigError {
         let sources = &self.inner.sources;
         match error {
-            SectionError::Invalid(reason) => ConfigError::Invalid {
-                key: name.to_owned(),
-                origin: sources.origin_of(inputs, merged, name),
-                reason,
-            },
+            SectionError::Invalid(reason) => {
+                // A validator may name the key inside its section: "timeout.per_try: ...".
+                let (key, reason) = match split_key_prefix(&reason) {
+                    Some((path, rest)) => (format!("{name}.{path}"), rest.to_owned()),
+                    None => (name.to_owned(), reason),
+                };
+                ConfigError::Invalid {
+                    origin: sources.origin_of(inputs, merged, &key),
+                    key,
+                    reason,
+                }
+            }
             SectionError::Config(e) => {
                 let (rel_key, reason) = flatten(e);
                 let mut key = match rel_key {
@@ -952,6 +959,21 @@ fn flatten(e: config::ConfigError) -> (Option<String>, String) {
         config::ConfigError::NotFound(k) => (Some(k), "missing".to_owned()),
         other => (None, other.to_string()),
     }
+}
+
+/// `"a.b[2].c: reason"` → `("a.b[2].c", "reason")`, when the text before `": "` looks like a
+/// key path.
+fn split_key_prefix(reason: &str) -> Option<(&str, &str)> {
+    let (path, rest) = reason.split_once(": ")?;
+    let looks_like_path = !path.is_empty()
+        && path.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'_' | b'.' | b'-' | b'[' | b']')
+        })
+        && !path.starts_with('.')
+        && !path.ends_with('.');
+    looks_like_path.then_some((path, rest))
 }
 
 fn unknown_field(reason: &str) -> Option<&str> {

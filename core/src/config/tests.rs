@@ -67,6 +67,12 @@ fn validate_shop(s: &Shop) -> Result<(), String> {
     if s.max_items == 0 {
         return Err("max_items must be at least 1".into());
     }
+    if s.limits.burst > s.limits.per_minute {
+        return Err(format!(
+            "limits.burst: {} is more than limits.per_minute",
+            s.limits.burst
+        ));
+    }
     Ok(())
 }
 
@@ -298,6 +304,32 @@ fn validation_failure_names_the_section() {
         matches!(&err, ConfigError::Invalid { key, reason, .. } if key == "shop" && reason.contains("max_items")),
         "{err:?}"
     );
+}
+
+#[test]
+fn validator_can_name_the_key_inside_its_section() {
+    let (err, f) = load_err(
+        "[shop]\nmax_items = 3\n\n[shop.limits]\nper_minute = 5\nburst = 9\n",
+        &EnvMap::new(),
+    );
+    match &err {
+        ConfigError::Invalid {
+            key,
+            origin,
+            reason,
+        } => {
+            assert_eq!(key, "shop.limits.burst");
+            assert_eq!(
+                origin,
+                &Origin::File {
+                    path: f,
+                    line: Some(6)
+                }
+            );
+            assert!(reason.starts_with("9 is more"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -1,0 +1,409 @@
+//! `keel.client("payments")`: a reqwest-like client whose every call goes through the
+//! resilience stack and the balancer.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{header::HeaderName, HeaderMap, HeaderValue, Method};
+use keel_core::request::ServedBy;
+use serde::{de::DeserializeOwned, Serialize};
+use tower::{util::BoxCloneSyncService, ServiceExt};
+use tracing::Instrument;
+
+use crate::{trace::TraceContext, transport::BoxError};
+
+pub(crate) type Stack = BoxCloneSyncService<http::Request<Bytes>, http::Response<Bytes>, BoxError>;
+
+/// A client for one service: discovered, balanced and resilient. Cheap to clone.
+///
+/// ```no_run
+/// # async fn f(keel: keel::Keel) -> Result<(), keel::ClientError> {
+/// let payments = keel.client("payments")?;
+/// let answer = payments
+///     .post("/payments")
+///     .idempotency_key("order-42")
+///     .json(&serde_json::json!({"amount": 1200}))
+///     .send()
+///     .await?;
+/// println!("{} from {:?}", answer.status(), answer.served_by());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    name: String,
+    stack: Stack,
+    parts: Arc<ClientParts>,
+}
+
+/// What a client keeps to report its state.
+pub(crate) struct ClientParts {
+    pub(crate) balancer: keel_balance::Balancer,
+    pub(crate) breaker: Arc<keel_resilience::Breaker>,
+    pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("service", &self.name)
+            .finish()
+    }
+}
+
+impl Client {
+    pub(crate) fn new(name: String, stack: Stack, parts: ClientParts) -> Self {
+        Self {
+            name,
+            stack,
+            parts: Arc::new(parts),
+        }
+    }
+
+    /// The client's state for `/keel/status`: the balancer's instances (state, health, EWMA,
+    /// in-flight, ejections) and the breaker.
+    pub fn status(&self) -> serde_json::Value {
+        let (calls, failures, slow) = self.parts.breaker.window_counts();
+        serde_json::json!({
+            "service": self.parts.balancer.service().as_str(),
+            "config_generation": self.parts.config.generation(),
+            "balancer": serde_json::to_value(self.parts.balancer.snapshot()).unwrap_or_default(),
+            "breaker": {
+                "state": format!("{:?}", self.parts.breaker.state()),
+                "window": { "calls": calls, "failures": failures, "slow": slow },
+            },
+        })
+    }
+
+    /// The balancer (for snapshots and custom picks).
+    pub fn balancer(&self) -> &keel_balance::Balancer {
+        &self.parts.balancer
+    }
+
+    /// The service this client calls.
+    pub fn service(&self) -> &str {
+        &self.name
+    }
+
+    /// A request with any method.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        RequestBuilder {
+            client: self.clone(),
+            method,
+            path,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            extensions: http::Extensions::new(),
+            error: None,
+        }
+    }
+
+    /// A GET request.
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.request(Method::GET, path)
+    }
+
+    /// A POST request.
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.request(Method::POST, path)
+    }
+
+    /// A PUT request.
+    pub fn put(&self, path: &str) -> RequestBuilder {
+        self.request(Method::PUT, path)
+    }
+
+    /// A PATCH request.
+    pub fn patch(&self, path: &str) -> RequestBuilder {
+        self.request(Method::PATCH, path)
+    }
+
+    /// A DELETE request.
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.request(Method::DELETE, path)
+    }
+}
+
+/// A request being built; [`send`](RequestBuilder::send) it.
+#[must_use]
+pub struct RequestBuilder {
+    client: Client,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    extensions: http::Extensions,
+    error: Option<ClientError>,
+}
+
+impl fmt::Debug for RequestBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBuilder")
+            .field("service", &self.client.name)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestBuilder {
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                self.headers.append(n, v);
+            }
+            _ => {
+                self.error.get_or_insert(ClientError::InvalidRequest {
+                    reason: format!("header {name:?} is not a valid header"),
+                });
+            }
+        }
+        self
+    }
+
+    /// Sets the body to `value` as JSON (and the content type).
+    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => {
+                self.body = Bytes::from(bytes);
+                self.headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Err(e) => {
+                self.error.get_or_insert(ClientError::InvalidRequest {
+                    reason: format!("body is not serializable as JSON: {e}"),
+                });
+            }
+        }
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Sets the `Idempotency-Key` header: the request may then be retried and hedged even if
+    /// its method is not idempotent, and the server runs it once.
+    pub fn idempotency_key(self, key: &str) -> Self {
+        let quoted = format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""));
+        self.header("idempotency-key", &quoted)
+    }
+
+    /// Sets the key that hash-based strategies (`ring-hash`, `maglev`) route by.
+    pub fn hash_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.extensions.insert(keel_balance::HashKey::new(key));
+        self
+    }
+
+    /// Adds a request extension (for layers that read one).
+    pub fn extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.extensions.insert(value);
+        self
+    }
+
+    /// Sends the request through the client's stack.
+    pub async fn send(self) -> Result<Response, ClientError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let uri: http::Uri =
+            self.path
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| ClientError::InvalidRequest {
+                    reason: format!("path {:?}: {e}", self.path),
+                })?;
+        let mut request = http::Request::new(self.body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers;
+        *request.extensions_mut() = self.extensions;
+        let ctx = TraceContext::current()
+            .map(|c| c.child())
+            .unwrap_or_else(TraceContext::new_root);
+        if let Ok(v) = HeaderValue::from_str(&ctx.to_string()) {
+            request.headers_mut().insert(crate::trace::TRACEPARENT, v);
+        }
+        let span = tracing::info_span!(
+            "keel.client",
+            service = %self.client.name,
+            method = %self.method,
+            path = %self.path,
+            trace_id = %ctx.trace_id_hex(),
+            status = tracing::field::Empty,
+        );
+        let result = self
+            .client
+            .stack
+            .clone()
+            .oneshot(request)
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(response) => {
+                span.record("status", response.status().as_u16());
+                Ok(Response { inner: response })
+            }
+            Err(source) => Err(ClientError::from_box(self.client.name.clone(), source)),
+        }
+    }
+}
+
+/// A buffered response.
+#[derive(Debug)]
+pub struct Response {
+    inner: http::Response<Bytes>,
+}
+
+impl Response {
+    /// The status.
+    pub fn status(&self) -> http::StatusCode {
+        self.inner.status()
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &HeaderMap {
+        self.inner.headers()
+    }
+
+    /// The instance that answered.
+    pub fn served_by(&self) -> Option<&ServedBy> {
+        self.inner.extensions().get::<ServedBy>()
+    }
+
+    /// The body.
+    pub fn bytes(&self) -> &Bytes {
+        self.inner.body()
+    }
+
+    /// The body as text (lossy UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(self.inner.body()).into_owned()
+    }
+
+    /// The body as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(self.inner.body()).map_err(|e| ClientError::InvalidResponse {
+            reason: format!("body is not the expected JSON: {e}"),
+        })
+    }
+
+    /// The underlying `http::Response`.
+    pub fn into_http(self) -> http::Response<Bytes> {
+        self.inner
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No client is configured or discoverable under that name.
+    #[error("no client named `{name}`: {reason}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request could not be built.
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// Why.
+        reason: String,
+    },
+    /// The response was not what the caller asked for.
+    #[error("invalid response: {reason}")]
+    InvalidResponse {
+        /// Why.
+        reason: String,
+    },
+    /// keel itself refused the call (breaker open, rate limited, shed, deadline, budget).
+    #[error("call to `{service}` refused: {source}")]
+    Refused {
+        /// The service.
+        service: String,
+        /// The resilience layer's reason.
+        #[source]
+        source: BoxError,
+        /// When a retry may help, after how long.
+        retry_after: Option<Duration>,
+        /// Whether trying again later may help.
+        retryable: bool,
+    },
+    /// No instance could take the call.
+    #[error("no instance of `{service}` available: {source}")]
+    NoInstance {
+        /// The service.
+        service: String,
+        /// The balancer's reason.
+        #[source]
+        source: BoxError,
+    },
+    /// The upstream failed (connection, reset, timeout) after all attempts.
+    #[error("call to `{service}` failed: {source}")]
+    Upstream {
+        /// The service.
+        service: String,
+        /// What went wrong.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl ClientError {
+    fn from_box(service: String, source: BoxError) -> Self {
+        if let Some(r) = keel_resilience::ResilienceError::find(&*source) {
+            let (retry_after, retryable) = (r.retry_after(), r.is_retryable());
+            return ClientError::Refused {
+                service,
+                source,
+                retry_after,
+                retryable,
+            };
+        }
+        if find::<keel_balance::BalanceError>(&*source).is_some() {
+            return ClientError::NoInstance { service, source };
+        }
+        ClientError::Upstream { service, source }
+    }
+
+    /// Whether trying again (later) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Refused { retryable, .. } => *retryable,
+            ClientError::NoInstance { .. } | ClientError::Upstream { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// When keel refused the call, the time after which a retry may succeed.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+fn find<'a, E: std::error::Error + 'static>(
+    mut err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    loop {
+        if let Some(e) = err.downcast_ref::<E>() {
+            return Some(e);
+        }
+        err = err.source()?;
+    }
+}

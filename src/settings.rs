@@ -1,0 +1,144 @@
+//! The sections keel itself registers: `[clients.NAME]` and `[inbound]`, composed from the
+//! feature crates' own policy types. (`[service]` is keel-core's, `[discovery]` keel-discovery's,
+//! `[idempotency]` keel-idempotency's.)
+
+use std::{collections::BTreeMap, time::Duration};
+
+use keel_balance::BalanceConfig;
+use keel_discovery::{HealthCheckConfig, StaticEndpoint};
+use keel_resilience::{
+    BreakerConfig, BulkheadConfig, ChaosConfig, HedgeConfig, RateLimitConfig, ResilienceConfig,
+    RetryConfig, TimeoutConfig,
+};
+use serde::{Deserialize, Serialize};
+
+/// `[clients.NAME]`: how this service calls `NAME`. Every key is live: an edit applies to the
+/// next call and keeps what was learned (EWMA, breaker windows, budgets, limiter state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// The service to discover, when it differs from the client's name.
+    pub service: Option<String>,
+    /// Static endpoints (nginx semantics). When present, they are this client's instances and
+    /// discovery is not asked; edits apply live.
+    pub endpoints: Vec<StaticEndpoint>,
+    /// Active health checks of this client's instances (HAProxy semantics); off by default.
+    pub health: HealthCheckConfig,
+    /// How long to wait for a TCP connection to an instance.
+    #[serde(with = "keel_core::units::serde_duration")]
+    pub connect_timeout: Duration,
+    /// Balancing: strategy, passive health, outlier detection, zones, canaries.
+    pub balance: BalanceConfig,
+    /// Total deadline and per-try timeout.
+    pub timeout: TimeoutConfig,
+    /// Retries and their budget.
+    pub retry: RetryConfig,
+    /// Circuit breaker or adaptive throttling.
+    pub breaker: BreakerConfig,
+    /// Client-side rate limit.
+    pub rate_limit: RateLimitConfig,
+    /// Bulkhead and adaptive concurrency.
+    pub bulkhead: BulkheadConfig,
+    /// Hedged requests.
+    pub hedge: HedgeConfig,
+    /// Fault injection (for demos and tests).
+    pub chaos: ChaosConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            service: None,
+            endpoints: Vec::new(),
+            health: HealthCheckConfig::default(),
+            connect_timeout: Duration::from_secs(1),
+            balance: BalanceConfig::default(),
+            timeout: TimeoutConfig::default(),
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            bulkhead: BulkheadConfig::default(),
+            hedge: HedgeConfig::default(),
+            chaos: ChaosConfig::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The resilience part, for keel-resilience's layers.
+    pub fn resilience(&self) -> ResilienceConfig {
+        ResilienceConfig {
+            timeout: self.timeout.clone(),
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
+            rate_limit: self.rate_limit.clone(),
+            bulkhead: self.bulkhead.clone(),
+            hedge: self.hedge.clone(),
+            chaos: self.chaos.clone(),
+        }
+    }
+
+    /// Checks every part; the message names the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(s) = &self.service {
+            keel_core::ServiceName::new(s).map_err(|e| format!("service: {e}"))?;
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("connect_timeout must be greater than 0".to_owned());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let svc = keel_core::ServiceName::new("endpoint").map_err(|e| e.to_string())?;
+            e.to_instance(&svc)
+                .map_err(|err| format!("endpoints[{i}]: {err}"))?;
+        }
+        self.balance
+            .validate()
+            .map_err(|e| format!("balance.{e}"))?;
+        self.resilience().validate()
+    }
+}
+
+/// The `clients` section: one [`ClientConfig`] per service called.
+pub type ClientsSection = BTreeMap<String, ClientConfig>;
+
+pub(crate) fn validate_clients(clients: &ClientsSection) -> Result<(), String> {
+    for (name, c) in clients {
+        keel_core::ServiceName::new(name).map_err(|e| format!("{name}: {e}"))?;
+        c.validate().map_err(|e| format!("{name}.{e}"))?;
+    }
+    Ok(())
+}
+
+/// `[inbound]`: what the server side applies to every request it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    /// Reject work whose caller's deadline (the `keel-deadline-ms` header) has already passed.
+    pub deadline: bool,
+    /// Inbound rate limit (429 with `Retry-After` and RateLimit headers); off unless a rate is set.
+    pub rate_limit: RateLimitConfig,
+    /// Inbound concurrency limit / load shedding (503 with `Retry-After`).
+    pub bulkhead: BulkheadConfig,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            deadline: true,
+            rate_limit: RateLimitConfig::default(),
+            bulkhead: BulkheadConfig::default(),
+        }
+    }
+}
+
+impl InboundConfig {
+    /// Checks every part.
+    pub fn validate(&self) -> Result<(), String> {
+        self.rate_limit
+            .validate()
+            .map_err(|e| format!("rate_limit.{e}"))?;
+        self.bulkhead
+            .validate()
+            .map_err(|e| format!("bulkhead.{e}"))
+    }
+}

@@ -1,0 +1,151 @@
+//! How `keel.client(name)` is assembled, outermost first:
+//!
+//! ```text
+//! total deadline            keel_resilience::DeadlineLayer      [clients.NAME.timeout.total]
+//! → retry with budget       keel_resilience::RetryLayer         [clients.NAME.retry]
+//! → circuit breaker         keel_resilience::CircuitBreakerLayer [clients.NAME.breaker]
+//! → per-try timeout         keel_resilience::TimeoutLayer       [clients.NAME.timeout.per_try]
+//! → balancer                keel_balance::Balance               [clients.NAME.balance]
+//!     over the live instance set (static endpoints or discovery) and active health
+//! → one HTTP connection pool per instance (reqwest)
+//! ```
+//!
+//! Every layer reads its policy per call from a projection of `[clients.NAME]`, so an edit
+//! applies to the next call while windows, budgets and EWMA stay.
+
+use keel_balance::{Balance, Balancer};
+use keel_core::{HealthMap, Instance, Live, ServiceName, Shutdown};
+use keel_discovery::{HealthCheckConfig, HealthChecker, InstanceWatch, StaticDiscovery};
+use keel_resilience::{
+    Breaker, CircuitBreakerLayer, DeadlineLayer, HttpClassifier, RetryLayer, TimeoutLayer,
+};
+use tower::ServiceBuilder;
+
+use crate::{
+    client::{Client, ClientParts, Stack},
+    settings::ClientConfig,
+    transport::HttpTransport,
+    ClientError, Keel,
+};
+
+pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientError> {
+    let unknown = |reason: String| ClientError::Unknown {
+        name: name.to_owned(),
+        reason,
+    };
+    let key = name.to_owned();
+    let cfg: Live<ClientConfig> = keel
+        .inner()
+        .clients_cfg
+        .project(move |all| all.get(&key).cloned().unwrap_or_default());
+    let initial = cfg.get();
+    let service = ServiceName::new(initial.service.as_deref().unwrap_or(name))
+        .map_err(|e| unknown(e.to_string()))?;
+    let shutdown = keel.shutdown().clone();
+
+    // Where instances come from: the client's own endpoints (live), or discovery.
+    let watch: InstanceWatch = if initial.endpoints.is_empty() {
+        keel.inner()
+            .discovery
+            .watch(&service)
+            .map_err(|e| unknown(e.to_string()))?
+    } else {
+        use keel_discovery::Discover;
+        let statics = StaticDiscovery::new();
+        statics.set_endpoints(&service, &initial.endpoints);
+        statics.follow(
+            service.clone(),
+            cfg.project(|c| c.endpoints.clone()),
+            shutdown.clone(),
+        );
+        statics
+            .watch(&service)
+            .map_err(|e| unknown(e.to_string()))?
+    };
+    let health = follow_health(watch.clone(), cfg.project(|c| c.health.clone()), shutdown);
+
+    let balancer = Balancer::new(
+        service.clone(),
+        watch.live().clone(),
+        cfg.project(|c| c.balance.clone()),
+    )
+    .map_err(|e| unknown(e.to_string()))?
+    .with_health(health);
+    let connect_timeout = cfg.project(|c| c.connect_timeout);
+    let balance = Balance::new(balancer.clone(), move |instance: &Instance| {
+        HttpTransport::new(instance, **connect_timeout.load())
+    });
+
+    let timeout = cfg.project(|c| c.timeout.clone());
+    let breaker = Breaker::new(service.as_str(), "", cfg.project(|c| c.breaker.clone()));
+    let stack: Stack = Stack::new(
+        ServiceBuilder::new()
+            .layer(DeadlineLayer::new(timeout.clone()))
+            .layer(RetryLayer::new(
+                service.as_str(),
+                cfg.project(|c| c.retry.clone()),
+            ))
+            .layer(CircuitBreakerLayer::from_breaker(
+                breaker.clone(),
+                HttpClassifier::new(),
+            ))
+            .layer(TimeoutLayer::new(timeout))
+            .service(balance),
+    );
+    Ok(Client::new(
+        name.to_owned(),
+        stack,
+        ClientParts {
+            balancer,
+            breaker,
+            config: cfg,
+        },
+    ))
+}
+
+/// Active health checks that follow `[clients.NAME.health]` live: a change restarts the checker;
+/// the balancer keeps reading one `Live<HealthMap>` throughout.
+fn follow_health(
+    watch: InstanceWatch,
+    cfg: Live<HealthCheckConfig>,
+    shutdown: Shutdown,
+) -> Live<HealthMap> {
+    let out: Live<HealthMap> = Live::new(HealthMap::new());
+    let published = out.clone();
+    tokio::spawn(async move {
+        let mut changes = cfg.subscribe();
+        loop {
+            let current = cfg.get();
+            let checker = current
+                .enabled
+                .then(|| HealthChecker::spawn(watch.clone(), (*current).clone(), shutdown.clone()));
+            let mut health_changes = checker.as_ref().map(|c| c.health().subscribe());
+            match &checker {
+                Some(c) => published.store_arc(c.health().get()),
+                None => {
+                    published.store_if_changed(HealthMap::new());
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.triggered() => return,
+                    r = changes.changed() => {
+                        if r.is_err() { return; }
+                        break;
+                    }
+                    _ = async {
+                        match health_changes.as_mut() {
+                            Some(rx) => { let _ = rx.changed().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {
+                        if let Some(c) = &checker {
+                            published.store_arc(c.health().get());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}

@@ -1,0 +1,269 @@
+//! keel.serve end to end in one process, on real sockets: admin routes, trace propagation,
+//! live client configuration, refused edits shown on /keel/status, drain on shutdown.
+
+use std::{path::Path, time::Duration};
+
+use axum::{extract::State, http::HeaderMap, routing::get, Router};
+use keel::{keel_core::Shutdown, Keel};
+use keel_testkit::HttpBackend;
+
+async fn start(
+    keel: &Keel,
+    app: Router,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), keel::Error>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let k = keel.clone();
+    let task = tokio::spawn(async move { k.serve_with_listener(listener, app).await });
+    for _ in 0..200 {
+        if keel.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(keel.is_ready());
+    (addr, task)
+}
+
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_generation(keel: &Keel, at_least: u64) {
+    for _ in 0..500 {
+        if keel.config().generation() >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("generation stayed at {}", keel.config().generation());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_metrics_status_and_trace_propagation() {
+    // Service B echoes the traceparent it received.
+    let shutdown = Shutdown::new();
+    let b = Keel::builder("trace-b")
+        .shutdown(shutdown.clone())
+        .set("service.drain_grace", "0s")
+        .build()
+        .await
+        .unwrap();
+    let b_app = Router::new().route(
+        "/echo",
+        get(|headers: HeaderMap| async move {
+            headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        }),
+    );
+    let (b_addr, b_task) = start(&b, b_app).await;
+
+    // Service A calls B through keel's client (static endpoint) from inside its handler.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.toml");
+    std::fs::write(
+        &path,
+        format!("[service]\ndrain_grace = \"0s\"\n\n[[clients.trace-b.endpoints]]\naddr = \"{b_addr}\"\n"),
+    )
+    .unwrap();
+    let a = Keel::builder("trace-a")
+        .shutdown(shutdown.clone())
+        .config_file(&path)
+        .build()
+        .await
+        .unwrap();
+    let client = a.client("trace-b").unwrap();
+    let a_app = Router::new()
+        .route(
+            "/call",
+            get(|State(c): State<keel::Client>| async move {
+                c.get("/echo")
+                    .send()
+                    .await
+                    .map(|r| r.text())
+                    .unwrap_or_default()
+            }),
+        )
+        .with_state(client);
+    let (a_addr, a_task) = start(&a, a_app).await;
+
+    let http = reqwest::Client::new();
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let got = http
+        .get(format!("http://{a_addr}/call"))
+        .header("traceparent", sent)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let parsed = keel::trace::TraceContext::parse(&got).expect("B received a traceparent");
+    assert_eq!(parsed.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(got, sent, "a child span id, not the caller's");
+
+    // Admin routes.
+    let r = http
+        .get(format!("http://{a_addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("http://{a_addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = http
+        .get(format!("http://{a_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_prometheus_text(&metrics);
+    assert!(metrics.contains("keel_config_generation"), "{metrics}");
+    let status: serde_json::Value = http
+        .get(format!("http://{a_addr}/keel/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["service"], "trace-a");
+    assert_eq!(status["ready"], true);
+    assert!(
+        status["clients"]["trace-b"]["balancer"]["instances"].is_array(),
+        "{status}"
+    );
+
+    shutdown.trigger();
+    a_task.await.unwrap().unwrap();
+    b_task.await.unwrap().unwrap();
+}
+
+/// Every sample line is `name{labels} value`; every comment is `# HELP` or `# TYPE`.
+fn assert_prometheus_text(text: &str) {
+    let mut samples = 0;
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(c) = line.strip_prefix("# ") {
+            assert!(
+                c.starts_with("HELP ") || c.starts_with("TYPE "),
+                "bad comment: {line}"
+            );
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value in {line}"
+        );
+        let name = name_labels.split('{').next().unwrap();
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        if let Some(labels) = name_labels.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(
+                    labels.starts_with('{') && labels.ends_with('}'),
+                    "bad labels in {line}"
+                );
+            }
+        }
+        samples += 1;
+    }
+    assert!(samples > 0, "no samples");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_timeout_and_weights_change_live_and_bad_edits_are_shown() {
+    let backends = [
+        HttpBackend::start("one").await,
+        HttpBackend::start("two").await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    let cfg = |total: &str, w1: u32, w2: u32| {
+        format!(
+            "[service]\ndrain_grace = \"0s\"\n\n[clients.pay.balance]\nstrategy = \"round-robin\"\n\n[clients.pay.timeout]\ntotal = \"{total}\"\n\n[clients.pay.retry]\nmax_attempts = 1\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\nweight = {w1}\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\nweight = {w2}\n",
+            backends[0].addr, backends[1].addr
+        )
+    };
+    std::fs::write(&path, cfg("2s", 1, 1)).unwrap();
+    let shutdown = Shutdown::new();
+    let keel = Keel::builder("orders")
+        .shutdown(shutdown.clone())
+        .config_file(&path)
+        .build()
+        .await
+        .unwrap();
+    let pay = keel.client("pay").unwrap();
+    let count = |n: usize| {
+        let pay = pay.clone();
+        async move {
+            let (mut one, mut fail) = (0, 0);
+            for _ in 0..n {
+                match pay.get("/x").send().await {
+                    Ok(r) if r.text() == "one" => one += 1,
+                    Ok(_) => {}
+                    Err(_) => fail += 1,
+                }
+            }
+            (one, fail)
+        }
+    };
+    assert_eq!(count(100).await, (50, 0));
+
+    // Weights 9:1, live.
+    write(&path, &cfg("2s", 9, 1));
+    wait_generation(&keel, 2).await;
+    assert_eq!(count(100).await, (90, 0));
+
+    // Timeout 20ms against 100ms backends, live.
+    for b in &backends {
+        b.set_latency(Duration::from_millis(100));
+    }
+    write(&path, &cfg("20ms", 9, 1));
+    wait_generation(&keel, 3).await;
+    let (_, fail) = count(10).await;
+    assert_eq!(fail, 10, "every call must time out");
+
+    // A bad edit is refused, the last good one stays, /keel/status says why.
+    write(&path, &cfg("soon", 9, 1));
+    for _ in 0..500 {
+        if keel.config().last_error().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = keel.status();
+    let message = status["config"]["last_error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("clients.pay.timeout.total"), "{status}");
+    assert_eq!(keel.config().generation(), 3);
+    let (_, fail) = count(5).await;
+    assert_eq!(fail, 5, "the 20ms timeout is still in force");
+    shutdown.trigger();
+}
