@@ -120,7 +120,9 @@ impl DiscoveryConfig {
             return Err("discovery.ttl must be at least 100ms".to_owned());
         }
         if self.backend == Backend::Etcd && self.ttl < Duration::from_secs(2) {
-            return Err("discovery.ttl must be at least 2s for etcd (its minimum lease TTL)".to_owned());
+            return Err(
+                "discovery.ttl must be at least 2s for etcd (its minimum lease TTL)".to_owned(),
+            );
         }
         if self.prefix.is_empty() || self.prefix.chars().any(char::is_whitespace) {
             return Err("discovery.prefix must be non-empty without whitespace".to_owned());
@@ -441,7 +443,9 @@ mod tests {
     #[test]
     fn static_endpoint_refuses_bad_input_by_field() {
         let svc = ServiceName::new("p").unwrap();
-        let e = StaticEndpoint::new("localhost:80").to_instance(&svc).unwrap_err();
+        let e = StaticEndpoint::new("localhost:80")
+            .to_instance(&svc)
+            .unwrap_err();
         assert_eq!(e.field, "addr");
         let mut z = StaticEndpoint::new("127.0.0.1:80");
         z.weight = 0;

@@ -135,7 +135,9 @@ async fn resolve(
                     None => return Ok((Vec::new(), inner.config.min_ttl)),
                 },
             };
-            let ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now());
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now());
             let set = lookup
                 .iter()
                 .map(|ip| Instance::new(service.clone(), SocketAddr::new(ip, inner.config.port)))
@@ -157,7 +159,9 @@ async fn resolve(
                     None => return Ok((Vec::new(), inner.config.min_ttl)),
                 },
             };
-            let mut ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now());
+            let mut ttl = lookup
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now());
             let srvs: Vec<_> = lookup
                 .answers()
                 .iter()
@@ -186,7 +190,10 @@ async fn resolve(
                 if ips.is_empty() {
                     match inner.resolver.lookup_ip(srv.target.clone()).await {
                         Ok(l) => {
-                            ttl = ttl.min(l.valid_until().saturating_duration_since(std::time::Instant::now()));
+                            ttl = ttl.min(
+                                l.valid_until()
+                                    .saturating_duration_since(std::time::Instant::now()),
+                            );
                             ips = l.iter().collect();
                         }
                         Err(e) => {

@@ -197,7 +197,11 @@ impl EtcdDiscovery {
 
     /// The key an instance is stored under.
     pub fn key_of(&self, instance: &Instance) -> String {
-        format!("{}{}", self.inner.service_prefix(&instance.service), instance.addr)
+        format!(
+            "{}{}",
+            self.inner.service_prefix(&instance.service),
+            instance.addr
+        )
     }
 }
 
@@ -308,7 +312,11 @@ impl Lease for EtcdLease {
                 .inner
                 .call("/v3/lease/keepalive", json!({ "ID": id }))
                 .await?;
-            let ttl = v.get("result").and_then(|r| r.get("TTL")).map(int).unwrap_or(0);
+            let ttl = v
+                .get("result")
+                .and_then(|r| r.get("TTL"))
+                .map(int)
+                .unwrap_or(0);
             if ttl <= 0 {
                 // The lease expired (a long pause, an etcd outage): start again.
                 self.set_lease(None);
@@ -325,11 +333,17 @@ impl Lease for EtcdLease {
     fn remove<'a>(&'a self, _instance: &'a Instance) -> BoxFuture<'a, Result<(), DiscoveryError>> {
         Box::pin(async move {
             self.inner
-                .call("/v3/kv/deleterange", json!({ "key": B64.encode(&self.key) }))
+                .call(
+                    "/v3/kv/deleterange",
+                    json!({ "key": B64.encode(&self.key) }),
+                )
                 .await?;
             if let Some(id) = self.lease_id() {
                 // Best effort: the record is already gone.
-                let _ = self.inner.call("/v3/lease/revoke", json!({ "ID": id })).await;
+                let _ = self
+                    .inner
+                    .call("/v3/lease/revoke", json!({ "ID": id }))
+                    .await;
             }
             self.set_lease(None);
             Ok(())
@@ -516,7 +530,12 @@ fn apply_watch_message(
     if result.get("canceled").and_then(Value::as_bool) == Some(true) {
         return Err(unavailable("watch cancelled by the server"));
     }
-    for ev in result.get("events").and_then(Value::as_array).into_iter().flatten() {
+    for ev in result
+        .get("events")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let kv = ev.get("kv");
         let revision = kv.and_then(|k| k.get("mod_revision")).map(int).unwrap_or(0);
         *next = (*next).max(revision + 1);
@@ -576,7 +595,10 @@ mod tests {
         let d = EtcdDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
         let svc = ServiceName::new("compacted").unwrap();
         let reg = d
-            .register(Instance::new(svc.clone(), "127.0.0.1:7001".parse().unwrap()))
+            .register(Instance::new(
+                svc.clone(),
+                "127.0.0.1:7001".parse().unwrap(),
+            ))
             .await
             .unwrap();
         reg.drain().await.unwrap();

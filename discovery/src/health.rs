@@ -80,8 +80,7 @@ fn default_probe(config: &HealthCheckConfig) -> Probe {
     match config.kind {
         CheckKind::Tcp => Arc::new(move |i: Instance| {
             Box::pin(async move {
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(i.addr)).await
-                {
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(i.addr)).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(format!("TCP connect: {e}")),
                     Err(_) => Err(format!("TCP connect timed out after {timeout:?}")),
@@ -202,7 +201,7 @@ async fn check_one(
     let downinter = config.downinter.unwrap_or(config.interval);
     let mut up = true;
     let mut streak = 0u32; // consecutive results against the current state
-    // Spread the first probes of a fleet too.
+                           // Spread the first probes of a fleet too.
     tokio::time::sleep(jittered(config.interval, config.jitter.get()) / 2).await;
     loop {
         let result = match tokio::time::timeout(config.timeout, probe(instance.clone())).await {
@@ -276,7 +275,13 @@ mod tests {
         let probe: Probe = Arc::new(move |_| {
             let ok = h.load(Ordering::SeqCst);
             p.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { if ok { Ok(()) } else { Err("HTTP 503".into()) } })
+            Box::pin(async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("HTTP 503".into())
+                }
+            })
         });
         let config = HealthCheckConfig {
             enabled: true,

@@ -137,7 +137,11 @@ impl Publisher {
     }
 
     pub(crate) fn watch(&self) -> InstanceWatch {
-        InstanceWatch::new(self.service.clone(), self.set.clone(), self.ready.subscribe())
+        InstanceWatch::new(
+            self.service.clone(),
+            self.set.clone(),
+            self.ready.subscribe(),
+        )
     }
 
     pub(crate) fn service(&self) -> &ServiceName {
@@ -240,11 +244,15 @@ impl Publisher {
     }
 
     fn write_cache(&self, set: &[Instance]) {
-        let Some(path) = self.cache.clone() else { return };
+        let Some(path) = self.cache.clone() else {
+            return;
+        };
         if set.is_empty() {
             return;
         }
-        let Ok(json) = serde_json::to_vec(set) else { return };
+        let Ok(json) = serde_json::to_vec(set) else {
+            return;
+        };
         let write = move || {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -295,7 +303,11 @@ mod tests {
         assert_eq!(p.offer(vec![]), Offer::Held);
         assert_eq!(p.offer(vec![inst(1)]), Offer::Held);
         assert_eq!(p.current().len(), 4);
-        assert_eq!(p.offer(vec![inst(1), inst(2)]), Offer::Applied, "-50% is allowed");
+        assert_eq!(
+            p.offer(vec![inst(1), inst(2)]),
+            Offer::Applied,
+            "-50% is allowed"
+        );
         // A fresh publisher whose backend is down uses the cache.
         let q = Publisher::new(ServiceName::new("svc").unwrap(), &opts);
         let w = q.watch();

@@ -32,8 +32,8 @@ use std::{
 };
 
 use keel_core::{Instance, ServiceName, Shutdown};
-use tracing::Instrument;
 use redis::{aio::ConnectionManager, streams::StreamReadReply, AsyncConnectionConfig, Script};
+use tracing::Instrument;
 
 use crate::{
     publish::{Publisher, SafetyOptions},
@@ -201,8 +201,9 @@ impl Discover for RedisDiscovery {
         if let Some(p) = ps.get(service) {
             return Ok(p.watch());
         }
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| DiscoveryError::Config("watch must be called inside a tokio runtime".into()))?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+            DiscoveryError::Config("watch must be called inside a tokio runtime".into())
+        })?;
         let p = Publisher::new(service.clone(), &self.inner.safety);
         ps.insert(service.clone(), p.clone());
         let span = tracing::info_span!("keel.discovery.watch", backend = BACKEND, %service);
@@ -366,7 +367,9 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
                         .map_err(unavailable)?,
                 );
             }
-            let Some(x) = xconn.as_mut() else { return Ok(()) };
+            let Some(x) = xconn.as_mut() else {
+                return Ok(());
+            };
             let reply: Option<StreamReadReply> = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(1000)

@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use keel_core::{Live, HealthMap, ServiceName, Shutdown};
+use keel_core::{HealthMap, Live, ServiceName, Shutdown};
 
 use crate::{
-    publish::SafetyOptions, Backend, Discovery, DiscoveryConfig, DiscoveryError,
-    DnsDiscovery, EtcdDiscovery, FileDiscovery, HealthChecker, MemoryDiscovery, RedisDiscovery,
-    StaticDiscovery,
+    publish::SafetyOptions, Backend, Discovery, DiscoveryConfig, DiscoveryError, DnsDiscovery,
+    EtcdDiscovery, FileDiscovery, HealthChecker, MemoryDiscovery, RedisDiscovery, StaticDiscovery,
 };
 
 pub(crate) fn safety(cfg: &DiscoveryConfig) -> SafetyOptions {
@@ -31,7 +30,11 @@ pub async fn from_config(
         Backend::Static => Arc::new(StaticDiscovery::from_services(&cfg.services)?),
         Backend::File => {
             let path = cfg.url.clone().unwrap_or_default();
-            Arc::new(FileDiscovery::with_safety(path.into(), safety(cfg), shutdown)?)
+            Arc::new(FileDiscovery::with_safety(
+                path.into(),
+                safety(cfg),
+                shutdown,
+            )?)
         }
         Backend::Dns => Arc::new(DnsDiscovery::from_config(cfg, shutdown)?),
         Backend::Redis => Arc::new(RedisDiscovery::from_config(cfg, shutdown)?),

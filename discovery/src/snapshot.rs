@@ -250,7 +250,7 @@ mod tests {
         let mut changes = w.changes();
         assert_eq!(changes.next().await, Some(Change::Insert(inst(1, 1))));
         set.store(vec![inst(2, 1)]);
-        let mut got = vec![changes.next().await.unwrap(), changes.next().await.unwrap()];
+        let mut got = [changes.next().await.unwrap(), changes.next().await.unwrap()];
         got.sort_by_key(|c| matches!(c, Change::Insert(_)));
         assert_eq!(got[0], Change::Remove(inst(1, 1).id));
         let mut tower = Box::pin(w.clone().into_tower());

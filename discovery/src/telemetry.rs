@@ -30,7 +30,10 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Seconds since the discovery backend last answered for a service"
     );
-    metrics::describe_counter!(READS_TOTAL, "Reads of a service's set, by outcome (ok, error)");
+    metrics::describe_counter!(
+        READS_TOTAL,
+        "Reads of a service's set, by outcome (ok, error)"
+    );
     metrics::describe_counter!(
         UPDATES_TOTAL,
         "Updates of the published set, by outcome (applied, held, unchanged)"

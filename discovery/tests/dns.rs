@@ -35,8 +35,12 @@ async fn dns_server(zone: Zone) -> std::net::SocketAddr {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
-            let Ok((n, peer)) = sock.recv_from(&mut buf).await else { return };
-            let Ok(req) = Message::from_vec(&buf[..n]) else { continue };
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
             let mut resp = Message::response(req.metadata.id, OpCode::Query);
             resp.metadata.authoritative = true;
             resp.metadata.recursion_desired = req.metadata.recursion_desired;
@@ -93,7 +97,10 @@ const LIMIT: Duration = Duration::from_secs(10);
 #[tokio::test]
 async fn a_records_are_re_resolved_on_ttl_and_a_bogus_empty_answer_is_held() {
     let zone: Zone = Default::default();
-    zone.lock().unwrap().insert(("web.test.".into(), RecordType::A), vec![a([127, 0, 0, 1]), a([127, 0, 0, 2])]);
+    zone.lock().unwrap().insert(
+        ("web.test.".into(), RecordType::A),
+        vec![a([127, 0, 0, 1]), a([127, 0, 0, 2])],
+    );
     let server = dns_server(zone.clone()).await;
     let cfg = config(
         server,
@@ -110,7 +117,10 @@ async fn a_records_are_re_resolved_on_ttl_and_a_bogus_empty_answer_is_held() {
     wait_len(&w, 2, LIMIT).await;
     assert!(w.snapshot().iter().all(|i| i.addr.port() == 8080));
 
-    zone.lock().unwrap().insert(("web.test.".into(), RecordType::A), vec![a([127, 0, 0, 1]), a([127, 0, 0, 2]), a([127, 0, 0, 3])]);
+    zone.lock().unwrap().insert(
+        ("web.test.".into(), RecordType::A),
+        vec![a([127, 0, 0, 1]), a([127, 0, 0, 2]), a([127, 0, 0, 3])],
+    );
     wait_len(&w, 3, LIMIT).await;
 
     // The name disappears (a bogus NXDOMAIN): held, then believed after 3 reads in a row.
@@ -131,7 +141,7 @@ async fn srv_priority_makes_backups_weight_is_kept_and_bad_records_are_skipped()
                 srv(10, 5, 8001, "a.test."),
                 srv(10, 0, 8002, "b.test."),
                 srv(20, 1, 8003, "c.test."),
-                srv(10, 1, 0, "a.test."),       // port 0: skipped
+                srv(10, 1, 0, "a.test."),          // port 0: skipped
                 srv(10, 1, 8004, "nowhere.test."), // does not resolve: skipped
             ],
         );

@@ -60,7 +60,9 @@ async fn lifecycle_key_layout_expiry_and_malformed_records() {
     // The stored value follows Go's naming/endpoints layout.
     let key = "svcs/orders/127.0.0.1:9601";
     let got = post(&ep, "/v3/kv/range", json!({"key": B64.encode(key)})).await;
-    let value = B64.decode(got["kvs"][0]["value"].as_str().unwrap()).unwrap();
+    let value = B64
+        .decode(got["kvs"][0]["value"].as_str().unwrap())
+        .unwrap();
     let rec: Value = serde_json::from_slice(&value).unwrap();
     assert_eq!(rec["Op"], 0);
     assert_eq!(rec["Addr"], "127.0.0.1:9601");
@@ -68,13 +70,26 @@ async fn lifecycle_key_layout_expiry_and_malformed_records() {
 
     // A record written by a Go endpoints manager is understood; garbage is skipped.
     let put = |k: &str, v: &str| {
-        post(&ep, "/v3/kv/put", json!({"key": B64.encode(k), "value": B64.encode(v)}))
+        post(
+            &ep,
+            "/v3/kv/put",
+            json!({"key": B64.encode(k), "value": B64.encode(v)}),
+        )
     };
-    put("svcs/orders/127.0.0.1:9602", r#"{"Op":0,"Addr":"127.0.0.1:9602","Metadata":null}"#).await;
+    put(
+        "svcs/orders/127.0.0.1:9602",
+        r#"{"Op":0,"Addr":"127.0.0.1:9602","Metadata":null}"#,
+    )
+    .await;
     put("svcs/orders/garbage", "{{{").await;
     put("svcs/orders/host", r#"{"Op":0,"Addr":"db.internal:5432"}"#).await;
     wait_len(&w, 2, LIMIT).await;
-    post(&ep, "/v3/kv/deleterange", json!({"key": B64.encode("svcs/orders/127.0.0.1:9602")})).await;
+    post(
+        &ep,
+        "/v3/kv/deleterange",
+        json!({"key": B64.encode("svcs/orders/127.0.0.1:9602")}),
+    )
+    .await;
     wait_len(&w, 1, LIMIT).await;
 
     // Drain is visible.
@@ -119,9 +134,15 @@ async fn after_an_etcd_restart_and_a_compaction_watchers_reread_and_leases_come_
     for p in 9702..9705 {
         let k = format!("keel/ledger/127.0.0.1:{p}");
         let v = format!(r#"{{"Op":0,"Addr":"127.0.0.1:{p}"}}"#);
-        post(&ep, "/v3/kv/put", json!({"key": B64.encode(k), "value": B64.encode(v)})).await;
+        post(
+            &ep,
+            "/v3/kv/put",
+            json!({"key": B64.encode(k), "value": B64.encode(v)}),
+        )
+        .await;
     }
-    let rev = post(&ep, "/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]["revision"]
+    let rev = post(&ep, "/v3/kv/range", json!({"key": B64.encode("x")})).await["header"]
+        ["revision"]
         .as_str()
         .unwrap()
         .to_owned();

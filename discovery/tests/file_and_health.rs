@@ -127,7 +127,10 @@ async fn from_config_defaults_to_memory_and_builds_static() {
     };
     cfg.services.insert(
         "payments".into(),
-        vec![StaticEndpoint::new("127.0.0.1:8066"), StaticEndpoint::new("127.0.0.1:8067")],
+        vec![
+            StaticEndpoint::new("127.0.0.1:8066"),
+            StaticEndpoint::new("127.0.0.1:8067"),
+        ],
     );
     let d = from_config(&cfg, shutdown.clone()).await.unwrap();
     assert_eq!(d.backend(), "static");

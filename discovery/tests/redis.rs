@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use keel_core::{AdminState, Shutdown};
-use keel_discovery::{
-    Backend, Discover, DiscoveryConfig, Registry, RedisDiscovery,
-};
+use keel_discovery::{Backend, Discover, DiscoveryConfig, RedisDiscovery, Registry};
 use keel_testkit::{shared_redis_url, unique_prefix, RedisServer};
 use redis::AsyncCommands;
 
@@ -68,7 +66,10 @@ async fn a_registration_whose_heartbeat_stops_is_removed_after_its_ttl() {
     drop(leaves); // heartbeats stop; nothing is deleted
     wait_len(&w, 1, LIMIT).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(200), "removed by expiry, not by drop: {took:?}");
+    assert!(
+        took >= Duration::from_millis(200),
+        "removed by expiry, not by drop: {took:?}"
+    );
     assert_eq!(ports(&w), vec![9201]);
     drop(stays);
 }
@@ -89,11 +90,21 @@ async fn malformed_records_are_skipped_and_the_watcher_keeps_going() {
     let _: () = c.zadd(&alive, "bad", 1e15).await.unwrap();
     // Also a record of another service, and garbage change events.
     let wrong = serde_json::to_string(&inst(&svc("other"), 9399)).unwrap();
-    let _: () = c.set_ex(format!("{prefix}:{{inventory}}:inst:wrong"), &wrong, 60).await.unwrap();
+    let _: () = c
+        .set_ex(format!("{prefix}:{{inventory}}:inst:wrong"), &wrong, 60)
+        .await
+        .unwrap();
     let _: () = c.zadd(&alive, "wrong", 1e15).await.unwrap();
     let w = d.watch(&s).unwrap();
     wait_len(&w, 1, LIMIT).await;
-    let _: String = c.xadd(&events, "*", &[("op", "put"), ("id", "x"), ("data", "garbage")]).await.unwrap();
+    let _: String = c
+        .xadd(
+            &events,
+            "*",
+            &[("op", "put"), ("id", "x"), ("data", "garbage")],
+        )
+        .await
+        .unwrap();
     let _: String = c.xadd(&events, "*", &[("nonsense", "1")]).await.unwrap();
     let _more = d.register(inst(&s, 9302)).await.unwrap();
     wait_len(&w, 2, LIMIT).await;
@@ -141,13 +152,19 @@ async fn after_a_redis_restart_watchers_recover_and_registrations_come_back() {
     eventually(LIMIT, "registrations rewritten in the new server", || {
         let client = client.clone();
         async move {
-            let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+            let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                return false;
+            };
             let n: usize = c.zcard("keel:{ledger}:alive").await.unwrap_or(0);
             n == 2
         }
     })
     .await;
-    assert_eq!(w.snapshot().len(), 2, "the set never dropped below what the guard allows");
+    assert_eq!(
+        w.snapshot().len(),
+        2,
+        "the set never dropped below what the guard allows"
+    );
     // The watcher follows changes again.
     let _c = d.register(inst(&s, 9503)).await.unwrap();
     wait_len(&w, 3, LIMIT).await;

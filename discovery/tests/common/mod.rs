@@ -10,7 +10,10 @@ pub fn svc(name: &str) -> ServiceName {
 }
 
 pub fn inst(service: &ServiceName, port: u16) -> Instance {
-    Instance::new(service.clone(), format!("127.0.0.1:{port}").parse().unwrap())
+    Instance::new(
+        service.clone(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    )
 }
 
 /// Polls `f` every 20 ms until it is true, or panics after `limit` with `what`.
@@ -34,10 +37,14 @@ where
 /// Waits until the watched set has `n` instances.
 pub async fn wait_len(w: &InstanceWatch, n: usize, limit: Duration) {
     let w2 = w.clone();
-    eventually(limit, &format!("{} instances of {}", n, w.service()), move || {
-        let len = w2.snapshot().len();
-        async move { len == n }
-    })
+    eventually(
+        limit,
+        &format!("{} instances of {}", n, w.service()),
+        move || {
+            let len = w2.snapshot().len();
+            async move { len == n }
+        },
+    )
     .await;
 }
 
