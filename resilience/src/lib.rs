@@ -23,10 +23,12 @@
 
 mod breaker;
 mod budget;
+mod bulkhead;
 mod classify;
 mod config;
 mod deadline;
 mod error;
+mod hedge;
 pub mod metrics;
 mod ratelimit;
 mod retry;
@@ -38,6 +40,10 @@ pub use self::{
         CircuitBreakerLayer, ResponseFuture as CircuitBreakerFuture,
     },
     budget::RetryBudget,
+    bulkhead::{
+        AdaptiveConcurrency, Bulkhead, BulkheadLayer, ConcurrencyLimiter, ConcurrencyPermit,
+        LoadShed, LoadShedLayer, ResponseFuture as BulkheadFuture, ShedFuture,
+    },
     classify::{
         classify_error, retry_after_header, Classifier, FailureClass, HttpClassifier, Outcome,
     },
@@ -51,6 +57,7 @@ pub use self::{
         ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
     },
     error::{BoxError, InvalidConfig, ResilienceError},
+    hedge::{futures_either, Hedge, HedgeLayer, ResponseFuture as HedgeFuture},
     ratelimit::{
         request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
         RateLimiter, RedisGcra, ResponseFuture as RateLimitFuture, ServerRateLimit,
