@@ -1,2 +1,252 @@
-//! HTTP load benchmark (being written).
-fn main() {}
+//! HTTP load benchmark: one axum endpoint with and without the idempotency layer (Redis and
+//! memory stores), driven by `wrk` on 127.0.0.1 with a unique key per request, and
+//! `redis-benchmark` running the same two scripts (claim, complete) at the same concurrency.
+//! Everything runs side by side in one process run, so the ratios are comparable.
+//!
+//! Run: `cargo bench -p keel-idempotency --bench http_load` (needs `wrk`, `redis-server`,
+//! `redis-benchmark`). `KEEL_BENCH_SECS` (default 8) sets the length of each wrk run and
+//! `KEEL_BENCH_CONNS` (default 32) the concurrency.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use axum::{http::StatusCode, routing::post, Router};
+use keel_core::Live;
+use keel_idempotency::{
+    IdempotencyConfig, IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore, StoreKind,
+};
+use keel_testkit::RedisServer;
+
+const WRK_SCRIPT: &str = r#"
+wrk.method = "POST"
+wrk.body = '{"amount":10,"currency":"EUR"}'
+wrk.headers["Content-Type"] = "application/json"
+local prefix = "x"
+local n = 0
+function init(args) prefix = args[1] or "x" end
+function request()
+  n = n + 1
+  return wrk.format(nil, nil, { ["Idempotency-Key"] = '"' .. prefix .. "-" .. n .. '"' })
+end
+"#;
+
+async fn handler() -> (StatusCode, [(&'static str, &'static str); 1], &'static str) {
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        "{\"id\":\"ord_1\",\"status\":\"created\"}",
+    )
+}
+
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_latency(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1_000.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1_000_000.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * mult
+}
+
+fn wrk(url: &str, conns: u32, secs: u32, script: &str, tag: &str) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+            script,
+            url,
+            "--",
+            tag,
+        ])
+        .output()
+        .expect("wrk must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = Wrk {
+        rps: 0.0,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    };
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            r.p50_us = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            r.p99_us = parse_latency(v);
+        } else if t.starts_with("Non-2xx") || t.starts_with("Socket errors") {
+            println!("  wrk {url}: {t}");
+        }
+    }
+    r
+}
+
+/// (requests/s, p50 ms) of one `redis-benchmark` command.
+fn redis_benchmark(port: u16, conns: u32, n: u32, args: &[&str]) -> (f64, f64) {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-n",
+            &n.to_string(),
+            "-r",
+            "100000000",
+            "--csv",
+        ])
+        .args(args)
+        .output()
+        .expect("redis-benchmark must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
+    let line = text.lines().last().unwrap_or_default().replace('"', "");
+    let f: Vec<&str> = line.split(',').collect();
+    let rps = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let p50 = f.get(4).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    (rps, p50)
+}
+
+fn main() {
+    let secs: u32 = std::env::var("KEEL_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let conns: u32 = std::env::var("KEEL_BENCH_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = IdempotencyConfig {
+        store: StoreKind::Redis,
+        url: redis.url(),
+        prefix: "bench:".into(),
+        ..IdempotencyConfig::default()
+    };
+    let (addr, shas) = rt.block_on(async {
+        let store = RedisStore::connect(&cfg).await.unwrap();
+        let shas = (
+            store.script_shas().0.to_owned(),
+            store.script_shas().1.to_owned(),
+        );
+        let redis_store: Arc<dyn IdempotencyStore> = Arc::new(store);
+        let mem: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::new(10_000_000));
+        let live = Live::new(cfg.clone());
+        let app = Router::new()
+            .route("/plain", post(handler))
+            .route(
+                "/redis",
+                post(handler).layer(IdempotencyLayer::new(redis_store, live.clone())),
+            )
+            .route(
+                "/memory",
+                post(handler).layer(IdempotencyLayer::new(mem, live)),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, shas)
+    });
+    // The server runs on the runtime's worker thread; wrk and redis-benchmark run as processes.
+    std::thread::sleep(Duration::from_millis(200));
+    let dir = tempfile_dir();
+    let script = format!("{dir}/keys.lua");
+    std::fs::write(&script, WRK_SCRIPT).unwrap();
+    let run = std::process::id();
+
+    println!("keel-idempotency http_load: wrk -t1, {secs}s per run, server on 1 tokio worker");
+    let mut rows = Vec::new();
+    for c in [1, conns] {
+        for path in ["/plain", "/redis", "/memory"] {
+            let w = wrk(
+                &format!("http://{addr}{path}"),
+                c,
+                secs,
+                &script,
+                &format!("{run}-{c}-{}", path.trim_start_matches('/')),
+            );
+            println!(
+                "  c={c:<3} {path:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
+                w.rps, w.p50_us, w.p99_us
+            );
+            rows.push((c, path, w));
+        }
+    }
+    let get = |c: u32, p: &str| {
+        rows.iter()
+            .find(|r| r.0 == c && r.1 == p)
+            .map(|r| &r.2)
+            .unwrap()
+    };
+
+    let port = redis.port();
+    let (claim, complete) = (&shas.0, &shas.1);
+    let n = 200_000;
+    let claim_args = [
+        "EVALSHA",
+        claim,
+        "2",
+        "rb:{__rand_int__}",
+        "rb:{__rand_int__}:fence",
+        "owner0123456789abcdef0123456789ab",
+        "fp0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab",
+        "10000",
+        "86400000",
+    ];
+    let complete_args = [
+        "EVALSHA",
+        complete,
+        "1",
+        "rb:{__rand_int__}",
+        "owner0123456789abcdef0123456789ab",
+        "K1record-of-about-fifty-bytes-0123456789abcdef",
+        "86400000",
+    ];
+    let (claim_rps_1, claim_p50_1) = redis_benchmark(port, 1, n / 10, &claim_args);
+    let (claim_rps, _) = redis_benchmark(port, conns, n, &claim_args);
+    let (complete_rps, _) = redis_benchmark(port, conns, n, &complete_args);
+    let pair_rps = 1.0 / (1.0 / claim_rps + 1.0 / complete_rps);
+    println!(
+        "  redis-benchmark c=1  claim EVALSHA: {claim_rps_1:.0} req/s, p50 {:.0} us",
+        claim_p50_1 * 1000.0
+    );
+    println!("  redis-benchmark c={conns} claim EVALSHA: {claim_rps:.0} req/s; complete EVALSHA: {complete_rps:.0} req/s; claim+complete pairs: {pair_rps:.0}/s");
+
+    let (plain, idem) = (get(conns, "/plain"), get(conns, "/redis"));
+    let (plain1, idem1) = (get(1, "/plain"), get(1, "/redis"));
+    let added = idem1.p50_us - plain1.p50_us;
+    let budget = 2.0 * claim_p50_1 * 1000.0 + 20.0;
+    println!("ratios:");
+    println!(
+        "  throughput with layer (redis) / without, c={conns}: {:.2} (target >= 0.5)",
+        idem.rps / plain.rps
+    );
+    println!("  added p50 at c=1: {added:.0} us; budget 2 x redis round trip ({:.0} us) + 20 us = {budget:.0} us", claim_p50_1 * 1000.0);
+    println!("  layer throughput / redis-benchmark claim+complete pairs, c={conns}: {:.2} (target >= 0.6)", idem.rps / pair_rps);
+}
+
+fn tempfile_dir() -> String {
+    let d = std::env::temp_dir().join(format!("keel-idem-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.to_string_lossy().into_owned()
+}

@@ -9,7 +9,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
     key,
-    lease::{FencingToken, LeaseLost, Watchdog},
+    lease::{with_lease, FencingToken, LeaseLost},
     store::{new_owner, Claim, IdempotencyStore, Ownership},
     telemetry, IdempotencyError,
 };
@@ -156,11 +156,9 @@ impl Idempotent {
                 }
             }
         };
-        let watchdog = Watchdog::spawn(self.store.clone(), skey.clone(), owner.clone(), self.lease);
-        let out = AssertUnwindSafe(f(FencingToken(fence), watchdog.lost.clone()))
-            .catch_unwind()
-            .await;
-        drop(watchdog);
+        let lost = LeaseLost::default();
+        let work = AssertUnwindSafe(f(FencingToken(fence), lost.clone())).catch_unwind();
+        let out = with_lease(self.store.as_ref(), &skey, &owner, self.lease, &lost, work).await;
         let value = match out {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {

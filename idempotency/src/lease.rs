@@ -9,7 +9,7 @@
 //! will be refused as a stale owner. A process paused longer than its lease (GC, SIGSTOP, a VM
 //! migration) cannot notice in time; that is what the [`FencingToken`] is for.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -50,68 +50,66 @@ impl LeaseLost {
     }
 }
 
-/// Renews a lease until dropped.
-pub(crate) struct Watchdog {
-    stop: CancellationToken,
-    pub(crate) lost: LeaseLost,
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.cancel();
+/// Runs `work` while renewing the lease every `lease / 3` in the same task (no spawn: the renewal
+/// loop is polled beside the work and stops when the work ends). Cancels `lost` when a renewal
+/// finds another owner, or when renewals fail until the next one would come too late.
+pub(crate) async fn with_lease<F: Future>(
+    store: &dyn IdempotencyStore,
+    key: &str,
+    owner: &str,
+    lease: Duration,
+    lost: &LeaseLost,
+    work: F,
+) -> F::Output {
+    let renew = renew_loop(store, key, owner, lease, lost);
+    tokio::pin!(work);
+    tokio::pin!(renew);
+    let mut renewing = true;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            () = &mut renew, if renewing => renewing = false,
+        }
     }
 }
 
-impl Watchdog {
-    pub(crate) fn spawn(
-        store: Arc<dyn IdempotencyStore>,
-        key: String,
-        owner: String,
-        lease: Duration,
-    ) -> Self {
-        let stop = CancellationToken::new();
-        let lost = LeaseLost::default();
-        let every = (lease / 3).max(Duration::from_millis(1));
-        let (stop2, lost2) = (stop.clone(), lost.clone());
-        tokio::spawn(async move {
-            let mut last_ok = Instant::now();
-            loop {
-                tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let r = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    r = tokio::time::timeout(every, store.renew(&key, &owner, lease)) => r,
-                };
-                match r {
-                    Ok(Ok(Ownership::Owner)) => {
-                        telemetry::renewal("ok");
-                        last_ok = Instant::now();
-                    }
-                    Ok(Ok(Ownership::Stale)) => {
-                        telemetry::renewal("lost");
-                        warn!(
-                            key = crate::key::short(&key),
-                            "idempotency lease lost: key taken over or expired"
-                        );
-                        lost2.0.cancel();
-                        return;
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        telemetry::renewal("error");
-                        if last_ok.elapsed() + every >= lease {
-                            warn!(
-                                key = crate::key::short(&key),
-                                "idempotency lease renewals failed for a whole lease"
-                            );
-                            lost2.0.cancel();
-                            return;
-                        }
-                    }
+async fn renew_loop(
+    store: &dyn IdempotencyStore,
+    key: &str,
+    owner: &str,
+    lease: Duration,
+    lost: &LeaseLost,
+) {
+    let every = (lease / 3).max(Duration::from_millis(1));
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(every, store.renew(key, owner, lease)).await {
+            Ok(Ok(Ownership::Owner)) => {
+                telemetry::renewal("ok");
+                last_ok = Instant::now();
+            }
+            Ok(Ok(Ownership::Stale)) => {
+                telemetry::renewal("lost");
+                warn!(
+                    key = crate::key::short(key),
+                    "idempotency lease lost: key taken over or expired"
+                );
+                lost.0.cancel();
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {
+                telemetry::renewal("error");
+                if last_ok.elapsed() + every >= lease {
+                    warn!(
+                        key = crate::key::short(key),
+                        "idempotency lease renewals failed for a whole lease"
+                    );
+                    lost.0.cancel();
+                    return;
                 }
             }
-        });
-        Self { stop, lost }
+        }
     }
 }

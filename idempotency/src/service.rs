@@ -22,7 +22,6 @@ use std::{
 };
 
 use axum::{body::Body, extract::MatchedPath};
-use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -35,7 +34,7 @@ use crate::{
     future::ResponseFuture,
     key,
     layer::{IdempotencyLayer, Overrides},
-    lease::{FencingToken, Watchdog},
+    lease::{with_lease, FencingToken, LeaseLost},
     problem::problem,
     record::StoredResponse,
     store::{new_owner, Claim, IdempotencyStore, Ownership},
@@ -376,9 +375,9 @@ where
         }
     };
 
-    let watchdog = Watchdog::spawn(store.clone(), skey.clone(), owner.clone(), lease);
+    let lost = LeaseLost::default();
     req.extensions_mut().insert(FencingToken(fence));
-    req.extensions_mut().insert(watchdog.lost.clone());
+    req.extensions_mut().insert(lost.clone());
     let mut guard = CancelGuard {
         store: store.clone(),
         key: skey.clone(),
@@ -387,21 +386,42 @@ where
         armed: true,
     };
 
-    let outcome = AssertUnwindSafe(call_inner(inner, req))
-        .catch_unwind()
-        .await;
-    let resp = match outcome {
-        Ok(Ok(resp)) => resp,
+    // The handler and the collection of its body run under the lease.
+    let work = async {
+        let resp = call_inner(inner, req).await?;
+        let (parts, body) = resp.into_parts();
+        Ok::<_, S::Error>((parts, body.collect().await.map(|b| b.to_bytes())))
+    };
+    let outcome = with_lease(
+        store.as_ref(),
+        &skey,
+        &owner,
+        lease,
+        &lost,
+        AssertUnwindSafe(work).catch_unwind(),
+    )
+    .await;
+    guard.armed = false;
+    let (parts, body) = match outcome {
+        Ok(Ok((parts, Ok(body)))) => (parts, body),
+        Ok(Ok((_, Err(e)))) => {
+            let _ = store.release(&skey, &owner).await;
+            telemetry::complete("released");
+            error!(key = key::short(&skey), error = %e, "response body failed; key released");
+            return Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "body-failed",
+                "Internal error",
+                "The response could not be produced; the request may be retried.",
+                None,
+            ));
+        }
         Ok(Err(e)) => {
-            guard.armed = false;
-            drop(watchdog);
             let _ = store.release(&skey, &owner).await;
             telemetry::complete("released");
             return Err(e);
         }
         Err(_) => {
-            guard.armed = false;
-            drop(watchdog);
             let _ = store.release(&skey, &owner).await;
             telemetry::complete("released");
             error!(key = key::short(&skey), "handler panicked; key released");
@@ -414,28 +434,6 @@ where
             ));
         }
     };
-
-    let (parts, body) = resp.into_parts();
-    let body: Bytes = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            guard.armed = false;
-            drop(watchdog);
-            let _ = store.release(&skey, &owner).await;
-            telemetry::complete("released");
-            error!(key = key::short(&skey), error = %e, "response body failed; key released");
-            return Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "body-failed",
-                "Internal error",
-                "The response could not be produced; the request may be retried.",
-                None,
-            ));
-        }
-    };
-    let lost = watchdog.lost.clone();
-    drop(watchdog);
-    guard.armed = false;
 
     let status = parts.status.as_u16();
     let storable = policy.store_policy().stores(status) && body.len() <= policy.cfg.max_body_bytes;

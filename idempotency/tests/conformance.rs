@@ -28,7 +28,17 @@ async fn post(c: &reqwest::Client, url: &str, key: Option<&str>, body: &str) -> 
 }
 
 async fn thousand_over_fifty(store: Arc<dyn IdempotencyStore>) {
-    let app = start(store, test_config()).await;
+    // A lease far above any scheduling delay: this test is about claim atomicity; lease expiry
+    // (which allows a second execution by design) has tests of its own.
+    let app = start(
+        store,
+        IdempotencyConfig {
+            lease: Duration::from_secs(10),
+            store_timeout: Duration::from_secs(10),
+            ..test_config()
+        },
+    )
+    .await;
     app.seen.default_ms.store(100, Ordering::SeqCst);
     let c = client();
     let mut tasks = Vec::new();
@@ -53,7 +63,7 @@ async fn thousand_over_fifty(store: Arc<dyn IdempotencyStore>) {
         }));
     }
     let mut bodies: HashMap<usize, Vec<bytes::Bytes>> = HashMap::new();
-    let (mut created, mut conflicts) = (0, 0);
+    let (mut created, mut conflicts, mut lease_lost) = (0, 0, 0);
     for t in tasks {
         let (k, status, _replayed, problem, retry_after, body) = t.await.unwrap();
         match status {
@@ -67,10 +77,19 @@ async fn thousand_over_fifty(store: Arc<dyn IdempotencyStore>) {
                     "409 must be problem+json with Retry-After"
                 );
                 conflicts += 1;
+                if String::from_utf8_lossy(&body).contains("lease-lost") {
+                    lease_lost += 1;
+                }
             }
             other => panic!("unexpected status {other}"),
         }
     }
+    eprintln!(
+        "execs {} created {created} conflicts {conflicts} stale {lease_lost} lease_lost_seen {} per_key>1: {:?}",
+        app.seen.execs(),
+        app.seen.lease_lost_seen.load(Ordering::SeqCst),
+        app.seen.per_key.lock().unwrap().iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
     assert_eq!(
         app.seen.execs(),
         50,

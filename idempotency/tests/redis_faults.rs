@@ -42,7 +42,7 @@ fn stat(info: &str, line_prefix: &str, field: &str) -> u64 {
 
 /// Commands the scripts run inside Redis: counted by INFO, but no round trip of ours.
 const IN_SCRIPT: &[&str] = &[
-    "hmget", "incr", "set", "exists", "pexpire", "hset", "hdel", "time", "pttl", "del",
+    "hmget", "incr", "incrby", "set", "exists", "pexpire", "hset", "hdel", "time", "pttl", "del",
 ];
 
 /// (EVALSHA calls, commands sent by clients other than our INFO), over one long-lived connection.

@@ -8,8 +8,8 @@
 //! Keys: `{prefix}{<hash>}` holds the record (a hash: state, owner, fingerprint, result) and
 //! `{prefix}{<hash>}:fence` the fencing counter. The `{<hash>}` hash tag puts both on one
 //! cluster slot, as a script's keys must be. The fence counter outlives the record (it is kept
-//! for the retention TTL after each claim) and is seeded from the Redis server's clock (`TIME`,
-//! in microseconds) when absent, so tokens keep growing even across a lost counter. All times
+//! for a day, or four leases, after each claim) and is seeded from the Redis server's clock
+//! (`TIME`, in microseconds) when it was absent, so tokens keep growing even across a lost counter. All times
 //! are the Redis server's: leases and retention are `PEXPIRE`s, never a client clock.
 //!
 //! What Redis alone gives: with one primary and no failover, claims are linearizable. With
@@ -35,11 +35,11 @@ if r[1] then
   if r[1] == 'c' then return {2, r[3]} end
   return {1, redis.call('PTTL', KEYS[1])}
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local t = redis.call('TIME')
-  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
-end
 local n = redis.call('INCR', KEYS[2])
+if n == 1 then
+  local t = redis.call('TIME')
+  n = redis.call('INCRBY', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -59,7 +59,6 @@ const COMPLETE: &str = r"
 local r = redis.call('HMGET', KEYS[1], 's', 'o')
 if r[1] == 'p' and r[2] == ARGV[1] then
   redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'o')
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
 end
@@ -159,6 +158,12 @@ impl RedisStore {
             ..IdempotencyConfig::default()
         };
         Self::connect(&cfg).await
+    }
+
+    /// The SHA-1 of the claim and complete scripts (as `EVALSHA` takes them): for operators and
+    /// benchmarks (`redis-benchmark ... EVALSHA <sha> ...`).
+    pub fn script_shas(&self) -> (&str, &str) {
+        (&self.scripts[0].sha, &self.scripts[2].sha)
     }
 
     async fn load_scripts(&self) -> Result<(), IdempotencyError> {
