@@ -24,14 +24,17 @@
 mod breaker;
 mod budget;
 mod bulkhead;
+mod chaos;
 mod classify;
 mod config;
 mod deadline;
 mod error;
+mod fallback;
 mod hedge;
 pub mod metrics;
 mod ratelimit;
 mod retry;
+mod stack;
 mod util;
 
 pub use self::{
@@ -44,6 +47,7 @@ pub use self::{
         AdaptiveConcurrency, Bulkhead, BulkheadLayer, ConcurrencyLimiter, ConcurrencyPermit,
         LoadShed, LoadShedLayer, ResponseFuture as BulkheadFuture, ShedFuture,
     },
+    chaos::{Chaos, ChaosLayer, ResponseFuture as ChaosFuture},
     classify::{
         classify_error, retry_after_header, Classifier, FailureClass, HttpClassifier, Outcome,
     },
@@ -57,6 +61,7 @@ pub use self::{
         ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
     },
     error::{BoxError, InvalidConfig, ResilienceError},
+    fallback::{triggers_fallback, Fallback, FallbackLayer, ResponseFuture as FallbackFuture},
     hedge::{futures_either, Hedge, HedgeLayer, ResponseFuture as HedgeFuture},
     ratelimit::{
         request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
@@ -67,5 +72,6 @@ pub use self::{
         is_retry_safe, replay_request, served_by, ReplayBody, ResponseFuture as RetryFuture, Retry,
         RetryLayer, IDEMPOTENCY_KEY,
     },
+    stack::{ClientStack, ClientStackLayer, ServerStack, ServerStackLayer},
     util::EitherResponse,
 };
