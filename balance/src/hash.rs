@@ -6,7 +6,7 @@
 //! so every client of a service maps a key to the same instance. (ketama used MD5; what matters is
 //! that all clients agree, not which hash.)
 //!
-//! The random source is splitmix64 over one atomic counter: lock-free under concurrent picks,
+//! The random source is splitmix64 over one atomic word: lock-free under concurrent picks,
 //! seedable for deterministic tests (like tower's `Balance::from_rng`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,12 +60,16 @@ impl Rng {
         Self(AtomicU64::new(seed))
     }
 
+    /// The next value. A relaxed load and store rather than a read-modify-write: two threads
+    /// racing may draw the same value (harmless for balancing), and a single thread gets the
+    /// exact seeded sequence, at a fraction of the cost of a locked instruction.
     #[inline]
     pub(crate) fn next_u64(&self) -> u64 {
         let x = self
             .0
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .load(Ordering::Relaxed)
             .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.0.store(x, Ordering::Relaxed);
         fmix64(x ^ (x >> 31))
     }
 

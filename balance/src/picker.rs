@@ -39,9 +39,9 @@ use crate::{
     error::BalanceError,
     hash::{fmix64, hash_bytes, HashKey, Rng},
     outlier,
-    roster::{Entry, Group, Roster, Tier, Zoned},
+    roster::{Entry, Group, Roster, States, Tier, Zoned},
     snapshot::BalancerSnapshot,
-    state::{Clock, InstanceState},
+    state::Clock,
     telemetry,
 };
 
@@ -106,7 +106,13 @@ pub(crate) struct Shared {
     health: Option<Live<HealthMap>>,
     config: Live<BalanceConfig>,
     pub(crate) roster: ArcSwap<Roster>,
-    states: Mutex<(HashMap<InstanceId, Arc<InstanceState>>, u64)>,
+    /// Bumped by every store into an input (through the projections below), before `store`
+    /// returns; a pick compares it with the stamp its tables were built at: one atomic load
+    /// instead of three pointer loads.
+    stamp: Arc<AtomicU64>,
+    /// Projections of the inputs whose only job is to bump `stamp`; dropped with the balancer.
+    _hooks: Vec<Live<u64>>,
+    states: Mutex<(States, u64)>,
     rng: Rng,
     pub(crate) clock: Clock,
     /// Bumped whenever an instance's health changes, so cached group health is recomputed.
@@ -160,6 +166,7 @@ impl Balancer {
     }
 
     /// Adds active health (from discovery's checks); an instance absent from the map is healthy.
+    /// A construction step: call it before the first pick (it starts afresh).
     #[must_use]
     pub fn with_health(self, health: Live<HealthMap>) -> Self {
         let s = &self.shared;
@@ -174,6 +181,7 @@ impl Balancer {
     }
 
     /// Replaces the random source with a seeded one, for deterministic tests.
+    /// A construction step: call it before the first pick (it starts afresh).
     #[must_use]
     pub fn with_seed(self, seed: u64) -> Self {
         let s = &self.shared;
@@ -196,8 +204,22 @@ impl Balancer {
     ) -> Result<Self, BalanceError> {
         let cfg = config.get();
         cfg.validate().map_err(BalanceError::InvalidConfig)?;
+        let stamp = Arc::new(AtomicU64::new(0));
+        fn hook<T: Send + Sync + 'static>(live: &Live<T>, stamp: &Arc<AtomicU64>) -> Live<u64> {
+            let stamp = stamp.clone();
+            live.project(move |_: &T| stamp.fetch_add(1, Relaxed) + 1)
+        }
+        let mut hooks = vec![hook(&instances, &stamp), hook(&config, &stamp)];
+        if let Some(h) = &health {
+            hooks.push(hook(h, &stamp));
+        }
         let clock = Clock::new();
         let mut states = HashMap::new();
+        // Stamp first, inputs second (as in `rebuild`).
+        let stamp0 = stamp.load(Relaxed);
+        let cfg = Some(config.get())
+            .filter(|c| c.validate().is_ok())
+            .unwrap_or(cfg);
         let roster = Roster::build(
             &service,
             instances.get(),
@@ -207,6 +229,7 @@ impl Balancer {
             clock.now(),
             true,
             0,
+            stamp0,
         );
         let label = service.to_string();
         Ok(Self {
@@ -219,6 +242,8 @@ impl Balancer {
                 health,
                 config,
                 roster: ArcSwap::from_pointee(roster),
+                stamp,
+                _hooks: hooks,
                 states: Mutex::new((states, 0)),
                 rng: Rng::new(seed),
                 clock,
@@ -239,14 +264,7 @@ impl Balancer {
     pub(crate) fn roster(&self) -> arc_swap::Guard<Arc<Roster>> {
         let s = &self.shared;
         let r = s.roster.load();
-        let fresh = Arc::ptr_eq(&*s.instances.load(), &r.instances)
-            && Arc::ptr_eq(&*s.config.load(), &r.config)
-            && match (&s.health, &r.health) {
-                (Some(l), Some(h)) => Arc::ptr_eq(&*l.load(), h),
-                (None, None) => true,
-                _ => false,
-            };
-        if fresh {
+        if r.stamp == s.stamp.load(Relaxed) {
             return r;
         }
         drop(r);
@@ -262,20 +280,16 @@ impl Balancer {
             Err(p) => p.into_inner(),
         };
         let (states, generation) = &mut *guard;
+        // Read the stamp before the inputs: a store racing with this rebuild leaves the stamp
+        // ahead of the tables, and the next pick rebuilds again.
+        let stamp = s.stamp.load(Relaxed);
+        let current = s.roster.load();
+        if current.stamp == stamp {
+            return;
+        }
         let instances = s.instances.get();
         let config = s.config.get();
         let health = s.health.as_ref().map(|h| h.get());
-        let current = s.roster.load();
-        if Arc::ptr_eq(&instances, &current.instances)
-            && Arc::ptr_eq(&config, &current.config)
-            && match (&health, &current.health) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-        {
-            return;
-        }
         if let Err(e) = config.validate() {
             // The facade validates before publishing; should a bad policy slip through, keep
             // the last good one rather than balance by nonsense.
@@ -296,6 +310,7 @@ impl Balancer {
             s.clock.now(),
             false,
             *generation,
+            stamp,
         );
         tracing::debug!(service = %s.service, generation = *generation, instances = roster.entries.len(), "balancer tables rebuilt");
         s.roster.store(Arc::new(roster));
@@ -322,12 +337,17 @@ impl Balancer {
             Some(e) => {
                 let entry = r.entries[e as usize].clone();
                 entry.state.in_flight.fetch_add(1, Relaxed);
-                self.shared.total_in_flight.fetch_add(1, Relaxed);
+                // The total is only read by the bounded-load check.
+                let counted = r.config.hash_balance_factor.is_some();
+                if counted {
+                    self.shared.total_in_flight.fetch_add(1, Relaxed);
+                }
                 Ok(Picked {
                     shared: self.shared.clone(),
                     entry,
                     start: now,
                     done: false,
+                    counted,
                 })
             }
             None => {
@@ -583,14 +603,21 @@ impl Balancer {
             if !ok(e) {
                 continue;
             }
-            let w = ((f64::from(e.weight) * r.slow_factor(e, now)).round() as i64).max(1);
-            let mut ew = e.state.effective_weight.load(Relaxed).clamp(0, w);
+            let w = if e.slow_window == 0 {
+                i64::from(e.weight)
+            } else {
+                ((f64::from(e.weight) * r.slow_factor(e, now)).round() as i64).max(1)
+            };
+            let seen = e.state.effective_weight.load(Relaxed);
+            let mut ew = seen.clamp(0, w);
             current[k] += ew;
             total += ew;
             if ew < w {
                 ew += 1;
             }
-            e.state.effective_weight.store(ew, Relaxed);
+            if ew != seen {
+                e.state.effective_weight.store(ew, Relaxed);
+            }
             if best.is_none_or(|b| current[k] > current[b]) {
                 best = Some(k);
             }
@@ -722,6 +749,7 @@ pub struct Picked {
     entry: Arc<Entry>,
     start: u64,
     done: bool,
+    counted: bool,
 }
 
 impl Picked {
@@ -779,7 +807,9 @@ impl Picked {
 
     fn release(&self) {
         self.entry.state.in_flight.fetch_sub(1, Relaxed);
-        self.shared.total_in_flight.fetch_sub(1, Relaxed);
+        if self.counted {
+            self.shared.total_in_flight.fetch_sub(1, Relaxed);
+        }
     }
 }
 

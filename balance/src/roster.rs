@@ -26,6 +26,9 @@ use crate::{
     telemetry,
 };
 
+/// Per-instance state and metric handles, kept across rebuilds by id.
+pub(crate) type States = HashMap<InstanceId, (Arc<InstanceState>, Arc<EntryMetrics>)>;
+
 /// Pre-registered metric handles of one instance.
 #[derive(Debug)]
 pub(crate) struct EntryMetrics {
@@ -73,7 +76,7 @@ pub(crate) struct Entry {
     pub(crate) max_fails: u32,
     pub(crate) fail_timeout: u64,
     pub(crate) slow_window: u64,
-    pub(crate) metrics: EntryMetrics,
+    pub(crate) metrics: Arc<EntryMetrics>,
 }
 
 /// A set of members that one strategy picks among.
@@ -210,8 +213,6 @@ impl Zoned {
 /// The whole snapshot a pick reads.
 #[derive(Debug)]
 pub(crate) struct Roster {
-    pub(crate) instances: Arc<Vec<Instance>>,
-    pub(crate) health: Option<Arc<HealthMap>>,
     pub(crate) config: Arc<BalanceConfig>,
     pub(crate) entries: Vec<Arc<Entry>>,
     pub(crate) stable: Zoned,
@@ -219,6 +220,8 @@ pub(crate) struct Roster {
     /// Only one primary: nginx ignores `max_fails` for it.
     pub(crate) lone: bool,
     pub(crate) generation: u64,
+    /// The input stamp these tables were built at.
+    pub(crate) stamp: u64,
     pub(crate) default_rtt_ns: f64,
     pub(crate) slow_aggression: f64,
     pub(crate) slow_min: f64,
@@ -235,10 +238,11 @@ impl Roster {
         instances: Arc<Vec<Instance>>,
         health: Option<Arc<HealthMap>>,
         config: Arc<BalanceConfig>,
-        states: &mut HashMap<InstanceId, Arc<InstanceState>>,
+        states: &mut States,
         now: u64,
         first: bool,
         generation: u64,
+        stamp: u64,
     ) -> Self {
         let mut seen = HashSet::new();
         let mut entries = Vec::with_capacity(instances.len());
@@ -248,10 +252,13 @@ impl Roster {
                 continue;
             }
             let weight = i.weight.clamp(1, Instance::MAX_WEIGHT);
-            let state = states
+            let (state, metrics) = states
                 .entry(i.id.clone())
                 .or_insert_with(|| {
-                    Arc::new(InstanceState::new(weight, if first { 0 } else { now }))
+                    (
+                        Arc::new(InstanceState::new(weight, if first { 0 } else { now })),
+                        Arc::new(EntryMetrics::new(service, &i.id)),
+                    )
                 })
                 .clone();
             let active = health.as_ref().and_then(|h| h.get(&i.id)).cloned();
@@ -260,7 +267,7 @@ impl Roster {
             let pickable = matches!(i.state, AdminState::Up | AdminState::Backup)
                 && status != HealthStatus::Draining;
             entries.push(Arc::new(Entry {
-                metrics: EntryMetrics::new(service, &i.id),
+                metrics,
                 instance: i.clone(),
                 state,
                 active: active.filter(|h| h.status != HealthStatus::Healthy),
@@ -323,13 +330,12 @@ impl Roster {
             default_rtt_ns: config.default_rtt.as_nanos() as f64,
             slow_aggression: config.slow_start.aggression,
             slow_min: config.slow_start.min_weight_percent.get(),
-            instances,
-            health,
             entries,
             stable,
             canary,
             lone: primaries <= 1,
             generation,
+            stamp,
             canary_header,
             hash_header,
             config,
