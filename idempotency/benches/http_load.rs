@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench -p keel-idempotency --bench http_load` (needs `wrk`, `redis-server`,
 //! `redis-benchmark`). `KEEL_BENCH_SECS` (default 8) sets the length of each wrk run and
-//! `KEEL_BENCH_CONNS` (default 32) the concurrency.
+//! `KEEL_BENCH_CONNS` (default 32) the concurrency, `KEEL_BENCH_WORKERS` (default 1) the server's
+//! tokio worker threads.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{process::Command, sync::Arc, time::Duration};
@@ -131,9 +132,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
+    let workers: usize = std::env::var("KEEL_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
@@ -174,7 +179,9 @@ fn main() {
     std::fs::write(&script, WRK_SCRIPT).unwrap();
     let run = std::process::id();
 
-    println!("keel-idempotency http_load: wrk -t1, {secs}s per run, server on 1 tokio worker");
+    println!(
+        "keel-idempotency http_load: wrk -t1, {secs}s per run, server on {workers} tokio worker(s)"
+    );
     let mut rows = Vec::new();
     for c in [1, conns] {
         for path in ["/plain", "/redis", "/memory"] {
