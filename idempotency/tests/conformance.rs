@@ -455,13 +455,46 @@ async fn hot_policy(store: Arc<dyn IdempotencyStore>) {
     assert_eq!(r.status(), StatusCode::CREATED);
 }
 
+async fn wait_then_replay_and_body_limit(store: Arc<dyn IdempotencyStore>) {
+    let app = start(
+        store,
+        IdempotencyConfig {
+            on_conflict: keel_idempotency::OnConflict::Wait,
+            conflict_wait: Duration::from_secs(3),
+            max_body_bytes: 64,
+            ..test_config()
+        },
+    )
+    .await;
+    app.seen.sleeps.lock().unwrap().push(300);
+    let c = client();
+    let first = tokio::spawn({
+        let (c, u) = (c.clone(), app.url("/work"));
+        async move { post(&c, &u, Some("w"), "b").await.bytes().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = post(&c, &app.url("/work"), Some("w"), "b").await;
+    assert_eq!(
+        second.status(),
+        StatusCode::CREATED,
+        "waited instead of 409"
+    );
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.bytes().await.unwrap(), first.await.unwrap());
+    assert_eq!(app.seen.execs(), 1);
+    let r = post(&c, &app.url("/work"), Some("big"), &"x".repeat(65)).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(is_problem(&r));
+    assert_eq!(app.seen.execs(), 1);
+}
+
 macro_rules! conformance {
     ($store:ident) => {
         mod $store {
             use super::*;
             conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, tenants,
                 slow_handler_outlives_lease, lease_lost, disconnect, panic_and_5xx_release, store_down,
-                function_api, hot_policy);
+                function_api, hot_policy, wait_then_replay_and_body_limit);
         }
     };
     (@tests $store:ident; $($t:ident),*) => {
