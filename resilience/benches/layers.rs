@@ -1,2 +1,124 @@
-//! placeholder
-fn main() {}
+//! Per-layer and whole-stack overhead on a no-op service, side by side with tower-resilience's
+//! circuit breaker, plus allocations per call (counted with dhat after the timings).
+//!
+//! `cargo bench -p keel-resilience --bench layers -- --warm-up-time 1 --measurement-time 2`
+
+use std::{convert::Infallible, future::Future, hint::black_box, time::Duration};
+
+use criterion::{BenchmarkId, Criterion};
+use keel_core::Live;
+use keel_resilience::{
+    BreakerConfig, BulkheadConfig, BulkheadLayer, CircuitBreakerLayer, ClientStackLayer,
+    DeadlineLayer, RateLimitConfig, RateLimitLayer, ResilienceConfig, RetryConfig, RetryLayer,
+    TimeoutConfig, TimeoutLayer,
+};
+use tower::{Layer, Service, ServiceExt};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+fn noop() -> impl Service<
+    http::Request<()>,
+    Response = http::Response<()>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<http::Response<()>, Infallible>>,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(|_req: http::Request<()>| std::future::ready(Ok(http::Response::new(()))))
+}
+
+fn config() -> ResilienceConfig {
+    ResilienceConfig {
+        rate_limit: RateLimitConfig {
+            enabled: true,
+            rate: 1e9,
+            burst: 1_000_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Runs `iters` calls inside one task, so the figure is the layer's cost, not block_on's.
+fn run<S, F>(rt: &tokio::runtime::Runtime, svc: S, iters: u64) -> Duration
+where
+    S: Service<http::Request<()>, Future = F> + Clone,
+    F: Future<Output = Result<S::Response, S::Error>>,
+    S::Error: std::fmt::Debug,
+{
+    rt.block_on(async move {
+        let mut svc = svc;
+        let start = tokio::time::Instant::now();
+        for _ in 0..iters {
+            let s = svc.ready().await.unwrap();
+            let r = s.call(http::Request::new(())).await.unwrap();
+            black_box(r);
+        }
+        start.elapsed()
+    })
+}
+
+macro_rules! layers {
+    ($rt:expr, $f:ident) => {{
+        let rt = $rt;
+        let t = Live::new(TimeoutConfig::default());
+        $f!("noop", noop());
+        $f!("deadline", DeadlineLayer::new(t.clone()).layer(noop()));
+        $f!("per_try_timeout", TimeoutLayer::new(t.clone()).layer(noop()));
+        $f!("retry", RetryLayer::new("b", Live::new(RetryConfig::default())).layer(noop()));
+        $f!("breaker", CircuitBreakerLayer::new("b", Live::new(BreakerConfig::default())).layer(noop()));
+        $f!(
+            "tower_resilience_breaker",
+            tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
+                .failure_rate_threshold(0.5)
+                .sliding_window_size(100)
+                .build()
+                .unwrap()
+                .layer(noop())
+        );
+        $f!("gcra", RateLimitLayer::new("b", Live::new(config().rate_limit)).layer(noop()));
+        $f!("bulkhead", BulkheadLayer::new("b", Live::new(BulkheadConfig::default())).layer(noop()));
+        $f!("whole_stack", ClientStackLayer::new("b", Live::new(config())).layer(noop()));
+        let _ = rt;
+    }};
+}
+
+fn main() {
+    // A real recorder, so metric updates cost what they cost in production.
+    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = Criterion::default().configure_from_args();
+    {
+        let mut g = c.benchmark_group("success_path");
+        macro_rules! time {
+            ($name:expr, $svc:expr) => {{
+                let svc = $svc;
+                g.bench_function(BenchmarkId::from_parameter($name), |b| {
+                    b.iter_custom(|iters| run(&rt, svc.clone(), iters))
+                });
+            }};
+        }
+        layers!(&rt, time);
+        g.finish();
+    }
+    c.final_summary();
+
+    // Allocations per call, counted after the timings (dhat's counting is not free).
+    let _profiler = dhat::Profiler::builder().testing().build();
+    const N: u64 = 10_000;
+    macro_rules! allocs {
+        ($name:expr, $svc:expr) => {{
+            let svc = $svc;
+            run(&rt, svc.clone(), 100);
+            let before = dhat::HeapStats::get().total_blocks;
+            run(&rt, svc, N);
+            let after = dhat::HeapStats::get().total_blocks;
+            println!("allocations/call {:<26} {:.2}", $name, (after - before) as f64 / N as f64);
+        }};
+    }
+    layers!(&rt, allocs);
+}

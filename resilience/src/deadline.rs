@@ -22,6 +22,7 @@ use http::{HeaderName, HeaderValue};
 use keel_core::{request::Deadline as DeadlineExt, Live};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
+
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -112,11 +113,8 @@ where
                 return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
             }
         }
-        let sleep = match deadline {
-            Some(d) if self.enforce => Some(tokio::time::sleep_until(d)),
-            _ => None,
-        };
-        ResponseFuture::new(self.inner.call(req), sleep, None, false)
+        let end = deadline.filter(|_| self.enforce);
+        ResponseFuture::new(self.inner.call(req), end, None, false)
     }
 }
 
@@ -186,7 +184,7 @@ where
             .insert(DEADLINE_HEADER, HeaderValue::from(ms));
         ResponseFuture::new(
             self.inner.call(req),
-            Some(tokio::time::sleep_until(end)),
+            Some(end),
             deadline,
             true,
         )
@@ -200,6 +198,7 @@ pin_project! {
         fut: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
+        end: Option<Instant>,
         deadline: Option<Instant>,
         per_try: bool,
         error: Option<ResilienceError>,
@@ -207,10 +206,11 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    fn new(fut: F, sleep: Option<Sleep>, deadline: Option<Instant>, per_try: bool) -> Self {
+    fn new(fut: F, end: Option<Instant>, deadline: Option<Instant>, per_try: bool) -> Self {
         Self {
             fut: Some(fut),
-            sleep,
+            sleep: None,
+            end,
             deadline,
             per_try,
             error: None,
@@ -220,6 +220,7 @@ impl<F> ResponseFuture<F> {
         Self {
             fut: None,
             sleep: None,
+            end: None,
             deadline: None,
             per_try: false,
             error: Some(e),
@@ -235,7 +236,7 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let Some(fut) = this.fut.as_pin_mut() else {
             let e = this
                 .error
@@ -246,6 +247,13 @@ where
         };
         if let Poll::Ready(r) = fut.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
+        }
+        // The timer is created on the first Pending only: an answer that is ready at once (a
+        // cache, a rejection below) costs no timer registration.
+        if this.sleep.is_none() {
+            if let Some(end) = *this.end {
+                this.sleep.set(Some(tokio::time::sleep_until(end)));
+            }
         }
         if let Some(sleep) = this.sleep.as_pin_mut() {
             if sleep.poll(cx).is_ready() {

@@ -310,7 +310,14 @@ impl Breaker {
         self.transition(BreakerState::Open);
     }
 
-    fn record(&self, kind: PermitKind, epoch: u64, elapsed: Duration, outcome: Outcome) {
+    fn record(
+        &self,
+        kind: PermitKind,
+        epoch: u64,
+        at: Instant,
+        elapsed: Duration,
+        outcome: Outcome,
+    ) {
         let cfg = self.policy.load();
         if kind == PermitKind::Adaptive {
             self.throttle.record(&cfg, !outcome.is_failure());
@@ -319,7 +326,7 @@ impl Breaker {
         let counted = matches!(outcome, Outcome::Success | Outcome::Failure(_));
         let failure = outcome.is_failure();
         let slow = elapsed >= cfg.slow_call_duration;
-        let now = self.now_sec();
+        let now = at.saturating_duration_since(self.base).as_secs();
         let mut g = lock(&self.inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return; // a call from an earlier state: it says nothing about this one
@@ -393,8 +400,9 @@ impl BreakerPermit {
     pub fn record(mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.kind, PermitKind::Done);
         if kind != PermitKind::Done {
+            let now = Instant::now();
             self.breaker
-                .record(kind, self.epoch, self.start.elapsed(), outcome);
+                .record(kind, self.epoch, now, now - self.start, outcome);
         }
     }
 }
