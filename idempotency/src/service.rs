@@ -272,6 +272,15 @@ where
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if !e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "body-unreadable",
+                "Request body unreadable",
+                "The request body could not be read.",
+                None,
+            ))
+        }
         Err(_) => {
             return Ok(problem(
                 StatusCode::PAYLOAD_TOO_LARGE,

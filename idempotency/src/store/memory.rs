@@ -37,6 +37,7 @@ pub struct MemoryStore {
     entries: Mutex<HashMap<String, Entry>>,
     capacity: usize,
     fence: AtomicU64,
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -54,6 +55,7 @@ impl MemoryStore {
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             fence: AtomicU64::new(0),
+            last_sweep: Mutex::new(None),
         }
     }
 
@@ -97,7 +99,16 @@ impl MemoryStore {
             }
         }
         if map.len() >= self.capacity && !map.contains_key(key) {
-            map.retain(|_, e| e.expires > now);
+            // A sweep is O(n) under the lock: at most one per 100ms while full, so an overloaded
+            // store answers `Full` quickly instead of sweeping on every claim.
+            let mut last = match self.last_sweep.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if last.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100)) {
+                *last = Some(now);
+                map.retain(|_, e| e.expires > now);
+            }
             if map.len() >= self.capacity {
                 return Err(IdempotencyError::Full(map.len()));
             }
