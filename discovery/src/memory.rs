@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::{
     registration::{Beat, Lease},
-    snapshot::normalize,
+    snapshot::{normalize, publish},
     BoxFuture, Discover, Discovery, DiscoveryError, InstanceWatch, Registration, Registry,
 };
 
@@ -71,7 +71,13 @@ impl MemoryDiscovery {
     /// Replaces the whole set of a service (what the static backend does on each reload).
     /// Returns whether it changed.
     pub fn replace(&self, service: &ServiceName, instances: Vec<Instance>) -> bool {
-        self.set(service).store_if_changed(normalize(instances))
+        let live = self.set(service);
+        let set = normalize(instances);
+        if **live.load() == set {
+            return false;
+        }
+        publish(&live, set);
+        true
     }
 
     /// Adds or replaces one instance.

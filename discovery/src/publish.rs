@@ -16,7 +16,10 @@ use std::{
 use keel_core::{Instance, Live, Ratio, ServiceName};
 use tokio::{sync::watch, time::Instant};
 
-use crate::{snapshot::normalize, telemetry, DiscoveryError, InstanceWatch};
+use crate::{
+    snapshot::{normalize, publish},
+    telemetry, DiscoveryError, InstanceWatch,
+};
 
 /// The self-preservation rule: whether to apply a smaller set now or wait for confirmation.
 ///
@@ -191,7 +194,7 @@ impl Publisher {
                     .set(set.len() as f64);
                 tracing::debug!(service = %self.service, instances = set.len(), "instance set updated");
                 self.write_cache(&set);
-                self.set.store(set);
+                publish(&self.set, set);
             }
             Offer::Unchanged => {}
         }
