@@ -47,12 +47,37 @@ where
     F: Future<Output = Result<S::Response, S::Error>>,
     S::Error: std::fmt::Debug,
 {
+    run_with(rt, svc, iters, || http::Request::new(()))
+}
+
+/// A request shaped as a client builds it: a few headers and an extension already present.
+fn client_request() -> http::Request<()> {
+    let mut r = http::Request::get("http://payments/charge")
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::USER_AGENT, "keel")
+        .body(())
+        .unwrap();
+    r.extensions_mut().insert(7u32);
+    r
+}
+
+fn run_with<S, F>(
+    rt: &tokio::runtime::Runtime,
+    svc: S,
+    iters: u64,
+    make: fn() -> http::Request<()>,
+) -> Duration
+where
+    S: Service<http::Request<()>, Future = F> + Clone,
+    F: Future<Output = Result<S::Response, S::Error>>,
+    S::Error: std::fmt::Debug,
+{
     rt.block_on(async move {
         let mut svc = svc;
         let start = tokio::time::Instant::now();
         for _ in 0..iters {
             let s = svc.ready().await.unwrap();
-            let r = s.call(http::Request::new(())).await.unwrap();
+            let r = s.call(make()).await.unwrap();
             black_box(r);
         }
         start.elapsed()
@@ -65,9 +90,18 @@ macro_rules! layers {
         let t = Live::new(TimeoutConfig::default());
         $f!("noop", noop());
         $f!("deadline", DeadlineLayer::new(t.clone()).layer(noop()));
-        $f!("per_try_timeout", TimeoutLayer::new(t.clone()).layer(noop()));
-        $f!("retry", RetryLayer::new("b", Live::new(RetryConfig::default())).layer(noop()));
-        $f!("breaker", CircuitBreakerLayer::new("b", Live::new(BreakerConfig::default())).layer(noop()));
+        $f!(
+            "per_try_timeout",
+            TimeoutLayer::new(t.clone()).layer(noop())
+        );
+        $f!(
+            "retry",
+            RetryLayer::new("b", Live::new(RetryConfig::default())).layer(noop())
+        );
+        $f!(
+            "breaker",
+            CircuitBreakerLayer::new("b", Live::new(BreakerConfig::default())).layer(noop())
+        );
         $f!(
             "tower_resilience_breaker",
             tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
@@ -77,9 +111,18 @@ macro_rules! layers {
                 .unwrap()
                 .layer(noop())
         );
-        $f!("gcra", RateLimitLayer::new("b", Live::new(config().rate_limit)).layer(noop()));
-        $f!("bulkhead", BulkheadLayer::new("b", Live::new(BulkheadConfig::default())).layer(noop()));
-        $f!("whole_stack", ClientStackLayer::new("b", Live::new(config())).layer(noop()));
+        $f!(
+            "gcra",
+            RateLimitLayer::new("b", Live::new(config().rate_limit)).layer(noop())
+        );
+        $f!(
+            "bulkhead",
+            BulkheadLayer::new("b", Live::new(BulkheadConfig::default())).layer(noop())
+        );
+        $f!(
+            "whole_stack",
+            ClientStackLayer::new("b", Live::new(config())).layer(noop())
+        );
         let _ = rt;
     }};
 }
@@ -117,8 +160,24 @@ fn main() {
             let before = dhat::HeapStats::get().total_blocks;
             run(&rt, svc, N);
             let after = dhat::HeapStats::get().total_blocks;
-            println!("allocations/call {:<26} {:.2}", $name, (after - before) as f64 / N as f64);
+            println!(
+                "allocations/call {:<26} {:.2}",
+                $name,
+                (after - before) as f64 / N as f64
+            );
         }};
     }
     layers!(&rt, allocs);
+
+    // The same, with requests shaped as a client builds them (their own allocations subtracted).
+    let count = |svc: &dyn Fn(u64) -> Duration| {
+        svc(100);
+        let before = dhat::HeapStats::get().total_blocks;
+        svc(N);
+        (dhat::HeapStats::get().total_blocks - before) as f64 / N as f64
+    };
+    let base = count(&|n| run_with(&rt, noop(), n, client_request));
+    let stack = ClientStackLayer::new("b", Live::new(config())).layer(noop());
+    let with = count(&|n| run_with(&rt, stack.clone(), n, client_request));
+    println!("allocations/call whole_stack, client-shaped request {:.2}", with - base);
 }

@@ -128,8 +128,15 @@ fn main() {
         "capacity {CAPACITY}/s, offered {}/s, {SECONDS} s simulated, refusal costs {REFUSAL_COST} of a request",
         2.0 * CAPACITY
     );
-    println!("{:<28} {:>9} {:>9} {:>13} {:>10}", "policy", "requests", "attempts", "amplification", "goodput");
-    for (name, cfg) in [("no retries", none), ("naive 3 retries", naive), ("budget 20% + 10/s", base)] {
+    println!(
+        "{:<28} {:>9} {:>9} {:>13} {:>10}",
+        "policy", "requests", "attempts", "amplification", "goodput"
+    );
+    for (name, cfg) in [
+        ("no retries", none),
+        ("naive 3 retries", naive),
+        ("budget 20% + 10/s", base),
+    ] {
         let r = rt.block_on(simulate(cfg));
         let goodput = r.ok as f64 / (CAPACITY * SECONDS as f64);
         println!(

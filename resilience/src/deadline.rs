@@ -180,15 +180,29 @@ where
             return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
         }
         let ms = (end - now).as_millis().max(1) as u64;
-        req.headers_mut()
-            .insert(DEADLINE_HEADER, HeaderValue::from(ms));
-        ResponseFuture::new(
-            self.inner.call(req),
-            Some(end),
-            deadline,
-            true,
-        )
+        req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
+        ResponseFuture::new(self.inner.call(req), Some(end), deadline, true)
     }
+}
+
+thread_local! {
+    /// The last header value made on this thread: the budget is usually `per_try` exactly, so
+    /// most calls reuse it (a reference-count increment instead of an allocation).
+    static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+}
+
+fn header_value(ms: u64) -> HeaderValue {
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == ms => v.clone(),
+            _ => {
+                let v = HeaderValue::from(ms);
+                *last = Some((ms, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 pin_project! {

@@ -42,8 +42,8 @@ use tracing::Instrument;
 use crate::{
     budget::RetryBudget,
     classify::{Classifier, FailureClass, HttpClassifier, Outcome},
-    config::{RetryConfig, RetryOn},
-    error::BoxError,
+    config::{RetryConfig, RetryOn, TimeoutConfig},
+    error::{BoxError, ResilienceError},
     metrics as m,
 };
 
@@ -148,6 +148,8 @@ pub(crate) struct RetryShared {
     rng: Mutex<SmallRng>,
     service: Arc<str>,
     first: metrics::Counter,
+    /// Set by [`RetryLayer::with_deadline`]: the retry layer also sets the total deadline.
+    deadline: Option<Live<TimeoutConfig>>,
 }
 
 struct Dec<'a>(&'a AtomicUsize);
@@ -201,7 +203,27 @@ impl RetryLayer {
 
     /// As [`new`](Self::new), with a fixed seed for the backoff jitter.
     pub fn with_seed(service: impl Into<Arc<str>>, policy: Live<RetryConfig>, seed: u64) -> Self {
-        let service = service.into();
+        Self::build(service.into(), policy, seed, None)
+    }
+
+    /// A retry layer that also sets the total deadline (`timeout.total`), as a
+    /// [`Deadline`](crate::Deadline) layer above it would, but before it copies the request for
+    /// replay: the copy then carries no extension map, which saves three allocations per call.
+    /// [`ClientStackLayer`](crate::ClientStackLayer) uses it.
+    pub fn with_deadline(
+        service: impl Into<Arc<str>>,
+        policy: Live<RetryConfig>,
+        timeout: Live<TimeoutConfig>,
+    ) -> Self {
+        Self::build(service.into(), policy, rand::random(), Some(timeout))
+    }
+
+    fn build(
+        service: Arc<str>,
+        policy: Live<RetryConfig>,
+        seed: u64,
+        deadline: Option<Live<TimeoutConfig>>,
+    ) -> Self {
         let budget = Arc::new(RetryBudget::new(policy.clone()));
         Self {
             shared: Arc::new(RetryShared {
@@ -212,6 +234,7 @@ impl RetryLayer {
                 active_retries: AtomicUsize::new(0),
                 rng: Mutex::new(SmallRng::seed_from_u64(seed)),
                 service,
+                deadline,
             }),
             classifier: HttpClassifier::default(),
         }
@@ -264,8 +287,28 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
+        let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
+        let mut set_deadline = None;
+        if let Some(t) = &shared.deadline {
+            let total = t.load().total;
+            if !total.is_zero() {
+                let now = tokio::time::Instant::now();
+                let d = now + total;
+                match inherited {
+                    Some(i) if i <= d => {
+                        if i <= now {
+                            return Box::pin(std::future::ready(Err(Box::new(
+                                ResilienceError::DeadlineExceeded,
+                            )
+                                as BoxError)));
+                        }
+                    }
+                    _ => set_deadline = Some(d),
+                }
+            }
+        }
         let classifier = self.classifier.clone();
         // The clone is not ready; keep the ready one for this call (tower's pattern).
         let clone = self.inner.clone();
@@ -275,6 +318,10 @@ where
         shared.first.increment(1);
         let safe = cfg.max_attempts > 1 && is_retry_safe(&req);
         let mut replay = if safe { replay_request(&req) } else { None };
+        if let Some(d) = set_deadline {
+            req.extensions_mut().insert(DeadlineExt(d));
+        }
+        let deadline = set_deadline.or(inherited);
         Box::pin(async move {
             shared.active.fetch_add(1, Ordering::Relaxed);
             let _active = Dec(&shared.active);
@@ -301,10 +348,8 @@ where
                     shared.count("not_replayable");
                     return res;
                 };
-                let remaining = next
-                    .extensions()
-                    .get::<DeadlineExt>()
-                    .map(|d| d.remaining());
+                let remaining =
+                    deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
                 let wait = match outcome {
                     Outcome::Throttled {
                         retry_after: Some(ra),
@@ -352,6 +397,9 @@ where
                 attempt += 1;
                 shared.count("retry");
                 let mut next = next;
+                if let Some(d) = set_deadline {
+                    next.extensions_mut().insert(DeadlineExt(d));
+                }
                 next.extensions_mut().insert(Attempt {
                     number: attempt,
                     hedge: false,

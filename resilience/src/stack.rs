@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! caller
-//!   -> Deadline      total deadline over everything below (sets the Deadline extension)
+//!   -> Deadline      total deadline over everything below (sets the Deadline extension;
+//!                    done by the retry layer before it copies the request, see ClientStack)
 //!   -> Retry         retries within the budget, never past the deadline
 //!   -> Hedge         a second attempt when the first is late (same budget)
 //!   -> CircuitBreaker / AdaptiveThrottle   per service; sees every attempt, fails fast
@@ -36,7 +37,7 @@ use crate::{
     bulkhead::{Bulkhead, BulkheadLayer, ConcurrencyLimiter, LoadShed, LoadShedLayer},
     chaos::{Chaos, ChaosLayer},
     config::{BulkheadConfig, RateLimitConfig, ResilienceConfig},
-    deadline::{Deadline, DeadlineCheck, DeadlineCheckLayer, DeadlineLayer, Timeout, TimeoutLayer},
+    deadline::{DeadlineCheck, DeadlineCheckLayer, Timeout, TimeoutLayer},
     error::InvalidConfig,
     hedge::{Hedge, HedgeLayer},
     ratelimit::{RateLimit, RateLimitLayer, RateLimiter, ServerRateLimit, ServerRateLimitLayer},
@@ -44,8 +45,11 @@ use crate::{
 };
 
 /// The composed client stack over an inner service `S` (see the module docs for the order).
-pub type ClientStack<S> =
-    Deadline<Retry<Hedge<CircuitBreaker<Bulkhead<RateLimit<Timeout<Chaos<S>>>>>>>>;
+///
+/// The total deadline is set by the retry layer itself ([`RetryLayer::with_deadline`]), before
+/// it copies the request for replay, so the order is the documented one without a separate
+/// [`Deadline`](crate::Deadline) layer.
+pub type ClientStack<S> = Retry<Hedge<CircuitBreaker<Bulkhead<RateLimit<Timeout<Chaos<S>>>>>>>;
 
 /// The inbound stack over an application service `S`.
 pub type ServerStack<S> = DeadlineCheck<LoadShed<ServerRateLimit<S>>>;
@@ -76,7 +80,6 @@ pub type ServerStack<S> = DeadlineCheck<LoadShed<ServerRateLimit<S>>>;
 pub struct ClientStackLayer {
     service: Arc<str>,
     config: Live<ResilienceConfig>,
-    deadline: DeadlineLayer,
     retry: RetryLayer,
     hedge: HedgeLayer,
     breaker: CircuitBreakerLayer,
@@ -93,14 +96,13 @@ impl ClientStackLayer {
         let service: Arc<str> = service.into();
         let timeout = config.project(|c| c.timeout.clone());
         let retry_cfg = config.project(|c| c.retry.clone());
-        let retry = RetryLayer::new(service.clone(), retry_cfg);
+        let retry = RetryLayer::with_deadline(service.clone(), retry_cfg, timeout.clone());
         let hedge = HedgeLayer::new(
             service.clone(),
             config.project(|c| c.hedge.clone()),
             Some(retry.budget()),
         );
         Self {
-            deadline: DeadlineLayer::new(timeout.clone()).propagate_only(),
             timeout: TimeoutLayer::new(timeout),
             retry,
             hedge,
@@ -168,8 +170,7 @@ impl<S> Layer<S> for ClientStackLayer {
         let s = self.bulkhead.layer(s);
         let s = self.breaker.layer(s);
         let s = self.hedge.layer(s);
-        let s = self.retry.layer(s);
-        self.deadline.layer(s)
+        self.retry.layer(s)
     }
 }
 
