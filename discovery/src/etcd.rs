@@ -146,7 +146,18 @@ impl Inner {
     }
 }
 
-/// Discovery and registry on etcd; see the module docs for the key layout.
+/// Discovery and registry on etcd 3.4+, through its JSON gateway (`/v3/kv/range`, `/v3/kv/put`,
+/// `/v3/lease/grant`, `/v3/lease/keepalive`, `/v3/watch`; keys base64-encoded).
+///
+/// Key layout, interoperable with etcd's Go `naming/endpoints` (target `{prefix}/{service}`):
+///
+/// `{prefix}/{service}/{addr}` → `{"Op":0,"Addr":"127.0.0.1:8066","Metadata":{...the Instance...}}`
+///
+/// Records live on a lease of `ttl` (at least 2 s, etcd's minimum) kept alive every `ttl / 3`; a
+/// lease found gone is granted again and the record rewritten. Records written by Go (any
+/// `Metadata`) become instances with weight 1 and id `{service}-{addr}`. Watchers read the prefix
+/// at revision R, watch from R+1, resume from the last revision seen after a break, and re-read
+/// everything when the server says that revision was compacted.
 #[derive(Clone)]
 pub struct EtcdDiscovery {
     inner: Arc<Inner>,

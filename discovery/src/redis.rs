@@ -149,7 +149,22 @@ fn unavailable(e: redis::RedisError) -> DiscoveryError {
     DiscoveryError::unavailable(BACKEND, e)
 }
 
-/// Discovery and registry on Redis; see the module docs for the key layout.
+/// Discovery and registry on Redis.
+///
+/// Key layout, with `prefix = "keel"` and service `payments` (the braces are a Redis Cluster
+/// hash tag: one service's keys share a slot, so its scripts are cluster-safe):
+///
+/// | key | type | content |
+/// |---|---|---|
+/// | `keel:{payments}:inst:{id}` | string | the [`Instance`] as JSON, `PX ttl` |
+/// | `keel:{payments}:alive` | sorted set | member `{id}`, score = expiry in ms of Redis server time |
+/// | `keel:{payments}:events` | stream | `op` = `put` (`id`, `data` = JSON) or `del` (`id`), `MAXLEN ~ 1000` |
+///
+/// A registration runs one Lua script per heartbeat (every `ttl / 3`): write the record with
+/// `PX ttl`, move its expiry score (computed with Redis `TIME`), and `XADD` a `put` only if the
+/// content changed. A watcher reads the snapshot and the stream position it matches in one
+/// script, then `XREAD BLOCK`s from there; it reaps expired members (publishing `del`), replays
+/// from its last id after a reconnect, and re-reads everything every `resync`.
 #[derive(Clone)]
 pub struct RedisDiscovery {
     inner: Arc<Inner>,
@@ -444,6 +459,36 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn records_of_another_service_or_invalid_ones_are_refused() {
+        let s = ServiceName::new("payments").unwrap();
+        let good = Instance::new(s.clone(), "127.0.0.1:1".parse().unwrap());
+        let json = serde_json::to_vec(&good).unwrap();
+        assert_eq!(parse_record(&s, "k", &json), Some(good));
+        let other = Instance::new(
+            ServiceName::new("x").unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+        );
+        assert!(parse_record(&s, "k", &serde_json::to_vec(&other).unwrap()).is_none());
+        let zero = br#"{"id":"a","service":"payments","addr":"127.0.0.1:1","weight":0}"#;
+        assert!(parse_record(&s, "k", zero).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_records_never_panic(v in proptest::collection::vec(any::<u8>(), 0..200), t in "\\PC{0,200}") {
+            let s = ServiceName::new("p").unwrap();
+            let _ = parse_record(&s, "k", &v);
+            let _ = parse_record(&s, "k", t.as_bytes());
         }
     }
 }

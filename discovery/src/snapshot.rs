@@ -160,8 +160,8 @@ impl InstanceWatch {
         self.set.get()
     }
 
-    /// Waits until the backend has answered once (or the on-disk cache was used), so that an
-    /// empty set means "no instances" rather than "not read yet".
+    /// Waits until the backend has answered once, or failed once (the on-disk cache, if any,
+    /// is then in force), so that an empty set means "no instances" rather than "not read yet".
     pub async fn ready(&self) {
         let mut rx = self.ready.clone();
         let _ = rx.wait_for(|r| *r).await;

@@ -145,3 +145,25 @@ async fn from_config_defaults_to_memory_and_builds_static() {
     let err = from_config(&bad, Shutdown::new()).await.err().unwrap();
     assert!(!err.is_retryable());
 }
+
+#[tokio::test]
+async fn static_endpoints_follow_a_live_section() {
+    let d = keel_discovery::StaticDiscovery::new();
+    let s = svc("payments");
+    let section = keel_core::Live::new(vec![StaticEndpoint::new("127.0.0.1:8066")]);
+    let shutdown = Shutdown::new();
+    let task = d.follow(s.clone(), section.clone(), shutdown.clone());
+    let w = d.watch(&s).unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    let mut backup = StaticEndpoint::new("127.0.0.1:8067");
+    backup.backup = true;
+    section.store(vec![
+        StaticEndpoint::new("127.0.0.1:8066"),
+        backup,
+        StaticEndpoint::new("nope"),
+    ]);
+    wait_len(&w, 2, LIMIT).await;
+    assert_eq!(w.snapshot()[1].state, keel_core::AdminState::Backup);
+    shutdown.trigger();
+    task.await.unwrap();
+}
