@@ -4,7 +4,8 @@
 //! Everything runs side by side in one process run, so the ratios are comparable.
 //!
 //! Run: `cargo bench -p keel-idempotency --bench http_load` (needs `wrk`, `redis-server`,
-//! `redis-benchmark`). `KEEL_BENCH_SECS` (default 8) sets the length of each wrk run and
+//! `redis-benchmark`). `KEEL_BENCH_SECS` (default 4) sets the length of each wrk run, `KEEL_BENCH_ROUNDS` (default 3) the
+//! number of interleaved rounds (medians are reported), and
 //! `KEEL_BENCH_CONNS` (default 32) the concurrency, `KEEL_BENCH_WORKERS` (default 1) the server's
 //! tokio worker threads.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -127,7 +128,7 @@ fn main() {
     let secs: u32 = std::env::var("KEEL_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(4);
     let conns: u32 = std::env::var("KEEL_BENCH_CONNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -180,25 +181,51 @@ fn main() {
     std::fs::write(&script, WRK_SCRIPT).unwrap();
     let run = std::process::id();
 
+    let rounds: usize = std::env::var("KEEL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     println!(
-        "keel-idempotency http_load: wrk -t1, {secs}s per run, server on {workers} tokio worker(s)"
+        "keel-idempotency http_load: wrk -t1, {secs}s per run, {rounds} interleaved rounds (median shown), server on {workers} tokio worker(s)"
     );
-    let mut rows = Vec::new();
+    // Interleaved rounds, so drifting load on a shared machine hits every variant alike.
+    let mut samples: Vec<(u32, &str, Vec<Wrk>)> = Vec::new();
     for c in [1, conns] {
         for path in ["/plain", "/redis", "/memory"] {
+            samples.push((c, path, Vec::new()));
+        }
+    }
+    for round in 0..rounds {
+        for (c, path, runs) in samples.iter_mut() {
             let w = wrk(
                 &format!("http://{addr}{path}"),
-                c,
+                *c,
                 secs,
                 &script,
-                &format!("{run}-{c}-{}", path.trim_start_matches('/')),
+                &format!("{run}-{round}-{c}-{}", path.trim_start_matches('/')),
             );
-            println!(
-                "  c={c:<3} {path:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
-                w.rps, w.p50_us, w.p99_us
-            );
-            rows.push((c, path, w));
+            runs.push(w);
         }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let mut rows = Vec::new();
+    for (c, path, runs) in samples {
+        let w = Wrk {
+            rps: median(runs.iter().map(|w| w.rps).collect()),
+            p50_us: median(runs.iter().map(|w| w.p50_us).collect()),
+            p99_us: median(runs.iter().map(|w| w.p99_us).collect()),
+        };
+        println!(
+            "  c={c:<3} {path:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us   (rps per round: {})",
+            w.rps,
+            w.p50_us,
+            w.p99_us,
+            runs.iter().map(|w| format!("{:.0}", w.rps)).collect::<Vec<_>>().join(", ")
+        );
+        rows.push((c, path, w));
     }
     let get = |c: u32, p: &str| {
         rows.iter()
