@@ -179,5 +179,8 @@ fn main() {
     let base = count(&|n| run_with(&rt, noop(), n, client_request));
     let stack = ClientStackLayer::new("b", Live::new(config())).layer(noop());
     let with = count(&|n| run_with(&rt, stack.clone(), n, client_request));
-    println!("allocations/call whole_stack, client-shaped request {:.2}", with - base);
+    println!(
+        "allocations/call whole_stack, client-shaped request {:.2}",
+        with - base
+    );
 }

@@ -11,7 +11,13 @@
 //! (`min_per_second`) or from the window's ratio pool (`ratio * deposits - ratio-paid retries`).
 //! Hence, over T seconds, retries <= ratio * requests + min_per_second * T.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
 
 use keel_core::Live;
 use tokio::time::Instant;
@@ -32,6 +38,10 @@ pub struct RetryBudget {
     policy: Live<RetryConfig>,
     buckets: Mutex<VecDeque<Bucket>>,
     base: Instant,
+    /// Deposits of second `pending_sec` not yet folded into the buckets: a deposit is one
+    /// atomic add on the hot path; the lock is taken once per second, or when paying a retry.
+    pending: AtomicU64,
+    pending_sec: AtomicU64,
 }
 
 impl RetryBudget {
@@ -41,19 +51,44 @@ impl RetryBudget {
             policy,
             buckets: Mutex::new(VecDeque::new()),
             base: Instant::now(),
+            pending: AtomicU64::new(0),
+            pending_sec: AtomicU64::new(0),
         }
     }
 
+    fn sec(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_secs()
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut VecDeque<Bucket>, &RetryConfig) -> R) -> R {
+        self.with_at(Instant::now(), f)
+    }
+
+    fn with_at<R>(
+        &self,
+        at: Instant,
+        f: impl FnOnce(&mut VecDeque<Bucket>, &RetryConfig) -> R,
+    ) -> R {
         let cfg = self.policy.load();
-        let now = Instant::now()
-            .saturating_duration_since(self.base)
-            .as_secs();
+        let now = self.sec(at);
         let window = cfg.budget_window.as_secs().max(1);
         let mut b = match self.buckets.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        // Fold the pending deposits into their second, and move the fast path to this one.
+        let psec = self.pending_sec.swap(now, Ordering::AcqRel);
+        let n = self.pending.swap(0, Ordering::AcqRel);
+        if n > 0 {
+            match b.back_mut() {
+                Some(l) if l.sec >= psec => l.deposits += n,
+                _ => b.push_back(Bucket {
+                    sec: psec,
+                    deposits: n,
+                    ..Bucket::default()
+                }),
+            }
+        }
         while b.front().is_some_and(|f| f.sec + window <= now) {
             b.pop_front();
         }
@@ -68,7 +103,16 @@ impl RetryBudget {
 
     /// Counts one request.
     pub fn deposit(&self) {
-        self.with(|b, _| {
+        self.deposit_at(Instant::now());
+    }
+
+    /// Counts one request made at `at` (saves a clock read when the caller has one).
+    pub fn deposit_at(&self, at: Instant) {
+        if self.pending_sec.load(Ordering::Acquire) == self.sec(at) {
+            self.pending.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        self.with_at(at, |b, _| {
             if let Some(l) = b.back_mut() {
                 l.deposits += 1;
             }

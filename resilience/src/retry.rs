@@ -291,10 +291,10 @@ where
         let shared = self.shared.clone();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let mut set_deadline = None;
+        let now = tokio::time::Instant::now();
         if let Some(t) = &shared.deadline {
             let total = t.load().total;
             if !total.is_zero() {
-                let now = tokio::time::Instant::now();
                 let d = now + total;
                 match inherited {
                     Some(i) if i <= d => {
@@ -314,7 +314,7 @@ where
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let cfg = shared.policy.get();
-        shared.budget.deposit();
+        shared.budget.deposit_at(now);
         shared.first.increment(1);
         let safe = cfg.max_attempts > 1 && is_retry_safe(&req);
         let mut replay = if safe { replay_request(&req) } else { None };
