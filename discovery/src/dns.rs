@@ -17,7 +17,7 @@ use std::{
 };
 
 use hickory_resolver::{
-    config::{ConnectionConfig, NameServerConfig, ResolverConfig},
+    config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig},
     net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
     TokioResolver,
@@ -87,6 +87,8 @@ impl DnsDiscovery {
         let opts = builder.options_mut();
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 1;
+        // Both families: a dual-stack service lists its A and its AAAA records.
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         let resolver = builder.build().map_err(|e| bad(&e))?;
         Ok(Self {
             inner: Arc::new(Inner {

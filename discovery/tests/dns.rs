@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,7 +14,7 @@ use common::*;
 use hickory_proto::{
     op::{Message, OpCode, ResponseCode},
     rr::{
-        rdata::{A, SRV},
+        rdata::{A, AAAA, SRV},
         Name, RData, Record, RecordType,
     },
 };
