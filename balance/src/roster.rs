@@ -60,22 +60,23 @@ impl EntryMetrics {
     }
 }
 
-/// One instance in the tables.
+/// One instance in the tables. The fields a pick reads come first.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Entry {
-    pub(crate) instance: Instance,
     pub(crate) state: Arc<InstanceState>,
-    /// Active health from discovery, when it is not plain healthy.
-    pub(crate) active: Option<Health>,
+    pub(crate) max_conns: u32,
+    pub(crate) weight: u32,
     /// Whether active health allows picking it.
     pub(crate) active_ok: bool,
     /// Whether it is in any group (admin `up`/`backup`, not draining).
     pub(crate) pickable: bool,
-    pub(crate) weight: u32,
-    pub(crate) max_conns: u32,
+    pub(crate) slow_window: u64,
     pub(crate) max_fails: u32,
     pub(crate) fail_timeout: u64,
-    pub(crate) slow_window: u64,
+    pub(crate) instance: Instance,
+    /// Active health from discovery, when it is not plain healthy.
+    pub(crate) active: Option<Health>,
     pub(crate) metrics: Arc<EntryMetrics>,
 }
 

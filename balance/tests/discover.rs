@@ -29,7 +29,11 @@ async fn balances_over_a_tower_discover_stream() {
     while live.load().len() < 2 {
         tokio::task::yield_now().await;
     }
-    let balancer = Balancer::new(svc(), live.clone(), Live::new(BalanceConfig::default())).unwrap();
+    let config = BalanceConfig {
+        strategy: keel_balance::Strategy::RoundRobin,
+        ..BalanceConfig::default()
+    };
+    let balancer = Balancer::new(svc(), live.clone(), Live::new(config)).unwrap();
     let mut s = Balance::new(balancer, services);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..50 {

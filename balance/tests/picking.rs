@@ -393,3 +393,42 @@ fn invalid_config_is_refused() {
         keel_balance::Balancer::new(svc(), Live::new(weighted(&[1])), Live::new(c)).unwrap_err();
     assert!(!err.is_retryable());
 }
+
+#[tokio::test(start_paused = true)]
+async fn least_conn_counts_connections_ages_and_drains() {
+    let mut conf = cfg(Strategy::LeastConn);
+    conf.max_connection_age = Some(Duration::from_secs(60));
+    let (b, live, _) = balancer(weighted(&[1, 1, 2]), conf);
+    // Long-lived connections spread by open count per weight: 1 : 1 : 2.
+    let held: Vec<_> = (0..40)
+        .map(|_| b.pick(&RequestInfo::default()).unwrap())
+        .collect();
+    let open = |id: &str| held.iter().filter(|p| p.id().as_str() == id).count();
+    assert_eq!((open("i0"), open("i1"), open("i2")), (10, 10, 20));
+    // A new instance takes the next connections until it catches up.
+    let mut more = weighted(&[1, 1, 2]);
+    more.push(inst("new", 1099, 1));
+    live.store(more);
+    for _ in 0..5 {
+        let p = b.pick(&RequestInfo::default()).unwrap();
+        assert_eq!(p.id().as_str(), "new");
+        std::mem::forget(p);
+    }
+    assert!(held.iter().all(|p| !p.should_close()));
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(
+        held.iter().all(|p| p.should_close()),
+        "older than max_connection_age"
+    );
+    // An instance that leaves: its connections should close (drain).
+    let (b, live, _) = balancer(weighted(&[1, 1]), cfg(Strategy::LeastConn));
+    let p = b.pick(&RequestInfo::default()).unwrap();
+    assert!(!p.should_close());
+    live.store(
+        weighted(&[1, 1])
+            .into_iter()
+            .filter(|i| i.id != *p.id())
+            .collect(),
+    );
+    assert!(p.should_close());
+}
