@@ -63,15 +63,49 @@ impl Service<http::Request<Bytes>> for HttpTransport {
             .body(body)
             .send();
         Box::pin(async move {
-            let response = send.await?;
+            let response = send.await.map_err(normalize)?;
             let mut builder = http::Response::builder()
                 .status(response.status())
                 .version(response.version());
             if let Some(headers) = builder.headers_mut() {
                 *headers = response.headers().clone();
             }
-            let body = response.bytes().await?;
+            let body = response.bytes().await.map_err(normalize)?;
             Ok(builder.body(body)?)
         })
     }
+}
+
+/// Gives transport failures an `io::ErrorKind`, which is what the resilience layers classify
+/// by (connect failure, reset, timeout) without knowing the HTTP client in use. The original
+/// error stays inside, as the source.
+fn normalize(e: reqwest::Error) -> BoxError {
+    use std::io::{Error, ErrorKind};
+    if let Some(kind) = io_kind(&e) {
+        return Box::new(Error::new(kind, e));
+    }
+    let kind = if e.is_timeout() {
+        ErrorKind::TimedOut
+    } else if e.is_connect() {
+        ErrorKind::ConnectionRefused
+    } else if e.is_request() || e.is_body() {
+        // The connection broke while the request or the answer was on the wire (the peer died
+        // or closed it): a reset. Whether it may be retried is decided above, by method and
+        // Idempotency-Key.
+        ErrorKind::ConnectionReset
+    } else {
+        return Box::new(e);
+    };
+    Box::new(Error::new(kind, e))
+}
+
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = s.source();
+    }
+    None
 }
