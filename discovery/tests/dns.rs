@@ -118,10 +118,14 @@ async fn a_records_are_re_resolved_on_ttl_and_a_bogus_empty_answer_is_held() {
     assert!(w.snapshot().iter().all(|i| i.addr.port() == 8080));
 
     zone.lock().unwrap().insert(
-        ("web.test.".into(), RecordType::A),
-        vec![a([127, 0, 0, 1]), a([127, 0, 0, 2]), a([127, 0, 0, 3])],
+        ("web.test.".into(), RecordType::AAAA),
+        vec![RData::AAAA(AAAA(Ipv6Addr::LOCALHOST))],
     );
     wait_len(&w, 3, LIMIT).await;
+    assert!(
+        w.snapshot().iter().any(|i| i.addr.is_ipv6()),
+        "AAAA records too"
+    );
 
     // The name disappears (a bogus NXDOMAIN): held, then believed after 3 reads in a row.
     zone.lock().unwrap().clear();
