@@ -120,7 +120,12 @@ fn ms(d: Duration) -> u64 {
 impl RedisStore {
     /// Connects with the URL, prefix, timeout and durability of `cfg`, and loads the scripts.
     pub async fn connect(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
-        let client = redis::Client::open(cfg.url.as_str())
+        // TCP_NODELAY: a claim or completion is one small write that someone waits for; Nagle
+        // would hold it behind an unacknowledged one on the shared connection.
+        let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
+            .map_err(|e| IdempotencyError::Config(e.to_string()))?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp))
             .map_err(|e| IdempotencyError::Config(e.to_string()))?;
         let mcfg = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.store_timeout))
