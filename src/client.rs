@@ -229,6 +229,16 @@ impl RequestBuilder {
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
         *request.extensions_mut() = self.extensions;
+        // A call made while serving a request inherits what is left of that request's deadline.
+        if request
+            .extensions()
+            .get::<keel_core::request::Deadline>()
+            .is_none()
+        {
+            if let Some(d) = crate::trace::current_deadline() {
+                request.extensions_mut().insert(d);
+            }
+        }
         let ctx = TraceContext::current()
             .map(|c| c.child())
             .unwrap_or_else(TraceContext::new_root);

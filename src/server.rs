@@ -66,9 +66,12 @@ impl Keel {
         let addr = listener.local_addr()?;
         let state = self.server_state();
         let _ = state.local_addr.set(addr);
+        // Layers run outermost-last-added: the deadline check first (504 for work whose caller
+        // has given up), then trace and deadline context for the handler's own calls.
         let router = app
             .merge(self.admin_router())
-            .layer(axum::middleware::from_fn(trace_layer));
+            .layer(axum::middleware::from_fn(trace_layer))
+            .layer(keel_resilience::DeadlineCheckLayer::new());
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server =
@@ -259,7 +262,13 @@ async fn trace_layer(request: Request, next: Next) -> Response {
         trace_id = %ctx.trace_id_hex(),
         status = tracing::field::Empty,
     );
-    let response = ctx.scope(next.run(request)).instrument(span.clone()).await;
+    let deadline = request
+        .extensions()
+        .get::<keel_core::request::Deadline>()
+        .copied();
+    let response = crate::trace::scope_with(ctx, deadline, next.run(request))
+        .instrument(span.clone())
+        .await;
     span.record("status", response.status().as_u16());
     response
 }

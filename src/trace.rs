@@ -26,8 +26,29 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
+/// What the server side knows about the request a task is serving, for the calls it makes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Inherited {
+    pub(crate) trace: TraceContext,
+    pub(crate) deadline: Option<keel_core::request::Deadline>,
+}
+
 tokio::task_local! {
-    static CURRENT: TraceContext;
+    static CURRENT: Inherited;
+}
+
+/// The deadline of the request being served by this task, if its caller sent one.
+pub(crate) fn current_deadline() -> Option<keel_core::request::Deadline> {
+    CURRENT.try_with(|c| c.deadline).ok().flatten()
+}
+
+/// Runs `fut` with this context (and the caller's deadline) as the current one.
+pub(crate) async fn scope_with<F: std::future::Future>(
+    trace: TraceContext,
+    deadline: Option<keel_core::request::Deadline>,
+    fut: F,
+) -> F::Output {
+    CURRENT.scope(Inherited { trace, deadline }, fut).await
 }
 
 impl TraceContext {
@@ -106,12 +127,12 @@ impl TraceContext {
 
     /// The context of the request being served by this task, if any.
     pub fn current() -> Option<Self> {
-        CURRENT.try_with(|c| *c).ok()
+        CURRENT.try_with(|c| c.trace).ok()
     }
 
     /// Runs `fut` with this context as the current one.
     pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        CURRENT.scope(self, fut).await
+        scope_with(self, None, fut).await
     }
 }
 
