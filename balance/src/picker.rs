@@ -24,7 +24,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
     time::Duration,
 };
@@ -39,7 +39,7 @@ use crate::{
     error::BalanceError,
     hash::{fmix64, hash_bytes, HashKey, Rng},
     outlier,
-    roster::{Entry, Group, Roster, States, Tier, Zoned},
+    roster::{Backref, Entry, Group, Roster, States, Tier, Zoned},
     snapshot::BalancerSnapshot,
     state::Clock,
     telemetry,
@@ -119,7 +119,8 @@ pub(crate) struct Shared {
     pub(crate) epoch: AtomicU64,
     /// Earliest end of a current ejection (ns); when passed, the epoch is bumped.
     pub(crate) next_expiry: AtomicU64,
-    pub(crate) total_in_flight: AtomicU64,
+    pub(crate) total_in_flight: Arc<AtomicU64>,
+    me: Weak<Shared>,
     pub(crate) last_sweep: Mutex<u64>,
     no_instance: Counter,
     panic: Counter,
@@ -220,37 +221,47 @@ impl Balancer {
         let cfg = Some(config.get())
             .filter(|c| c.validate().is_ok())
             .unwrap_or(cfg);
-        let roster = Roster::build(
-            &service,
-            instances.get(),
-            health.as_ref().map(|h| h.get()),
-            cfg,
-            &mut states,
-            clock.now(),
-            true,
-            0,
-            stamp0,
-        );
+        let total_in_flight = Arc::new(AtomicU64::new(0));
         let label = service.to_string();
         Ok(Self {
-            shared: Arc::new(Shared {
-                no_instance: metrics::counter!(telemetry::NO_INSTANCE_TOTAL, "service" => label.clone()),
-                panic: metrics::counter!(telemetry::PANIC_TOTAL, "service" => label.clone()),
-                rebuilds: metrics::counter!(telemetry::REBUILDS_TOTAL, "service" => label),
-                service,
-                instances,
-                health,
-                config,
-                roster: ArcSwap::from_pointee(roster),
-                stamp,
-                _hooks: hooks,
-                states: Mutex::new((states, 0)),
-                rng: Rng::new(seed),
-                clock,
-                epoch: AtomicU64::new(0),
-                next_expiry: AtomicU64::new(u64::MAX),
-                total_in_flight: AtomicU64::new(0),
-                last_sweep: Mutex::new(0),
+            shared: Arc::new_cyclic(|me| {
+                let backref = Backref {
+                    shared: me.clone(),
+                    clock,
+                    total_in_flight: total_in_flight.clone(),
+                };
+                let roster = Roster::build(
+                    &service,
+                    instances.get(),
+                    health.as_ref().map(|h| h.get()),
+                    cfg,
+                    &mut states,
+                    clock.now(),
+                    true,
+                    0,
+                    stamp0,
+                    &backref,
+                );
+                Shared {
+                    no_instance: metrics::counter!(telemetry::NO_INSTANCE_TOTAL, "service" => label.clone()),
+                    panic: metrics::counter!(telemetry::PANIC_TOTAL, "service" => label.clone()),
+                    rebuilds: metrics::counter!(telemetry::REBUILDS_TOTAL, "service" => label),
+                    service,
+                    instances,
+                    health,
+                    config,
+                    roster: ArcSwap::from_pointee(roster),
+                    stamp,
+                    _hooks: hooks,
+                    states: Mutex::new((states, 0)),
+                    rng: Rng::new(seed),
+                    clock,
+                    epoch: AtomicU64::new(0),
+                    next_expiry: AtomicU64::new(u64::MAX),
+                    total_in_flight,
+                    me: me.clone(),
+                    last_sweep: Mutex::new(0),
+                }
             }),
         })
     }
@@ -311,6 +322,11 @@ impl Balancer {
             false,
             *generation,
             stamp,
+            &Backref {
+                shared: s.me.clone(),
+                clock: s.clock,
+                total_in_flight: s.total_in_flight.clone(),
+            },
         );
         tracing::debug!(service = %s.service, generation = *generation, instances = roster.entries.len(), "balancer tables rebuilt");
         s.roster.store(Arc::new(roster));
@@ -343,7 +359,6 @@ impl Balancer {
                     self.shared.total_in_flight.fetch_add(1, Relaxed);
                 }
                 Ok(Picked {
-                    shared: self.shared.clone(),
                     entry,
                     start: now,
                     done: false,
@@ -745,7 +760,6 @@ impl Balancer {
 /// dropping it unreported counts as cancelled (in-flight released, nothing learned).
 #[derive(Debug)]
 pub struct Picked {
-    shared: Arc<Shared>,
     entry: Arc<Entry>,
     start: u64,
     done: bool,
@@ -770,16 +784,16 @@ impl Picked {
 
     /// Time since the pick.
     pub fn elapsed(&self) -> Duration {
-        Duration::from_nanos(self.shared.clock.now().saturating_sub(self.start))
+        Duration::from_nanos(self.entry.backref.clock.now().saturating_sub(self.start))
     }
 
     /// For long-lived connections (`least-conn`): whether this one should now be closed,
     /// because it is older than `max_connection_age` or its instance left or is draining.
     pub fn should_close(&self) -> bool {
-        let r = Balancer {
-            shared: self.shared.clone(),
-        }
-        .roster();
+        let Some(shared) = self.entry.backref.shared.upgrade() else {
+            return true; // the balancer is gone
+        };
+        let r = Balancer { shared }.roster();
         let gone = r.entry(&self.entry.instance.id).is_none_or(|e| !e.pickable);
         gone || r
             .config
@@ -797,18 +811,19 @@ impl Picked {
     pub fn complete_with(mut self, outcome: Outcome, latency: Duration) {
         self.done = true;
         self.release();
-        let now = self.shared.clock.now();
-        let b = Balancer {
-            shared: self.shared.clone(),
+        let Some(shared) = self.entry.backref.shared.upgrade() else {
+            return;
         };
+        let now = shared.clock.now();
+        let b = Balancer { shared };
         let r = b.roster();
-        outlier::on_complete(&self.shared, &r, &self.entry, outcome, latency, now);
+        outlier::on_complete(&b.shared, &r, &self.entry, outcome, latency, now);
     }
 
     fn release(&self) {
         self.entry.state.in_flight.fetch_sub(1, Relaxed);
         if self.counted {
-            self.shared.total_in_flight.fetch_sub(1, Relaxed);
+            self.entry.backref.total_in_flight.fetch_sub(1, Relaxed);
         }
     }
 }

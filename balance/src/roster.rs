@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
     },
 };
 
@@ -21,7 +21,8 @@ use metrics::{Counter, Histogram};
 use crate::{
     classify::Outcome,
     config::BalanceConfig,
-    state::{ns, slow_start_factor, InstanceState},
+    picker::Shared,
+    state::{ns, slow_start_factor, Clock, InstanceState},
     tables::{Alias, Maglev, Ring},
     telemetry,
 };
@@ -60,6 +61,15 @@ impl EntryMetrics {
     }
 }
 
+/// What a [`Picked`](crate::Picked) needs of its balancer, held by each entry so a pick clones
+/// one `Arc` (the entry) rather than two.
+#[derive(Debug, Clone)]
+pub(crate) struct Backref {
+    pub(crate) shared: Weak<Shared>,
+    pub(crate) clock: Clock,
+    pub(crate) total_in_flight: Arc<AtomicU64>,
+}
+
 /// One instance in the tables. The fields a pick reads come first.
 #[derive(Debug)]
 #[repr(C)]
@@ -78,6 +88,7 @@ pub(crate) struct Entry {
     /// Active health from discovery, when it is not plain healthy.
     pub(crate) active: Option<Health>,
     pub(crate) metrics: Arc<EntryMetrics>,
+    pub(crate) backref: Backref,
 }
 
 /// A set of members that one strategy picks among.
@@ -244,6 +255,7 @@ impl Roster {
         first: bool,
         generation: u64,
         stamp: u64,
+        backref: &Backref,
     ) -> Self {
         let mut seen = HashSet::new();
         let mut entries = Vec::with_capacity(instances.len());
@@ -269,6 +281,7 @@ impl Roster {
                 && status != HealthStatus::Draining;
             entries.push(Arc::new(Entry {
                 metrics,
+                backref: backref.clone(),
                 instance: i.clone(),
                 state,
                 active: active.filter(|h| h.status != HealthStatus::Healthy),
