@@ -148,7 +148,7 @@ impl<S, C: Clone> Layer<S> for HedgeLayer<C> {
 }
 
 /// [`Hedge`]'s future: the inner call directly, or the hedging race.
-pub type ResponseFuture<F, T> = futures_either::Either<F, crate::retry::ResponseFuture<T>>;
+pub type ResponseFuture<F, T> = futures_either::Either<F, crate::retry::BoxResponseFuture<T>>;
 
 /// A two-way future, so the unhedged path costs no allocation.
 pub mod futures_either {

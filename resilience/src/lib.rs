@@ -69,8 +69,8 @@ pub use self::{
         ServerRateLimitLayer, Source as DecisionSource,
     },
     retry::{
-        is_retry_safe, replay_request, served_by, ReplayBody, ResponseFuture as RetryFuture, Retry,
-        RetryLayer, IDEMPOTENCY_KEY,
+        is_retry_safe, replay_request, served_by, BoxResponseFuture, ReplayBody,
+        ResponseFuture as RetryFuture, Retry, RetryLayer, IDEMPOTENCY_KEY,
     },
     stack::{ClientStack, ClientStackLayer, ServerStack, ServerStackLayer},
     util::EitherResponse,

@@ -34,10 +34,10 @@ use keel_core::{
     request::{Attempt, Deadline as DeadlineExt, InstanceFailure, ServedBy},
     InstanceId, Live,
 };
+use pin_project_lite::pin_project;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use tower_layer::Layer;
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::{
     budget::RetryBudget,
@@ -152,13 +152,6 @@ pub(crate) struct RetryShared {
     deadline: Option<Live<TimeoutConfig>>,
 }
 
-struct Dec<'a>(&'a AtomicUsize);
-impl Drop for Dec<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl RetryShared {
     fn backoff(&self, cfg: &RetryConfig, retry: u32) -> Duration {
         let cap = cfg
@@ -267,30 +260,231 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
     }
 }
 
-/// The retry layer's response future (boxed: the retry loop holds the service and a replay copy).
-pub type ResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'static>>;
+/// A boxed response future, as the hedge and chaos layers return on their slow paths.
+pub type BoxResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'static>>;
+
+/// Counts a call in flight for the concurrency cap; holds the shared state.
+#[derive(Debug)]
+struct Active(Arc<RetryShared>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a retry in flight for the concurrency cap.
+#[derive(Debug)]
+struct Retrying(Arc<RetryShared>);
+
+impl Drop for Retrying {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a retry future knows besides its futures.
+#[derive(Debug)]
+struct Ctx<C, B> {
+    active: Active,
+    cfg: Arc<RetryConfig>,
+    classifier: C,
+    attempt: u32,
+    avoid: Vec<InstanceId>,
+    safe: bool,
+    replay: Option<http::Request<B>>,
+    set_deadline: Option<tokio::time::Instant>,
+    deadline: Option<tokio::time::Instant>,
+    retrying: Option<Retrying>,
+    span: tracing::Span,
+    failed: Option<ResilienceError>,
+}
+
+impl<C, B: ReplayBody> Ctx<C, B> {
+    /// After an attempt: `None` to return its result, or the wait and the next request.
+    fn decide<T>(
+        &mut self,
+        res: &Result<http::Response<T>, BoxError>,
+    ) -> Option<(Duration, http::Request<B>)>
+    where
+        C: Classifier<http::Response<T>>,
+    {
+        self.retrying = None;
+        let shared = &self.active.0;
+        let cfg = &self.cfg;
+        let outcome = match res {
+            Ok(r) => self.classifier.classify_response(r),
+            Err(e) => self.classifier.classify_error(e),
+        };
+        if self.attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
+            return None;
+        }
+        if !self.safe {
+            shared.count("not_idempotent");
+            return None;
+        }
+        let Some(mut next) = self.replay.as_ref().and_then(replay_request) else {
+            shared.count("not_replayable");
+            return None;
+        };
+        let remaining = self
+            .deadline
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let header = match res {
+            Ok(r) => crate::classify::retry_after_header(r.headers()),
+            Err(_) => None,
+        };
+        let wait = match (outcome, header) {
+            (
+                Outcome::Throttled {
+                    retry_after: Some(ra),
+                },
+                _,
+            )
+            | (_, Some(ra)) => {
+                if ra > cfg.max_retry_after {
+                    return None;
+                }
+                ra
+            }
+            _ => shared.backoff(cfg, self.attempt),
+        };
+        if remaining.is_some_and(|left| wait >= left) {
+            shared.count("deadline");
+            return None;
+        }
+        let active = shared.active.load(Ordering::Relaxed);
+        let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
+            .max(cfg.concurrent_min as usize);
+        if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
+            shared.active_retries.fetch_sub(1, Ordering::AcqRel);
+            shared.count("concurrency_capped");
+            return None;
+        }
+        let retrying = Retrying(shared.clone());
+        if shared.budget.try_withdraw().is_err() {
+            shared.count("budget_exhausted");
+            return None;
+        }
+        self.retrying = Some(retrying);
+        if let Some(id) = served_by(res) {
+            if !self.avoid.contains(&id) {
+                self.avoid.push(id);
+            }
+        }
+        self.attempt += 1;
+        shared.count("retry");
+        if let Some(d) = self.set_deadline {
+            next.extensions_mut().insert(DeadlineExt(d));
+        }
+        next.extensions_mut().insert(Attempt {
+            number: self.attempt,
+            hedge: false,
+            avoid: self.avoid.clone(),
+        });
+        if self.attempt >= cfg.max_attempts {
+            self.replay = None;
+        }
+        Some((wait, next))
+    }
+}
+
+pin_project! {
+    /// The retry layer's response future: a state machine (attempt, backoff, next attempt), so
+    /// a call that succeeds at once costs no allocation here.
+    pub struct ResponseFuture<S, B, C>
+    where
+        S: Service<http::Request<B>>,
+    {
+        #[pin]
+        fut: Option<S::Future>,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        next: Option<http::Request<B>>,
+        svc: S,
+        ctx: Ctx<C, B>,
+    }
+}
+
+impl<S, C, B, T> Future for ResponseFuture<S, B, C>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>>,
+    S::Error: Into<BoxError>,
+    C: Classifier<http::Response<T>>,
+    B: ReplayBody,
+{
+    type Output = Result<http::Response<T>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(e) = this.ctx.failed.take() {
+            return Poll::Ready(Err(Box::new(e)));
+        }
+        loop {
+            if let Some(fut) = this.fut.as_mut().as_pin_mut() {
+                let polled = {
+                    let _entered = this.ctx.span.enter();
+                    fut.poll(cx)
+                };
+                let res = match polled {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r.map_err(Into::into),
+                };
+                this.fut.set(None);
+                match this.ctx.decide(&res) {
+                    None => return Poll::Ready(res),
+                    Some((wait, next)) => {
+                        *this.next = Some(next);
+                        if !wait.is_zero() {
+                            this.sleep.set(Some(tokio::time::sleep(wait)));
+                        }
+                    }
+                }
+            }
+            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                std::task::ready!(sleep.poll(cx));
+                this.sleep.set(None);
+            }
+            if this.next.is_none() {
+                // Polled after completion: nothing left to do.
+                return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
+            }
+            if let Err(e) = std::task::ready!(this.svc.poll_ready(cx)) {
+                return Poll::Ready(Err(e.into()));
+            }
+            if let Some(req) = this.next.take() {
+                let ctx = &mut *this.ctx;
+                ctx.span = tracing::debug_span!("keel.attempt", service = %ctx.active.0.service, attempt = ctx.attempt, hedge = false);
+                let fut = {
+                    let _entered = ctx.span.enter();
+                    this.svc.call(req)
+                };
+                this.fut.set(Some(fut));
+            }
+        }
+    }
+}
 
 impl<S, C, B, T> Service<http::Request<B>> for Retry<S, C>
 where
-    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
     C: Classifier<http::Response<T>>,
-    B: ReplayBody + Send + 'static,
-    T: Send + 'static,
+    B: ReplayBody,
 {
     type Response = http::Response<T>;
     type Error = BoxError;
-    type Future = ResponseFuture<http::Response<T>>;
+    type Future = ResponseFuture<S, B, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let shared = self.shared.clone();
+        let shared = &self.shared;
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let mut set_deadline = None;
+        let mut failed = None;
         let now = tokio::time::Instant::now();
         if let Some(t) = &shared.deadline {
             let total = t.load().total;
@@ -299,125 +493,53 @@ where
                 match inherited {
                     Some(i) if i <= d => {
                         if i <= now {
-                            return Box::pin(std::future::ready(Err(Box::new(
-                                ResilienceError::DeadlineExceeded,
-                            )
-                                as BoxError)));
+                            failed = Some(ResilienceError::DeadlineExceeded);
                         }
                     }
                     _ => set_deadline = Some(d),
                 }
             }
         }
-        let classifier = self.classifier.clone();
-        // The clone is not ready; keep the ready one for this call (tower's pattern).
-        let clone = self.inner.clone();
-        let mut svc = std::mem::replace(&mut self.inner, clone);
         let cfg = shared.policy.get();
         shared.budget.deposit_at(now);
         shared.first.increment(1);
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        let active = Active(shared.clone());
         let safe = cfg.max_attempts > 1 && is_retry_safe(&req);
-        let mut replay = if safe { replay_request(&req) } else { None };
+        let replay = if safe { replay_request(&req) } else { None };
         if let Some(d) = set_deadline {
             req.extensions_mut().insert(DeadlineExt(d));
         }
-        let deadline = set_deadline.or(inherited);
-        Box::pin(async move {
-            shared.active.fetch_add(1, Ordering::Relaxed);
-            let _active = Dec(&shared.active);
-            let mut attempt = 1u32;
-            let mut avoid: Vec<InstanceId> = Vec::new();
-            let mut res = svc
-                .call(req)
-                .instrument(tracing::debug_span!("keel.attempt", service = %shared.service, attempt = 1u32, hedge = false))
-                .await
-                .map_err(Into::into);
-            loop {
-                let outcome = match &res {
-                    Ok(r) => classifier.classify_response(r),
-                    Err(e) => classifier.classify_error(e),
-                };
-                if attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
-                    return res;
-                }
-                if !safe {
-                    shared.count("not_idempotent");
-                    return res;
-                }
-                let Some(next) = replay.as_ref().and_then(replay_request) else {
-                    shared.count("not_replayable");
-                    return res;
-                };
-                let remaining =
-                    deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
-                let wait = match outcome {
-                    Outcome::Throttled {
-                        retry_after: Some(ra),
-                    } => {
-                        if ra > cfg.max_retry_after {
-                            return res;
-                        }
-                        ra
-                    }
-                    _ => match &res {
-                        Ok(r) => match crate::classify::retry_after_header(r.headers()) {
-                            Some(ra) if ra <= cfg.max_retry_after => ra,
-                            Some(_) => return res,
-                            None => shared.backoff(&cfg, attempt),
-                        },
-                        Err(_) => shared.backoff(&cfg, attempt),
-                    },
-                };
-                if remaining.is_some_and(|left| wait >= left) {
-                    shared.count("deadline");
-                    return res;
-                }
-                let active = shared.active.load(Ordering::Relaxed);
-                let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
-                    .max(cfg.concurrent_min as usize);
-                if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
-                    shared.active_retries.fetch_sub(1, Ordering::AcqRel);
-                    shared.count("concurrency_capped");
-                    return res;
-                }
-                let _retrying = Dec(&shared.active_retries);
-                if shared.budget.try_withdraw().is_err() {
-                    shared.count("budget_exhausted");
-                    return res;
-                }
-                if let Some(id) = served_by(&res) {
-                    if !avoid.contains(&id) {
-                        avoid.push(id);
-                    }
-                }
-                drop(res);
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                attempt += 1;
-                shared.count("retry");
-                let mut next = next;
-                if let Some(d) = set_deadline {
-                    next.extensions_mut().insert(DeadlineExt(d));
-                }
-                next.extensions_mut().insert(Attempt {
-                    number: attempt,
-                    hedge: false,
-                    avoid: avoid.clone(),
-                });
-                if let Err(e) = std::future::poll_fn(|cx| svc.poll_ready(cx)).await {
-                    return Err(e.into());
-                }
-                res = svc
-                    .call(next)
-                    .instrument(tracing::debug_span!("keel.attempt", service = %shared.service, attempt, hedge = false))
-                    .await
-                    .map_err(Into::into);
-                if attempt >= cfg.max_attempts {
-                    replay = None;
-                }
-            }
-        })
+        // The clone is not ready; keep the ready one for this call (tower's pattern).
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        let span = tracing::debug_span!("keel.attempt", service = %shared.service, attempt = 1u32, hedge = false);
+        let fut = if failed.is_none() {
+            let _entered = span.enter();
+            Some(svc.call(req))
+        } else {
+            None
+        };
+        ResponseFuture {
+            fut,
+            sleep: None,
+            next: None,
+            svc,
+            ctx: Ctx {
+                active,
+                cfg,
+                classifier: self.classifier.clone(),
+                attempt: 1,
+                avoid: Vec::new(),
+                safe,
+                replay,
+                set_deadline,
+                deadline: set_deadline.or(inherited),
+                retrying: None,
+                span,
+                failed,
+            },
+        }
     }
 }
 
