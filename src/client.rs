@@ -38,7 +38,7 @@ pub struct Client {
 /// What a client keeps to report its state.
 pub(crate) struct ClientParts {
     pub(crate) balancer: keel_balance::Balancer,
-    pub(crate) breaker: Arc<keel_resilience::Breaker>,
+    pub(crate) resilience: keel_resilience::ClientStackLayer,
     pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
 }
 
@@ -62,15 +62,19 @@ impl Client {
     /// The client's state for `/keel/status`: the balancer's instances (state, health, EWMA,
     /// in-flight, ejections) and the breaker.
     pub fn status(&self) -> serde_json::Value {
-        let (calls, failures, slow) = self.parts.breaker.window_counts();
+        let r = &self.parts.resilience;
+        let breaker = r.breaker();
+        let (calls, failures, slow) = breaker.window_counts();
         serde_json::json!({
             "service": self.parts.balancer.service().as_str(),
             "config_generation": self.parts.config.generation(),
             "balancer": serde_json::to_value(self.parts.balancer.snapshot()).unwrap_or_default(),
             "breaker": {
-                "state": format!("{:?}", self.parts.breaker.state()),
+                "state": format!("{:?}", breaker.state()),
                 "window": { "calls": calls, "failures": failures, "slow": slow },
             },
+            "retry_budget": { "balance": r.budget().balance() },
+            "bulkhead": { "limit": r.bulkhead().limit(), "in_flight": r.bulkhead().in_flight() },
         })
     }
 

@@ -66,12 +66,19 @@ impl Keel {
         let addr = listener.local_addr()?;
         let state = self.server_state();
         let _ = state.local_addr.set(addr);
-        // Layers run outermost-last-added: the deadline check first (504 for work whose caller
-        // has given up), then trace and deadline context for the handler's own calls.
-        let router = app
-            .merge(self.admin_router())
+        // Outermost first: the inbound set (deadline check: 504 for work whose caller has given
+        // up; shedding: 503; rate limit: 429), then trace and deadline context for the
+        // handler's own calls. The admin routes sit beside the application's, under the same
+        // layers except shedding and limits, so probes still answer under overload.
+        let inbound = &self.inner().inbound;
+        let app = app
             .layer(axum::middleware::from_fn(trace_layer))
-            .layer(keel_resilience::DeadlineCheckLayer::new());
+            .layer(keel_resilience::ServerStackLayer::new(
+                self.name().as_str(),
+                inbound.project(|i| i.bulkhead.clone()),
+                inbound.project(|i| i.rate_limit.clone()),
+            ));
+        let router = self.admin_router().merge(app);
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server =

@@ -109,12 +109,11 @@ pub(crate) fn validate_clients(clients: &ClientsSection) -> Result<(), String> {
     Ok(())
 }
 
-/// `[inbound]`: what the server side applies to every request it serves.
+/// `[inbound]`: what the server side applies to every request it serves (besides the deadline
+/// check, which is always on: work whose caller's `keel-deadline-ms` has run out gets a 504).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InboundConfig {
-    /// Reject work whose caller's deadline (the `keel-deadline-ms` header) has already passed.
-    pub deadline: bool,
     /// Inbound rate limit (429 with `Retry-After` and RateLimit headers); off unless a rate is set.
     pub rate_limit: RateLimitConfig,
     /// Inbound concurrency limit / load shedding (503 with `Retry-After`).
@@ -124,7 +123,6 @@ pub struct InboundConfig {
 impl Default for InboundConfig {
     fn default() -> Self {
         Self {
-            deadline: true,
             rate_limit: RateLimitConfig::default(),
             bulkhead: BulkheadConfig::default(),
         }

@@ -1,12 +1,18 @@
 //! How `keel.client(name)` is assembled, outermost first:
 //!
 //! ```text
-//! total deadline            keel_resilience::DeadlineLayer      [clients.NAME.timeout.total]
-//! → retry with budget       keel_resilience::RetryLayer         [clients.NAME.retry]
-//! → circuit breaker         keel_resilience::CircuitBreakerLayer [clients.NAME.breaker]
-//! → per-try timeout         keel_resilience::TimeoutLayer       [clients.NAME.timeout.per_try]
-//! → balancer                keel_balance::Balance               [clients.NAME.balance]
+//! keel_resilience::ClientStackLayer, in its documented order:
+//!   total deadline        [clients.NAME.timeout.total]
+//!   → retry with budget   [clients.NAME.retry]
+//!   → hedge               [clients.NAME.hedge]
+//!   → circuit breaker     [clients.NAME.breaker]
+//!   → bulkhead            [clients.NAME.bulkhead]
+//!   → rate limit          [clients.NAME.rate_limit]
+//!   → per-try timeout     [clients.NAME.timeout.per_try]
+//!   → chaos               [clients.NAME.chaos]
+//! → keel_balance::Balance [clients.NAME.balance]
 //!     over the live instance set (static endpoints or discovery) and active health
+//!     ([clients.NAME.health]); retries and hedges avoid instances already tried
 //! → one HTTP connection pool per instance (reqwest)
 //! ```
 //!
@@ -16,10 +22,8 @@
 use keel_balance::{Balance, Balancer};
 use keel_core::{HealthMap, Instance, Live, ServiceName, Shutdown};
 use keel_discovery::{HealthCheckConfig, HealthChecker, InstanceWatch, StaticDiscovery};
-use keel_resilience::{
-    Breaker, CircuitBreakerLayer, DeadlineLayer, HttpClassifier, RetryLayer, TimeoutLayer,
-};
-use tower::ServiceBuilder;
+use keel_resilience::ClientStackLayer;
+use tower::Layer;
 
 use crate::{
     client::{Client, ClientParts, Stack},
@@ -76,28 +80,15 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         HttpTransport::new(instance, **connect_timeout.load())
     });
 
-    let timeout = cfg.project(|c| c.timeout.clone());
-    let breaker = Breaker::new(service.as_str(), "", cfg.project(|c| c.breaker.clone()));
-    let stack: Stack = Stack::new(
-        ServiceBuilder::new()
-            .layer(DeadlineLayer::new(timeout.clone()))
-            .layer(RetryLayer::new(
-                service.as_str(),
-                cfg.project(|c| c.retry.clone()),
-            ))
-            .layer(CircuitBreakerLayer::from_breaker(
-                breaker.clone(),
-                HttpClassifier::new(),
-            ))
-            .layer(TimeoutLayer::new(timeout))
-            .service(balance),
-    );
+    let resilience = ClientStackLayer::try_new(service.as_str(), cfg.project(|c| c.resilience()))
+        .map_err(|e| unknown(e.to_string()))?;
+    let stack: Stack = Stack::new(resilience.layer(balance));
     Ok(Client::new(
         name.to_owned(),
         stack,
         ClientParts {
             balancer,
-            breaker,
+            resilience,
             config: cfg,
         },
     ))
