@@ -398,8 +398,9 @@ pin_project! {
     {
         #[pin]
         fut: Option<S::Future>,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        // Boxed: only a retry waits, and an inline `Sleep` would make every call's future
+        // (moved on each return up the stack) larger.
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         next: Option<http::Request<B>>,
         svc: S,
         ctx: Ctx<C, B>,
@@ -436,14 +437,14 @@ where
                     Some((wait, next)) => {
                         *this.next = Some(next);
                         if !wait.is_zero() {
-                            this.sleep.set(Some(tokio::time::sleep(wait)));
+                            *this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
                         }
                     }
                 }
             }
-            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                std::task::ready!(sleep.poll(cx));
-                this.sleep.set(None);
+            if let Some(sleep) = this.sleep.as_mut() {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                *this.sleep = None;
             }
             if this.next.is_none() {
                 // Polled after completion: nothing left to do.
