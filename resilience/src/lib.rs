@@ -15,8 +15,44 @@
 //! | [`Fallback`] | a closure on open breaker, shed, limit or deadline | degrade instead of failing |
 //! | [`Chaos`] | injected failures and latency | demos and game days |
 //!
-//! [`ClientStackLayer`] composes them for the facade in a fixed, documented order; [`ServerStackLayer`]
-//! is the inbound set (deadline check, shedding, rate limit).
+//! [`ClientStackLayer`] composes them for the facade in a fixed, documented order (total deadline
+//! → retry/hedge → breaker/throttle → bulkhead → rate limit → per-try timeout → inner, see
+//! [`ClientStack`]); [`ServerStackLayer`] is the inbound set (deadline check, shedding, rate limit).
+//!
+//! ```
+//! use keel_core::Live;
+//! use keel_resilience::{BoxError, ClientStackLayer, ResilienceConfig, ResilienceError};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+//! // `[clients.payments]`, hot-swappable: a store() changes behaviour on the next call.
+//! let config: Live<ResilienceConfig> = Live::new(toml::from_str(r#"
+//!     timeout = { total = "2s", per_try = "500ms" }
+//!     retry = { max_attempts = 3, budget_ratio = "20%" }
+//!     breaker = { failure_rate_threshold = "50%", minimum_calls = 20 }
+//! "#)?);
+//! let stack = ClientStackLayer::try_new("payments", config.clone())?;
+//! let balancer = service_fn(|_req: http::Request<bytes::Bytes>| async {
+//!     Ok::<_, BoxError>(http::Response::new(String::from("charged")))
+//! });
+//! let client = stack.layer(balancer);
+//! let req = http::Request::put("/charges/42").body(bytes::Bytes::from_static(b"{}"))?;
+//! match client.oneshot(req).await {
+//!     Ok(res) => assert_eq!(res.into_body(), "charged"),
+//!     Err(e) => match ResilienceError::find(e.as_ref()) {
+//!         Some(r) if r.is_retryable() => { /* later: r.retry_after() */ }
+//!         _ => return Err(e),
+//!     },
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Errors: every layer's error is a [`BoxError`]; keel's own refusals are a [`ResilienceError`]
+//! in it ([`ResilienceError::find`]), which says whether a retry may help and after how long.
+//! Layers talk to each other and to the balancer through `keel_core::request` extensions:
+//! `Deadline` (set by the deadline, read by the per-try timeout and retry), `Attempt` (set on
+//! retries and hedges, with `avoid` = instances already tried) and `ServedBy` / `InstanceFailure`
+//! (set by the balancer, read by the retry).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
