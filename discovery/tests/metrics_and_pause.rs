@@ -129,5 +129,6 @@ async fn a_frozen_redis_keeps_the_last_set_and_reports_staleness() {
             telemetry::UPDATES_TOTAL
         ))
         .unwrap_or(0);
-    assert!(applied >= 3, "applied updates counted: {applied}");
+    // Registrations may arrive in one batch: at least one update before the freeze, one after.
+    assert!(applied >= 2, "applied updates counted: {applied}");
 }
