@@ -29,6 +29,16 @@ struct Fleet {
 }
 
 fn config_text(f: &Fleet, strategy: &str, weights: [u32; 3], total: &str) -> String {
+    config_with_hedge(f, strategy, weights, total, None)
+}
+
+fn config_with_hedge(
+    f: &Fleet,
+    strategy: &str,
+    weights: [u32; 3],
+    total: &str,
+    hedge_after: Option<&str>,
+) -> String {
     let mut s = format!(
         r#"[service]
 listen = "127.0.0.1:0"
@@ -47,6 +57,10 @@ per_try = "{total}"
 [clients.payments.retry]
 max_attempts = 3
 
+[clients.payments.hedge]
+enabled = {hedge}
+delay = "{hedge_delay}"
+
 [clients.ledger]
 [clients.ledger.retry]
 max_attempts = 1
@@ -62,7 +76,9 @@ permitted_in_half_open = 3
 [[clients.ledger.endpoints]]
 addr = "{ledger}"
 "#,
-        ledger = f.ledger.addr
+        ledger = f.ledger.addr,
+        hedge = hedge_after.is_some(),
+        hedge_delay = hedge_after.unwrap_or("10ms"),
     );
     for (p, w) in f.payments.iter().zip(weights) {
         s.push_str(&format!(
@@ -227,7 +243,10 @@ async fn main() -> Res<()> {
     }
 
     // 2. A slow instance.
-    step(2, "payments-c turns 50 ms slower: round robin vs P2C-EWMA");
+    step(
+        2,
+        "payments-c turns 50 ms slower: round robin vs P2C-EWMA vs P2C-EWMA + hedging",
+    );
     fleet.payments[2].set_latency(Duration::from_millis(50));
     edit(
         &keel,
@@ -244,6 +263,13 @@ async fn main() -> Res<()> {
     .await?;
     let _warm = run(&payments, 100, 4).await;
     let mut p2c = run(&payments, 600, 4).await;
+    edit(
+        &keel,
+        &path,
+        config_with_hedge(&fleet, "p2c-ewma", [1, 1, 1], "2s", Some("5ms")),
+    )
+    .await?;
+    let mut hedged = run(&payments, 600, 4).await;
     let share =
         |r: &Run| *r.by_backend.get("payments-c").unwrap_or(&0) as f64 / r.ok.max(1) as f64 * 100.0;
     println!(
@@ -259,6 +285,12 @@ async fn main() -> Res<()> {
         ms(p2c.pct(0.9)),
         ms(p2c.pct(0.99)),
         share(&p2c)
+    );
+    println!(
+        "  + hedging:   p50 {}  p90 {}  p99 {}  (a second attempt to another instance after 5 ms; the loser is cancelled)",
+        ms(hedged.pct(0.5)),
+        ms(hedged.pct(0.9)),
+        ms(hedged.pct(0.99)),
     );
     fleet.payments[2].set_latency(Duration::ZERO);
 

@@ -107,7 +107,11 @@ fn counts(servers: &[(&str, &PushServer)]) -> String {
 #[tokio::main]
 async fn main() -> Res<()> {
     let service = ServiceName::new("push")?;
-    let (a, b, c) = (push_server("push-a").await?, push_server("push-b").await?, push_server("push-c").await?);
+    let (a, b, c) = (
+        push_server("push-a").await?,
+        push_server("push-b").await?,
+        push_server("push-c").await?,
+    );
     let instance = |s: &PushServer| Instance::new(service.clone(), s.addr);
     let instances = Live::new(vec![instance(&a), instance(&b), instance(&c)]);
     let config = Live::new(BalanceConfig {
@@ -118,22 +122,43 @@ async fn main() -> Res<()> {
     let balancer = Balancer::new(service.clone(), instances.clone(), config)?;
 
     println!("30 subscribers connect through least-conn (max_connection_age 2s):");
-    let subs: Vec<_> = (0..30).map(|_| tokio::spawn(subscriber(balancer.clone()))).collect();
+    let subs: Vec<_> = (0..30)
+        .map(|_| tokio::spawn(subscriber(balancer.clone())))
+        .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    println!("  {}", counts(&[("push-a", &a), ("push-b", &b), ("push-c", &c)]));
+    println!(
+        "  {}",
+        counts(&[("push-a", &a), ("push-b", &b), ("push-c", &c)])
+    );
 
     let d = push_server("push-d").await?;
     instances.store(vec![instance(&a), instance(&b), instance(&c), instance(&d)]);
     println!("\npush-d joins; connections age out and rebalance onto it:");
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        println!("  {}", counts(&[("push-a", &a), ("push-b", &b), ("push-c", &c), ("push-d", &d)]));
+        println!(
+            "  {}",
+            counts(&[
+                ("push-a", &a),
+                ("push-b", &b),
+                ("push-c", &c),
+                ("push-d", &d)
+            ])
+        );
     }
 
     instances.store(vec![instance(&a), instance(&c), instance(&d)]);
     println!("\npush-b leaves (drained): its subscribers reconnect elsewhere:");
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    println!("  {}", counts(&[("push-a", &a), ("push-b", &b), ("push-c", &c), ("push-d", &d)]));
+    println!(
+        "  {}",
+        counts(&[
+            ("push-a", &a),
+            ("push-b", &b),
+            ("push-c", &c),
+            ("push-d", &d)
+        ])
+    );
 
     for s in subs {
         s.abort();
