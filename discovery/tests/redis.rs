@@ -147,6 +147,18 @@ async fn after_a_redis_restart_watchers_recover_and_registrations_come_back() {
     let _b = d.register(inst(&s, 9502)).await.unwrap();
     wait_len(&w, 2, LIMIT).await;
 
+    // Record the smallest set any reader saw from here on.
+    let min_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let (live, min) = (w.live().clone(), min_seen.clone());
+    let recorder = tokio::spawn(async move {
+        let mut rx = live.subscribe();
+        loop {
+            min.fetch_min(live.load().len(), std::sync::atomic::Ordering::SeqCst);
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     server.restart(); // empty
     let client = redis::Client::open(server.url()).unwrap();
     eventually(LIMIT, "registrations rewritten in the new server", || {
@@ -162,6 +174,11 @@ async fn after_a_redis_restart_watchers_recover_and_registrations_come_back() {
     .await;
     // The guard kept the set while the new server answered empty; it converges on both again.
     wait_len(&w, 2, LIMIT).await;
+    recorder.abort();
+    assert!(
+        min_seen.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "readers never saw an empty set across the restart"
+    );
     // The watcher follows changes again.
     let _c = d.register(inst(&s, 9503)).await.unwrap();
     wait_len(&w, 3, LIMIT).await;
