@@ -39,9 +39,9 @@ use crate::{
     error::BalanceError,
     hash::{fmix64, hash_bytes, HashKey, Rng},
     outlier,
-    roster::{Backref, Entry, Group, Roster, States, Tier, Zoned},
+    roster::{Backref, Entry, Group, Member, Roster, States, Tier, Zoned},
     snapshot::BalancerSnapshot,
-    state::Clock,
+    state::{Clock, InstanceState},
     telemetry,
 };
 
@@ -503,11 +503,11 @@ impl Balancer {
         now: u64,
     ) -> Option<u32> {
         match r.config.strategy {
-            Strategy::P2cEwma => self.p2c(r, g, mode, avoid, now, |e| {
-                e.state.ewma_ns(r.default_rtt_ns) * f64::from(e.state.in_flight.load(Relaxed) + 1)
+            Strategy::P2cEwma => self.p2c(r, g, mode, avoid, now, |st| {
+                st.ewma_ns(r.default_rtt_ns) * f64::from(st.in_flight.load(Relaxed) + 1)
             }),
-            Strategy::LeastRequest => self.p2c(r, g, mode, avoid, now, |e| {
-                f64::from(e.state.in_flight.load(Relaxed))
+            Strategy::LeastRequest => self.p2c(r, g, mode, avoid, now, |st| {
+                f64::from(st.in_flight.load(Relaxed))
             }),
             Strategy::Random => self.draw(r, g, mode, avoid, now),
             Strategy::RoundRobin => self.swrr(r, g, now, |e| self.usable(r, e, mode, avoid, now)),
@@ -519,8 +519,70 @@ impl Balancer {
         }
     }
 
+    /// Whether a packed member may take the request (the same rule as [`Self::usable`]).
+    #[inline]
+    fn usable_member(
+        &self,
+        r: &Roster,
+        h: &Member,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> bool {
+        let st = &h.state;
+        if h.max_conns != 0 && st.in_flight.load(Relaxed) >= h.max_conns {
+            return false;
+        }
+        if !avoid.is_empty() && avoid.contains(&r.entries[h.idx as usize].instance.id) {
+            return false;
+        }
+        mode == Mode::Panic
+            || (h.active_ok && (r.lone || !st.passive_out(now)) && !st.outlier_ejected(now))
+    }
+
     /// A weighted draw of a usable member (alias table, slow start and least-request damping by
-    /// rejection); a scan from a random point when draws keep missing.
+    /// rejection); a scan from a random point when draws keep missing. Returns a position in
+    /// the group.
+    #[inline]
+    fn draw_pos(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<usize> {
+        let rng = &self.shared.rng;
+        let bias = if r.config.strategy == Strategy::LeastRequest {
+            r.config.least_request_bias
+        } else {
+            0.0
+        };
+        for _ in 0..8 {
+            let k = g.alias.sample(rng);
+            let h = &g.hot[k];
+            if !self.usable_member(r, h, mode, avoid, now) {
+                continue;
+            }
+            let mut accept = if h.slow {
+                r.slow_factor(&r.entries[h.idx as usize], now)
+            } else {
+                1.0
+            };
+            if bias > 0.0 {
+                let active = h.state.in_flight.load(Relaxed);
+                if active > 0 {
+                    accept /= f64::from(active + 1).powf(bias);
+                }
+            }
+            if accept < 1.0 && rng.unit() >= accept {
+                continue;
+            }
+            return Some(k);
+        }
+        self.scan_pos(r, g, mode, avoid, now)
+    }
+
     #[inline]
     fn draw(
         &self,
@@ -530,31 +592,22 @@ impl Balancer {
         avoid: &[InstanceId],
         now: u64,
     ) -> Option<u32> {
-        let rng = &self.shared.rng;
-        let bias = if r.config.strategy == Strategy::LeastRequest {
-            r.config.least_request_bias
-        } else {
-            0.0
-        };
-        for _ in 0..8 {
-            let m = g.members[g.alias.sample(rng)];
-            let e = &r.entries[m as usize];
-            if !self.usable(r, e, mode, avoid, now) {
-                continue;
-            }
-            let mut accept = r.slow_factor(e, now);
-            if bias > 0.0 {
-                let active = e.state.in_flight.load(Relaxed);
-                if active > 0 {
-                    accept /= f64::from(active + 1).powf(bias);
-                }
-            }
-            if accept < 1.0 && rng.unit() >= accept {
-                continue;
-            }
-            return Some(m);
-        }
-        self.scan(r, g, mode, avoid, now)
+        self.draw_pos(r, g, mode, avoid, now).map(|k| g.members[k])
+    }
+
+    fn scan_pos(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<usize> {
+        let n = g.hot.len();
+        let start = self.shared.rng.below(n);
+        (0..n)
+            .map(|j| (start + j) % n)
+            .find(|&k| self.usable_member(r, &g.hot[k], mode, avoid, now))
     }
 
     fn scan(
@@ -565,11 +618,7 @@ impl Balancer {
         avoid: &[InstanceId],
         now: u64,
     ) -> Option<u32> {
-        let n = g.members.len();
-        let start = self.shared.rng.below(n);
-        (0..n)
-            .map(|k| g.members[(start + k) % n])
-            .find(|&m| self.usable(r, &r.entries[m as usize], mode, avoid, now))
+        self.scan_pos(r, g, mode, avoid, now).map(|k| g.members[k])
     }
 
     #[inline]
@@ -580,15 +629,15 @@ impl Balancer {
         mode: Mode,
         avoid: &[InstanceId],
         now: u64,
-        cost: impl Fn(&Entry) -> f64,
+        cost: impl Fn(&InstanceState) -> f64,
     ) -> Option<u32> {
-        let a = self.draw(r, g, mode, avoid, now)?;
+        let a = self.draw_pos(r, g, mode, avoid, now)?;
         if g.members.len() == 1 {
-            return Some(a);
+            return Some(g.members[a]);
         }
         let mut b = a;
         for _ in 0..4 {
-            match self.draw(r, g, mode, avoid, now) {
+            match self.draw_pos(r, g, mode, avoid, now) {
                 Some(x) if x != a => {
                     b = x;
                     break;
@@ -596,11 +645,11 @@ impl Balancer {
                 _ => {}
             }
         }
-        if b == a {
-            return Some(a);
+        if b != a && cost(&g.hot[b].state) < cost(&g.hot[a].state) {
+            Some(g.members[b])
+        } else {
+            Some(g.members[a])
         }
-        let (ea, eb) = (&r.entries[a as usize], &r.entries[b as usize]);
-        Some(if cost(eb) < cost(ea) { b } else { a })
     }
 
     /// nginx smooth weighted round robin (`ngx_http_upstream_get_peer`), over the members

@@ -91,10 +91,26 @@ pub(crate) struct Entry {
     pub(crate) backref: Backref,
 }
 
+/// What a draw reads of one member, packed beside the others so a draw touches this array and
+/// the member's state line, not the whole entry.
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub(crate) state: Arc<InstanceState>,
+    /// Index into the roster's entries.
+    pub(crate) idx: u32,
+    pub(crate) max_conns: u32,
+    pub(crate) active_ok: bool,
+    /// Slow start may apply.
+    pub(crate) slow: bool,
+}
+
 /// A set of members that one strategy picks among.
 #[derive(Debug)]
 pub(crate) struct Group {
+    /// Indices into the roster's entries.
     pub(crate) members: Vec<u32>,
+    /// The same members, packed for draws (same order).
+    pub(crate) hot: Vec<Member>,
     pub(crate) alias: Alias,
     pub(crate) swrr: Mutex<Vec<i64>>,
     maglev: OnceLock<Maglev>,
@@ -110,7 +126,21 @@ impl Group {
             .iter()
             .map(|&m| f64::from(entries[m as usize].weight))
             .collect();
+        let hot = members
+            .iter()
+            .map(|&m| {
+                let e = &entries[m as usize];
+                Member {
+                    state: e.state.clone(),
+                    idx: m,
+                    max_conns: e.max_conns,
+                    active_ok: e.active_ok,
+                    slow: e.slow_window != 0,
+                }
+            })
+            .collect();
         Self {
+            hot,
             alias: Alias::new(&weights),
             swrr: Mutex::new(vec![0; members.len()]),
             weight_sum: weights.iter().sum::<f64>() as u64,
