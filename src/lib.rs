@@ -52,5 +52,5 @@ pub use self::{
     builder::{process_memory_discovery, Keel, KeelBuilder},
     client::{Client, ClientError, RequestBuilder, Response},
     error::Error,
-    settings::{ClientConfig, ClientsSection, InboundConfig},
+    settings::{default_config_toml, ClientConfig, ClientsSection, InboundConfig},
 };

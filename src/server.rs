@@ -71,13 +71,13 @@ impl Keel {
         // handler's own calls. The admin routes sit beside the application's, under the same
         // layers except shedding and limits, so probes still answer under overload.
         let inbound = &self.inner().inbound;
-        let app = app
-            .layer(axum::middleware::from_fn(trace_layer))
-            .layer(keel_resilience::ServerStackLayer::new(
+        let app = app.layer(axum::middleware::from_fn(trace_layer)).layer(
+            keel_resilience::ServerStackLayer::new(
                 self.name().as_str(),
                 inbound.project(|i| i.bulkhead.clone()),
                 inbound.project(|i| i.rate_limit.clone()),
-            ));
+            ),
+        );
         let router = self.admin_router().merge(app);
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

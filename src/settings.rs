@@ -140,3 +140,87 @@ impl InboundConfig {
             .map_err(|e| format!("bulkhead.{e}"))
     }
 }
+
+/// Every configuration key keel itself knows, with its default, as TOML (`docs/CONFIG.md`
+/// carries the same text; a test keeps them equal). Optional keys without a default are not
+/// shown; the application's own sections are not included.
+pub fn default_config_toml() -> String {
+    fn section<T: Serialize>(
+        doc: &mut serde_json::Map<String, serde_json::Value>,
+        name: &str,
+        v: T,
+    ) {
+        doc.insert(name.to_owned(), serde_json::to_value(v).unwrap_or_default());
+    }
+    let mut doc = serde_json::Map::new();
+    section(
+        &mut doc,
+        "service",
+        keel_core::config::ServiceSection::default(),
+    );
+    section(
+        &mut doc,
+        "discovery",
+        keel_discovery::DiscoveryConfig::default(),
+    );
+    let mut clients = serde_json::Map::new();
+    section(&mut clients, "NAME", ClientConfig::default());
+    doc.insert("clients".to_owned(), serde_json::Value::Object(clients));
+    section(&mut doc, "inbound", InboundConfig::default());
+    section(
+        &mut doc,
+        "idempotency",
+        keel_idempotency::IdempotencyConfig::default(),
+    );
+    let mut out = String::new();
+    write_toml(&mut out, "", &serde_json::Value::Object(doc));
+    out.trim_start().to_owned()
+}
+
+/// A small TOML writer for documentation: tables as `[a.b]` headers, keys sorted, arrays
+/// inline.
+fn write_toml(out: &mut String, path: &str, v: &serde_json::Value) {
+    use std::fmt::Write;
+    let serde_json::Value::Object(map) = v else {
+        return;
+    };
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    let mut scalars = String::new();
+    for k in &keys {
+        let value = &map[k.as_str()];
+        if !value.is_object() && !value.is_null() {
+            let _ = writeln!(scalars, "{k} = {}", scalar(value));
+        }
+    }
+    if !path.is_empty()
+        && (!scalars.is_empty() || keys.iter().all(|k| !map[k.as_str()].is_object()))
+    {
+        let _ = writeln!(out, "[{path}]");
+    }
+    out.push_str(&scalars);
+    if !scalars.is_empty() || !path.is_empty() {
+        out.push('\n');
+    }
+    for k in keys {
+        let value = &map[k.as_str()];
+        if value.is_object() {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            write_toml(out, &child, value);
+        }
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("{s:?}"),
+        serde_json::Value::Array(a) => {
+            format!("[{}]", a.iter().map(scalar).collect::<Vec<_>>().join(", "))
+        }
+        other => other.to_string(),
+    }
+}
