@@ -111,22 +111,13 @@ pub(crate) fn validate_clients(clients: &ClientsSection) -> Result<(), String> {
 
 /// `[inbound]`: what the server side applies to every request it serves (besides the deadline
 /// check, which is always on: work whose caller's `keel-deadline-ms` has run out gets a 504).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InboundConfig {
     /// Inbound rate limit (429 with `Retry-After` and RateLimit headers); off unless a rate is set.
     pub rate_limit: RateLimitConfig,
     /// Inbound concurrency limit / load shedding (503 with `Retry-After`).
     pub bulkhead: BulkheadConfig,
-}
-
-impl Default for InboundConfig {
-    fn default() -> Self {
-        Self {
-            rate_limit: RateLimitConfig::default(),
-            bulkhead: BulkheadConfig::default(),
-        }
-    }
 }
 
 impl InboundConfig {
