@@ -26,6 +26,20 @@
 //! }
 //! ```
 //!
+//! ## The order of things
+//!
+//! An outgoing call (`keel.client("payments")?.post(..).send()`), outermost first: total
+//! deadline → retry with budget → hedge → circuit breaker → bulkhead → rate limit → per-try
+//! timeout → chaos → balancer (strategy, health, ejection; retries avoid instances already
+//! tried) → one connection pool per instance. See `keel_resilience`'s stack docs for why each
+//! sits where it does.
+//!
+//! An incoming request (`keel.serve(router)`): deadline check (504 when the caller has given up)
+//! → shedding (503) → rate limit (429) → trace context (`traceparent`, and the caller's deadline
+//! for the handler's own calls) → the application's routes and their own layers (idempotency
+//! where a route asks for it). `/healthz`, `/readyz`, `/metrics` and `/keel/status` sit beside
+//! them, not behind the limits.
+//!
 //! The crates behind it are usable alone: [`keel_core`] (live values, layered config, hot
 //! reload), `keel_discovery`, `keel_balance`, `keel_resilience` and `keel_idempotency`.
 #![forbid(unsafe_code)]
@@ -47,6 +61,11 @@ pub use keel_core::{Live, ServiceName};
 pub use keel_discovery;
 pub use keel_idempotency;
 pub use keel_resilience;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use self::{
     builder::{process_memory_discovery, Keel, KeelBuilder},
