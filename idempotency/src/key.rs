@@ -107,7 +107,7 @@ pub fn storage_key(scope: &str, method: &str, route: &str, key: &str) -> String 
     for part in [scope, method, route, key] {
         feed(&mut h, part.as_bytes());
     }
-    hex::encode(h.finalize())
+    to_hex(&h.finalize())
 }
 
 /// The fingerprint of a request, per policy: hex SHA-256.
@@ -137,7 +137,18 @@ pub fn fingerprint(policy: &Fingerprint, headers: &HeaderMap, body: &[u8]) -> St
             }
         }
     }
-    hex::encode(h.finalize())
+    to_hex(&h.finalize())
+}
+
+/// Lower-case hex, with a table (the `hex` crate's char iterator showed up in profiles).
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// A short form of a storage key for logs and spans (already a hash: never the raw key).
@@ -181,6 +192,12 @@ mod tests {
         assert_eq!(parse_key(long.as_bytes()), Err(KeyError::Malformed));
         let ok = format!("\"{}\"", "a".repeat(255));
         assert!(parse_key(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn hex_matches_the_hex_crate() {
+        let b: Vec<u8> = (0..=255).collect();
+        assert_eq!(to_hex(&b), hex::encode(&b));
     }
 
     #[test]

@@ -201,6 +201,61 @@ async fn tenants(store: Arc<dyn IdempotencyStore>) {
     assert_eq!(app.seen.execs(), 2, "one execution per tenant");
 }
 
+async fn scope_from_header_and_extension(store: Arc<dyn IdempotencyStore>) {
+    let app = start(
+        store,
+        IdempotencyConfig {
+            scope_header: Some("x-org".into()),
+            ..test_config()
+        },
+    )
+    .await;
+    let c = client();
+    let send = |org: &'static str, tenant: Option<&'static str>| {
+        let mut b = c
+            .post(app.url("/work"))
+            .header("Idempotency-Key", "same")
+            .header("x-org", org)
+            .body("b");
+        if let Some(t) = tenant {
+            b = b.header("x-tenant", t);
+        }
+        b.send()
+    };
+    assert!(send("a", None)
+        .await
+        .unwrap()
+        .headers()
+        .get("idempotent-replayed")
+        .is_none());
+    assert!(send("b", None)
+        .await
+        .unwrap()
+        .headers()
+        .get("idempotent-replayed")
+        .is_none());
+    assert!(send("a", None)
+        .await
+        .unwrap()
+        .headers()
+        .get("idempotent-replayed")
+        .is_some());
+    // The extension set by authentication wins over the header.
+    assert!(send("a", Some("t1"))
+        .await
+        .unwrap()
+        .headers()
+        .get("idempotent-replayed")
+        .is_none());
+    assert!(send("b", Some("t1"))
+        .await
+        .unwrap()
+        .headers()
+        .get("idempotent-replayed")
+        .is_some());
+    assert_eq!(app.seen.execs(), 3);
+}
+
 async fn slow_handler_outlives_lease(store: Arc<dyn IdempotencyStore>) {
     let app = start(
         store,
@@ -494,7 +549,7 @@ macro_rules! conformance {
             use super::*;
             conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, tenants,
                 slow_handler_outlives_lease, lease_lost, disconnect, panic_and_5xx_release, store_down,
-                function_api, hot_policy, wait_then_replay_and_body_limit);
+                function_api, hot_policy, wait_then_replay_and_body_limit, scope_from_header_and_extension);
         }
     };
     (@tests $store:ident; $($t:ident),*) => {
