@@ -180,7 +180,7 @@ impl KeelBuilder {
             None => keel_idempotency::store_from_config(&idempotency.load()).await?,
         };
         crate::server::prometheus();
-        Ok(Keel {
+        let keel = Keel {
             inner: Arc::new(Inner {
                 name,
                 clients_cfg: config.section::<ClientsSection>("clients")?,
@@ -202,7 +202,9 @@ impl KeelBuilder {
                 server: ServerState::default(),
                 _watcher: watcher,
             }),
-        })
+        };
+        keel.report_not_live_changes();
+        Ok(keel)
     }
 }
 
@@ -336,6 +338,29 @@ impl Keel {
 
     pub(crate) fn server_state(&self) -> &ServerState {
         &self.inner.server
+    }
+
+    /// Logs, at warn, every applied reload that changed keys which only a restart applies
+    /// (they are also listed on `/keel/status`).
+    fn report_not_live_changes(&self) {
+        let Some(mut changes) = self.inner.config.subscribe() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.triggered() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let keel = Keel { inner };
+                for change in keel.not_live_changes() {
+                    tracing::warn!(%change, "configuration change needs a restart");
+                }
+            }
+        });
     }
 
     /// Keys changed in the files since start that take effect only after a restart.
