@@ -4,7 +4,8 @@
 pub const CLAIMS_TOTAL: &str = "keel_idempotency_claims_total";
 /// Lease renewals, by `result`: `ok`, `lost`, `error`.
 pub const LEASE_RENEWALS_TOTAL: &str = "keel_idempotency_lease_renewals_total";
-/// Completions, by `result`: `ok`, `stale_owner`, `error`, `released`.
+/// Ends of executions, by `result`: `ok`, `stale_owner`, `error`, `released`, `cancelled`,
+/// and `unreplicated` (a stored completion acknowledged by too few replicas).
 pub const COMPLETES_TOTAL: &str = "keel_idempotency_completes_total";
 /// Store round-trip latency in seconds, by `op`: `claim`, `renew`, `complete`, `release`.
 pub const STORE_DURATION_SECONDS: &str = "keel_idempotency_store_duration_seconds";

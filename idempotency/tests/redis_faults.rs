@@ -220,6 +220,22 @@ async fn durability_without_replicas_fails_closed() {
         plain.claim("k", "o2", "f", Duration::from_secs(5)).await,
         Ok(Claim::New { .. })
     ));
+    // A completion waits for replicas too; too few acknowledgements are logged, not fatal
+    // (the handler already ran), and the record is stored.
+    let done = store
+        .complete(
+            "k",
+            "o2",
+            bytes::Bytes::from_static(b"r"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, keel_idempotency::Ownership::Owner);
+    assert!(matches!(
+        plain.claim("k", "o3", "f", Duration::from_secs(5)).await,
+        Ok(Claim::Completed(r)) if &r[..] == b"r"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,9 @@
 //!
 //! What Redis alone gives: with one primary and no failover, claims are linearizable. With
 //! asynchronous replication, a failover can lose a claim or a completion acknowledged by the old
-//! primary; `durability.replicas` adds `WAIT n timeout` after each claim (pipelined, same round
-//! trip) and fails closed when fewer replicas acknowledge. `WAIT` narrows the window; it does not
+//! primary; `durability.replicas` adds `WAIT n timeout` after each claim and completion (pipelined,
+//! same round trip): a claim fails closed when fewer replicas acknowledge; a completion (whose
+//! handler already ran) is logged and counted as `unreplicated`. `WAIT` narrows the window; it does not
 //! make Redis a consensus store. For money movement, also pass the fencing token downstream or
 //! keep a unique constraint in the database that records the effect.
 
@@ -267,7 +268,20 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<Ownership, IdempotencyError> {
         let rk = self.record_key(key);
-        match self.run(which, &[&rk], args, false).await?.0 {
+        // Completions wait for replicas too, in the same round trip. The handler has already
+        // run, so too few acknowledgements cannot undo anything: they are logged and counted.
+        let wait = which == 2 && self.replicas > 0;
+        let (v, acked) = self.run(which, &[&rk], args, wait).await?;
+        if let Some(acked) = acked.filter(|a| *a < self.replicas) {
+            telemetry::complete("unreplicated");
+            warn!(
+                key = crate::key::short(key),
+                acked,
+                wanted = self.replicas,
+                "idempotent completion acknowledged by too few replicas"
+            );
+        }
+        match v {
             Value::Int(1) => Ok(Ownership::Owner),
             Value::Int(0) => Ok(Ownership::Stale),
             other => Err(IdempotencyError::Protocol(format!("{other:?}"))),
