@@ -309,3 +309,60 @@ where
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::Ratio;
+    use std::sync::atomic::AtomicU32;
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn percentile_delay_follows_observed_latency_and_spends_budget() {
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        // 10 ms answers, except every 20th first attempt which takes 1 s.
+        let inner = service_fn(move |req: http::Request<()>| {
+            let i = n2.fetch_add(1, Ordering::Relaxed);
+            let hedge = req.extensions().get::<Attempt>().is_some_and(|a| a.hedge);
+            async move {
+                let ms = if !hedge && i % 20 == 0 { 1000 } else { 10 };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        });
+        let budget = Arc::new(RetryBudget::new(Live::new(crate::RetryConfig {
+            min_per_second: 100,
+            ..Default::default()
+        })));
+        let layer = HedgeLayer::new(
+            "svc",
+            Live::new(HedgeConfig {
+                enabled: true,
+                delay: Duration::from_millis(1),
+                percentile: Some(Ratio::new(0.9).unwrap()),
+            }),
+            Some(budget.clone()),
+        );
+        let svc = layer.layer(inner);
+        for _ in 0..200 {
+            budget.deposit();
+            let t = Instant::now();
+            svc.clone().oneshot(http::Request::new(())).await.unwrap();
+            assert!(
+                t.elapsed() < Duration::from_millis(1000),
+                "the slow tail was hedged"
+            );
+        }
+        let d = layer.current_delay();
+        assert!(
+            d >= Duration::from_millis(10) && d < Duration::from_millis(50),
+            "{d:?}"
+        );
+        // Not hedged: a POST without an Idempotency-Key waits for its only attempt.
+        let before = n.load(Ordering::Relaxed);
+        let post = http::Request::post("/").body(()).unwrap();
+        svc.clone().oneshot(post).await.unwrap();
+        assert_eq!(n.load(Ordering::Relaxed), before + 1);
+    }
+}

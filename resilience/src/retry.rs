@@ -709,6 +709,39 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn never_backs_off_past_the_deadline() {
+        let (n, inner) = counting(503);
+        let c = RetryConfig {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let timeout = Live::new(TimeoutConfig {
+            total: Duration::from_millis(100),
+            per_try: Duration::ZERO,
+        });
+        let svc = RetryLayer::with_deadline("svc", Live::new(c), timeout).layer(inner);
+        // The jittered backoff is below 1 s but almost surely above the 100 ms left.
+        let mut retried = 0;
+        for _ in 0..20 {
+            let before = n.load(Ordering::SeqCst);
+            let t = tokio::time::Instant::now();
+            let r = svc
+                .clone()
+                .oneshot(http::Request::new(String::new()))
+                .await
+                .unwrap();
+            assert!(t.elapsed() < Duration::from_millis(100));
+            assert!(r.status() == 503 || r.status() == 200);
+            retried += n.load(Ordering::SeqCst) - before - 1;
+        }
+        assert!(
+            retried <= 4,
+            "retried {retried} times within a 100 ms deadline"
+        );
+    }
+
     fn classify_kind(e: &BoxError) -> Outcome {
         crate::classify::classify_error(e.as_ref())
     }
