@@ -260,12 +260,12 @@ async fn slow_handler_outlives_lease(store: Arc<dyn IdempotencyStore>) {
     let app = start(
         store,
         IdempotencyConfig {
-            lease: Duration::from_millis(300),
+            lease: Duration::from_millis(500),
             ..test_config()
         },
     )
     .await;
-    app.seen.sleeps.lock().unwrap().push(900);
+    app.seen.sleeps.lock().unwrap().push(1_500);
     let c = client();
     let first = tokio::spawn({
         let (c, u) = (c.clone(), app.url("/work"));
@@ -335,18 +335,39 @@ async fn lease_lost(store: Arc<dyn IdempotencyStore>) {
 }
 
 async fn disconnect(store: Arc<dyn IdempotencyStore>) {
+    // A long lease on `/work`, so only a release (not an expiry) can free it quickly; `/expire`
+    // overrides the lease to 600ms.
     let app = start(
         store,
         IdempotencyConfig {
-            lease: Duration::from_millis(600),
+            lease: Duration::from_secs(30),
             ..test_config()
         },
     )
     .await;
     let c = client();
+    let retry_until_created = |path: &'static str, key: String| {
+        let (c, url) = (c.clone(), app.url(path));
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                let r = post(&c, &url, Some(&key), "b").await;
+                if r.status() == StatusCode::CREATED {
+                    return;
+                }
+                assert_eq!(r.status(), StatusCode::CONFLICT);
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "key never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     for (path, released) in [("/work", true), ("/expire", false)] {
-        app.seen.sleeps.lock().unwrap().push(5_000);
+        app.seen.sleeps.lock().unwrap().push(20_000);
         let key = format!("gone{path}");
+        let t0 = std::time::Instant::now();
         let r = c
             .post(app.url(path))
             .header("Idempotency-Key", &key)
@@ -355,29 +376,30 @@ async fn disconnect(store: Arc<dyn IdempotencyStore>) {
             .send()
             .await;
         assert!(r.is_err(), "client gave up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let before = app.seen.execs();
-        let r = post(&c, &app.url(path), Some(&key), "b").await;
-        if released {
-            assert_eq!(
-                r.status(),
-                StatusCode::CREATED,
-                "released: a retry runs at once"
-            );
-            assert_eq!(app.seen.execs(), before + 1);
-        } else {
+        if !released {
+            // Right after the disconnect the key is still held.
+            let r = post(&c, &app.url(path), Some(&key), "b").await;
             assert_eq!(
                 r.status(),
                 StatusCode::CONFLICT,
                 "expire: held until the lease runs out"
             );
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            assert_eq!(
-                post(&c, &app.url(path), Some(&key), "b").await.status(),
-                StatusCode::CREATED
-            );
-            assert_eq!(app.seen.execs(), before + 1);
         }
+        retry_until_created(path, key).await;
+        let freed_after = t0.elapsed();
+        if released {
+            assert!(
+                freed_after < Duration::from_secs(5),
+                "released long before the 30s lease"
+            );
+        } else {
+            assert!(
+                freed_after >= Duration::from_millis(550),
+                "held for the 600ms lease: {freed_after:?}"
+            );
+        }
+        assert_eq!(app.seen.execs(), before + 1, "one new execution");
     }
 }
 

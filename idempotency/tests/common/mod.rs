@@ -218,7 +218,8 @@ impl Drop for App {
     }
 }
 
-/// Routes: `/work` (required key), `/optional` (key optional), `/expire` (on_cancel expire),
+/// Routes: `/work` (required key), `/optional` (key optional), `/expire` (on_cancel expire,
+/// lease 600ms),
 /// `/plain` (no layer).
 pub async fn start(store: Arc<dyn IdempotencyStore>, cfg: IdempotencyConfig) -> App {
     let seen = Arc::new(Seen::default());
@@ -229,7 +230,13 @@ pub async fn start(store: Arc<dyn IdempotencyStore>, cfg: IdempotencyConfig) -> 
         .route("/optional", post(work).layer(layer.clone()))
         .route(
             "/expire",
-            post(work).layer(layer.clone().required(true).on_cancel(OnCancel::Expire)),
+            post(work).layer(
+                layer
+                    .clone()
+                    .required(true)
+                    .on_cancel(OnCancel::Expire)
+                    .lease(Duration::from_millis(600)),
+            ),
         )
         .route("/plain", post(plain))
         .layer(middleware::from_fn(auth))
