@@ -94,7 +94,8 @@ pub enum Fingerprint {
     None,
 }
 
-/// Optional replication acknowledgement after each claim (`WAIT replicas timeout`).
+/// Optional replication acknowledgement after each claim and completion (`WAIT replicas timeout`,
+/// pipelined behind the script): a claim fails closed (503) when too few replicas acknowledge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Durability {
@@ -165,7 +166,7 @@ pub struct IdempotencyConfig {
     pub replay_headers: Vec<String>,
     /// What makes two requests with one key "the same".
     pub fingerprint: Fingerprint,
-    /// Replication acknowledgement after claims (Redis).
+    /// Replication acknowledgement after claims and completions (Redis).
     pub durability: Durability,
     /// Timeout of each store round trip; past it the store counts as down.
     #[serde(with = "serde_duration")]
