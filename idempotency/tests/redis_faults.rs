@@ -272,3 +272,26 @@ async fn script_flush_is_survived_and_fences_grow() {
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|k| k.contains("{k}")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_store_starts_without_redis() {
+    let mut server = RedisServer::start();
+    let config = cfg(&server);
+    server.stop();
+    let store = RedisStore::connect_lazy(&config).unwrap();
+    let r = store.claim("k", "o", "f", Duration::from_secs(5)).await;
+    assert!(
+        matches!(r, Err(ref e) if e.is_retryable() && e.is_store_failure()),
+        "{r:?}"
+    );
+    server.restart();
+    let mut claimed = None;
+    for _ in 0..40 {
+        if let Ok(c) = store.claim("k", "o", "f", Duration::from_secs(5)).await {
+            claimed = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(claimed, Some(Claim::New { .. })), "{claimed:?}");
+}

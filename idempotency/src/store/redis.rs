@@ -120,7 +120,34 @@ fn ms(d: Duration) -> u64 {
 
 impl RedisStore {
     /// Connects with the URL, prefix, timeout and durability of `cfg`, and loads the scripts.
+    /// Fails (retryably) when Redis cannot be reached now; see [`connect_lazy`](Self::connect_lazy)
+    /// for a store that starts without Redis and fails closed until it appears.
     pub async fn connect(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
+        let (client, mcfg) = Self::client(cfg)?;
+        let conn = tokio::time::timeout(
+            cfg.store_timeout * 3,
+            ConnectionManager::new_with_config(client, mcfg),
+        )
+        .await
+        .map_err(|_| IdempotencyError::Unavailable("connect timed out".to_owned()))??;
+        let store = Self::with_conn(conn, cfg);
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// A store that connects on first use (and reconnects after): the service can start while
+    /// Redis is down; until it is up, every operation fails with
+    /// [`IdempotencyError::Unavailable`] (503 by default). Must be called within a tokio runtime.
+    pub fn connect_lazy(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
+        let (client, mcfg) = Self::client(cfg)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, mcfg)
+            .map_err(|e| IdempotencyError::Config(e.to_string()))?;
+        Ok(Self::with_conn(conn, cfg))
+    }
+
+    fn client(
+        cfg: &IdempotencyConfig,
+    ) -> Result<(redis::Client, redis::aio::ConnectionManagerConfig), IdempotencyError> {
         // TCP_NODELAY: a claim or completion is one small write that someone waits for; Nagle
         // would hold it behind an unacknowledged one on the shared connection.
         let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
@@ -133,13 +160,11 @@ impl RedisStore {
             .set_connection_timeout(Some(cfg.store_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            cfg.store_timeout * 3,
-            ConnectionManager::new_with_config(client, mcfg),
-        )
-        .await
-        .map_err(|_| IdempotencyError::Unavailable("connect timed out".to_owned()))??;
-        let store = Self {
+        Ok((client, mcfg))
+    }
+
+    fn with_conn(conn: ConnectionManager, cfg: &IdempotencyConfig) -> Self {
+        Self {
             conn,
             prefix: cfg.prefix.clone(),
             timeout: cfg.store_timeout,
@@ -151,9 +176,7 @@ impl RedisStore {
                 Script::new(COMPLETE),
                 Script::new(RELEASE),
             ]),
-        };
-        store.load_scripts().await?;
-        Ok(store)
+        }
     }
 
     /// Connects to `url` with `prefix` and the default policy otherwise.
