@@ -166,9 +166,10 @@ impl Maglev {
             return Self { table: Vec::new() };
         }
         struct Build {
-            offset: u64,
+            /// `(offset + next × skip) mod M`, the next slot of its permutation, kept
+            /// incrementally so the build does no division.
+            pos: u64,
             skip: u64,
-            next: u64,
             weight: u64,
             target: u64,
         }
@@ -183,15 +184,17 @@ impl Maglev {
                 let h1 = hash_bytes(name.as_bytes(), 0x6d61_676c_6576);
                 let h2 = hash_bytes(name.as_bytes(), 0x736b_6970);
                 Build {
-                    offset: h1 % m,
+                    pos: h1 % m,
                     skip: if m > 1 { h2 % (m - 1) + 1 } else { 1 },
-                    next: 0,
                     weight: u64::from((*w).max(1)),
                     target: 0,
                 }
             })
             .collect();
         let mut table = vec![u32::MAX; m as usize];
+        // Occupancy as a bitset (8 KiB for M = 65537, within L1): most of the build is probing
+        // for a free slot, and this keeps the probes out of the 256 KiB table.
+        let mut taken = vec![0u64; (m as usize).div_ceil(64)];
         let mut filled = 0u64;
         let mut round = 1u64;
         while filled < m {
@@ -203,17 +206,20 @@ impl Maglev {
                     continue;
                 }
                 e.target += max_w;
-                // Position (offset + next × skip) mod M, walked incrementally.
-                let mut c = (e.offset + (e.next % m) * e.skip) % m;
-                while table[c as usize] != u32::MAX {
-                    e.next += 1;
-                    c += e.skip;
+                let (mut c, skip) = (e.pos, e.skip);
+                while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
+                    c += skip;
                     if c >= m {
                         c -= m;
                     }
                 }
+                taken[(c >> 6) as usize] |= 1 << (c & 63);
+                e.pos = if c + skip >= m {
+                    c + skip - m
+                } else {
+                    c + skip
+                };
                 table[c as usize] = i as u32;
-                e.next += 1;
                 filled += 1;
             }
             round += 1;
