@@ -96,7 +96,7 @@ async fn hedging_cuts_p99_and_cancels_the_loser() {
     let hedged = p99(hedge.layer(balancer(slow.addr, fast.addr))).await;
     eprintln!("p99 without hedging {plain:?}, with {hedged:?}");
     assert!(plain >= Duration::from_millis(290), "{plain:?}");
-    assert!(hedged < Duration::from_millis(150), "{hedged:?}");
+    assert!(hedged * 2 < plain, "{hedged:?} is not well below {plain:?}");
     // The slow attempts that lost were cancelled on the server.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let cancelled = slow.behaviour.cancelled.load(Ordering::Relaxed);
