@@ -17,7 +17,7 @@ use std::{
 };
 
 use keel_core::{
-    request::{InstanceFailure, ServedBy},
+    request::{InstanceFailure, ServedBy, Tried},
     Instance, InstanceId,
 };
 use tower::{util::ServiceExt, BoxError};
@@ -165,6 +165,9 @@ where
                 return Box::pin(async move { Err(e.into()) });
             }
         };
+        if let Some(tried) = req.extensions().get::<Tried>() {
+            tried.record(picked.id());
+        }
         let served_by = ServedBy {
             id: picked.id().clone(),
             addr: picked.addr(),

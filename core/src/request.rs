@@ -52,3 +52,36 @@ pub struct InstanceFailure {
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
+
+/// Request extension: a log the balancer appends each picked instance to, at pick time. Copies
+/// of a request share it (extensions clone the `Arc`), so a hedge can send its attempt to
+/// another instance while the first attempt is still running — before any answer says where
+/// the first went.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(std::sync::Arc<std::sync::Mutex<Vec<InstanceId>>>);
+
+impl Tried {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a picked instance.
+    pub fn record(&self, id: &InstanceId) {
+        let mut v = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !v.contains(id) {
+            v.push(id.clone());
+        }
+    }
+
+    /// The instances picked so far.
+    pub fn snapshot(&self) -> Vec<InstanceId> {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}

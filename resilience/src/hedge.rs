@@ -17,7 +17,10 @@ use std::{
     time::Duration,
 };
 
-use keel_core::{request::Attempt, Live};
+use keel_core::{
+    request::{Attempt, Tried},
+    Live,
+};
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -236,6 +239,10 @@ where
         let Some(mut replay) = replay else {
             return futures_either::Either::left(self.inner.call(req));
         };
+        // The balancer below records where the first attempt goes; the hedge avoids it.
+        let tried = Tried::new();
+        let mut req = req;
+        req.extensions_mut().insert(tried.clone());
         let delay = self.shared.delay(&cfg);
         let pct = cfg.percentile.map(|p| p.get());
         drop(cfg);
@@ -268,10 +275,16 @@ where
                 .get::<Attempt>()
                 .cloned()
                 .unwrap_or_default();
+            let mut avoid = prev.avoid;
+            for id in tried.snapshot() {
+                if !avoid.contains(&id) {
+                    avoid.push(id);
+                }
+            }
             replay.extensions_mut().insert(Attempt {
                 number: prev.number.max(1) + 1,
                 hedge: true,
-                avoid: prev.avoid,
+                avoid,
             });
             let ready = std::future::poll_fn(|cx| second.poll_ready(cx))
                 .await
