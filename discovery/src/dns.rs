@@ -23,7 +23,6 @@ use hickory_resolver::{
     TokioResolver,
 };
 use keel_core::{AdminState, Instance, ServiceName, Shutdown};
-use tracing::Instrument;
 
 use crate::{
     publish::{Publisher, SafetyOptions},
@@ -39,7 +38,7 @@ struct Inner {
     config: DnsConfig,
     safety: SafetyOptions,
     shutdown: Shutdown,
-    publishers: Mutex<BTreeMap<ServiceName, Arc<Publisher>>>,
+    publishers: crate::publish::Publishers,
 }
 
 /// Discovery from DNS A/AAAA or SRV records.
@@ -246,21 +245,14 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
 
 impl Discover for DnsDiscovery {
     fn watch(&self, service: &ServiceName) -> Result<InstanceWatch, DiscoveryError> {
-        let mut ps = match self.inner.publishers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(p) = ps.get(service) {
-            return Ok(p.watch());
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-            DiscoveryError::Config("watch must be called inside a tokio runtime".into())
-        })?;
-        let p = Publisher::new(service.clone(), &self.inner.safety);
-        ps.insert(service.clone(), p.clone());
-        let span = tracing::info_span!("keel.discovery.watch", backend = BACKEND, %service);
-        handle.spawn(watcher(self.inner.clone(), p.clone()).instrument(span));
-        Ok(p.watch())
+        let inner = self.inner.clone();
+        crate::publish::watch_or_spawn(
+            &self.inner.publishers,
+            service,
+            &self.inner.safety,
+            BACKEND,
+            move |p| watcher(inner, p),
+        )
     }
 }
 

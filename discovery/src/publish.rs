@@ -9,6 +9,8 @@
 //! is written to disk and used at start when the backend cannot be reached.
 
 use std::{
+    collections::BTreeMap,
+    future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -269,6 +271,40 @@ impl Publisher {
             tracing::warn!(%error, "cannot write the discovery cache");
         }
     }
+}
+
+/// The publishers of a backend, one per watched service.
+pub(crate) type Publishers = Mutex<BTreeMap<ServiceName, Arc<Publisher>>>;
+
+/// The watch of `service`: the existing publisher's, or a new publisher whose backend watcher
+/// (`watcher(publisher)`) is spawned on the current runtime inside a `keel.discovery.watch` span.
+pub(crate) fn watch_or_spawn<F, Fut>(
+    publishers: &Publishers,
+    service: &ServiceName,
+    safety: &SafetyOptions,
+    backend: &'static str,
+    watcher: F,
+) -> Result<InstanceWatch, DiscoveryError>
+where
+    F: FnOnce(Arc<Publisher>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    let mut ps = match publishers.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(p) = ps.get(service) {
+        return Ok(p.watch());
+    }
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        DiscoveryError::Config("watch must be called inside a tokio runtime".into())
+    })?;
+    let p = Publisher::new(service.clone(), safety);
+    ps.insert(service.clone(), p.clone());
+    let span = tracing::info_span!("keel.discovery.watch", backend, %service);
+    handle.spawn(watcher(p.clone()).instrument(span));
+    Ok(p.watch())
 }
 
 #[cfg(test)]

@@ -33,7 +33,6 @@ use std::{
 
 use keel_core::{Instance, ServiceName, Shutdown};
 use redis::{aio::ConnectionManager, streams::StreamReadReply, AsyncConnectionConfig, Script};
-use tracing::Instrument;
 
 use crate::{
     publish::{Publisher, SafetyOptions},
@@ -114,7 +113,7 @@ struct Inner {
     resync: Duration,
     safety: SafetyOptions,
     shutdown: Shutdown,
-    publishers: Mutex<BTreeMap<ServiceName, Arc<Publisher>>>,
+    publishers: crate::publish::Publishers,
     scripts: Scripts,
 }
 
@@ -209,21 +208,14 @@ impl RedisDiscovery {
 
 impl Discover for RedisDiscovery {
     fn watch(&self, service: &ServiceName) -> Result<InstanceWatch, DiscoveryError> {
-        let mut ps = match self.inner.publishers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(p) = ps.get(service) {
-            return Ok(p.watch());
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(|_| {
-            DiscoveryError::Config("watch must be called inside a tokio runtime".into())
-        })?;
-        let p = Publisher::new(service.clone(), &self.inner.safety);
-        ps.insert(service.clone(), p.clone());
-        let span = tracing::info_span!("keel.discovery.watch", backend = BACKEND, %service);
-        handle.spawn(watcher(self.inner.clone(), p.clone()).instrument(span));
-        Ok(p.watch())
+        let inner = self.inner.clone();
+        crate::publish::watch_or_spawn(
+            &self.inner.publishers,
+            service,
+            &self.inner.safety,
+            BACKEND,
+            move |p| watcher(inner, p),
+        )
     }
 }
 
