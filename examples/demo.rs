@@ -270,28 +270,28 @@ async fn main() -> Res<()> {
     )
     .await?;
     let mut hedged = run(&payments, 600, 4).await;
-    let share =
-        |r: &Run| *r.by_backend.get("payments-c").unwrap_or(&0) as f64 / r.ok.max(1) as f64 * 100.0;
-    println!(
-        "  round-robin: p50 {}  p90 {}  p99 {}  {:4.1}% to the slow one",
-        ms(rr.pct(0.5)),
-        ms(rr.pct(0.9)),
-        ms(rr.pct(0.99)),
-        share(&rr)
-    );
-    println!(
-        "  p2c-ewma:    p50 {}  p90 {}  p99 {}  {:4.1}% to the slow one  (strategy switched live, no restart)",
-        ms(p2c.pct(0.5)),
-        ms(p2c.pct(0.9)),
-        ms(p2c.pct(0.99)),
-        share(&p2c)
-    );
-    println!(
-        "  + hedging:   p50 {}  p90 {}  p99 {}  (a second attempt to another instance after 5 ms; the loser is cancelled)",
-        ms(hedged.pct(0.5)),
-        ms(hedged.pct(0.9)),
-        ms(hedged.pct(0.99)),
-    );
+    for (label, r, note) in [
+        ("round-robin:", &mut rr, ""),
+        (
+            "p2c-ewma:   ",
+            &mut p2c,
+            "  (strategy switched live, no restart)",
+        ),
+        (
+            "+ hedging:  ",
+            &mut hedged,
+            "  (second attempt to another instance after 5 ms)",
+        ),
+    ] {
+        let slow = *r.by_backend.get("payments-c").unwrap_or(&0) as f64 / r.ok.max(1) as f64;
+        println!(
+            "  {label} p50 {}  p90 {}  p99 {}  {:4.1}% answered by the slow one{note}",
+            ms(r.pct(0.5)),
+            ms(r.pct(0.9)),
+            ms(r.pct(0.99)),
+            slow * 100.0,
+        );
+    }
     fleet.payments[2].set_latency(Duration::ZERO);
 
     // 3. An instance dies.

@@ -111,36 +111,13 @@ async fn admin_routes_metrics_status_and_trace_propagation() {
     assert_ne!(got, sent, "a child span id, not the caller's");
 
     // Admin routes.
-    let r = http
-        .get(format!("http://{a_addr}/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = http
-        .get(format!("http://{a_addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let metrics = http
-        .get(format!("http://{a_addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let get = |path: &str| http.get(format!("http://{a_addr}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
     assert_prometheus_text(&metrics);
     assert!(metrics.contains("keel_config_generation"), "{metrics}");
-    let status: serde_json::Value = http
-        .get(format!("http://{a_addr}/keel/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = get("/keel/status").await.unwrap().json().await.unwrap();
     assert_eq!(status["service"], "trace-a");
     assert_eq!(status["ready"], true);
     assert!(

@@ -34,13 +34,14 @@ fn policy(i: u64) -> Policy {
 
 const READS: u64 = 20_000_000;
 
-/// Two readers doing `READS` reads each while a writer writes at 1 kHz; ns per read.
-fn run<R, W>(read: R, write: W) -> f64
+/// Two reader threads doing `READS` reads each while a writer writes at 1 kHz; ns per read.
+/// `reader()` is called once per reader thread and returns that thread's read function.
+fn run<F, R, W>(reader: F, write: W) -> f64
 where
-    R: Fn() -> u64 + Send + Sync + 'static,
+    F: Fn() -> R,
+    R: FnMut() -> u64 + Send + 'static,
     W: Fn(u64) + Send + 'static,
 {
-    let read = Arc::new(read);
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(3));
     let writer = {
@@ -58,7 +59,7 @@ where
     };
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let read = read.clone();
+            let mut read = reader();
             let start = start.clone();
             thread::spawn(move || {
                 start.wait();
@@ -66,48 +67,6 @@ where
                 let mut sum = 0u64;
                 for _ in 0..READS {
                     sum = sum.wrapping_add(read());
-                }
-                black_box(sum);
-                t.elapsed().as_nanos() as f64 / READS as f64
-            })
-        })
-        .collect();
-    let per_read: Vec<f64> = readers
-        .into_iter()
-        .map(|r| r.join().unwrap_or(f64::NAN))
-        .collect();
-    stop.store(true, Ordering::Relaxed);
-    let _ = writer.join();
-    per_read.iter().sum::<f64>() / per_read.len() as f64
-}
-
-/// The same, each reader thread with its own `LiveCache`.
-fn run_cached<W: Fn(u64) + Send + 'static>(live: &Live<Policy>, write: W) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Arc::new(Barrier::new(3));
-    let writer = {
-        let stop = stop.clone();
-        let start = start.clone();
-        thread::spawn(move || {
-            start.wait();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                write(i);
-                thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let mut cache = live.cache();
-            let start = start.clone();
-            thread::spawn(move || {
-                start.wait();
-                let t = Instant::now();
-                let mut sum = 0u64;
-                for _ in 0..READS {
-                    sum = sum.wrapping_add(black_box(cache.load().timeout_ms));
                 }
                 black_box(sum);
                 t.elapsed().as_nanos() as f64 / READS as f64
@@ -135,20 +94,32 @@ fn main() {
     let mut cache_ns = Vec::new();
     for _ in 0..rounds {
         let live = Live::new(policy(0));
-        let (r, w) = (live.clone(), live.clone());
+        let w = live.clone();
         live_ns.push(run(
-            move || black_box(r.load().timeout_ms),
+            || {
+                let r = live.clone();
+                move || black_box(r.load().timeout_ms)
+            },
             move |i| w.store(policy(i)),
         ));
 
         let live = Live::new(policy(0));
         let w = live.clone();
-        cache_ns.push(run_cached(&live, move |i| w.store(policy(i))));
+        cache_ns.push(run(
+            || {
+                let mut cache = live.cache();
+                move || black_box(cache.load().timeout_ms)
+            },
+            move |i| w.store(policy(i)),
+        ));
 
         let lock = Arc::new(RwLock::new(Arc::new(policy(0))));
-        let (r, w) = (lock.clone(), lock.clone());
+        let w = lock.clone();
         lock_ns.push(run(
-            move || black_box(r.read().map(|g| g.timeout_ms).unwrap_or_default()),
+            || {
+                let r = lock.clone();
+                move || black_box(r.read().map(|g| g.timeout_ms).unwrap_or_default())
+            },
             move |i| {
                 if let Ok(mut g) = w.write() {
                     *g = Arc::new(policy(i));
