@@ -27,6 +27,12 @@ fn child() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
+    // The parent holds our stdin; when it goes away (even killed), so do we.
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        std::process::exit(0);
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -106,6 +112,7 @@ fn spawn(role: &str, name: &str, config: &std::path::Path) -> Proc {
         .env(NAME, name)
         .env(CONFIG, config)
         .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
