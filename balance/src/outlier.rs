@@ -1,5 +1,8 @@
 //! What a completed request teaches: peak EWMA, nginx passive health, Envoy outlier detection.
 //!
+//! **Peak EWMA** takes each latency; a failure counts as at least twice the current estimate,
+//! so an instance that fails fast is not mistaken for a fast one.
+//!
 //! **Passive health** follows nginx (`ngx_http_upstream_free_round_robin_peer`): a failure counts
 //! towards `max_fails` within `fail_timeout`; at `max_fails` the instance is out for
 //! `fail_timeout`, then tried again; a success clears the count. Each failure also lowers the SWRR
@@ -42,7 +45,17 @@ pub(crate) fn on_complete(
         return;
     }
     let st = &e.state;
-    st.observe_rtt(latency, now, r.config.ewma_decay, r.default_rtt_ns);
+    // A failure that came back fast must not make the instance look fast (the "black hole"
+    // that attracts traffic by failing quickly): it counts as at least twice the current
+    // estimate, which the peak EWMA takes at once.
+    let observed = if outcome.is_failure() {
+        latency.max(Duration::from_nanos(
+            (st.ewma_ns(r.default_rtt_ns) * 2.0) as u64,
+        ))
+    } else {
+        latency
+    };
+    st.observe_rtt(observed, now, r.config.ewma_decay, r.default_rtt_ns);
     let o = &r.config.outlier;
     st.window_total.fetch_add(1, Relaxed);
     if outcome.is_failure() {

@@ -504,7 +504,8 @@ impl Balancer {
     ) -> Option<u32> {
         match r.config.strategy {
             Strategy::P2cEwma => self.p2c(r, g, mode, avoid, now, |st| {
-                st.ewma_ns(r.default_rtt_ns) * f64::from(st.in_flight.load(Relaxed) + 1)
+                st.ewma_cost_ns(r.default_rtt_ns, now, r.ewma_decay_ns)
+                    * f64::from(st.in_flight.load(Relaxed) + 1)
             }),
             Strategy::LeastRequest => self.p2c(r, g, mode, avoid, now, |st| {
                 f64::from(st.in_flight.load(Relaxed))
@@ -643,6 +644,17 @@ impl Balancer {
                     break;
                 }
                 _ => {}
+            }
+        }
+        if b == a {
+            // Unlucky draws (1 in 16 with two members): any other usable member will do.
+            let n = g.hot.len();
+            let start = self.shared.rng.below(n);
+            if let Some(k) = (0..n)
+                .map(|j| (start + j) % n)
+                .find(|&k| k != a && self.usable_member(r, &g.hot[k], mode, avoid, now))
+            {
+                b = k;
             }
         }
         if b != a && cost(&g.hot[b].state) < cost(&g.hot[a].state) {

@@ -265,6 +265,7 @@ pub(crate) struct Roster {
     /// The input stamp these tables were built at.
     pub(crate) stamp: u64,
     pub(crate) default_rtt_ns: f64,
+    pub(crate) ewma_decay_ns: f64,
     pub(crate) slow_aggression: f64,
     pub(crate) slow_min: f64,
     pub(crate) canary_header: Option<(http::HeaderName, http::HeaderValue)>,
@@ -372,6 +373,7 @@ impl Roster {
             .set((entries.len() - pickable_count(&entries)) as f64);
         Self {
             default_rtt_ns: config.default_rtt.as_nanos() as f64,
+            ewma_decay_ns: config.ewma_decay.as_nanos().max(1) as f64,
             slow_aggression: config.slow_start.aggression,
             slow_min: config.slow_start.min_weight_percent.get(),
             entries,

@@ -48,12 +48,14 @@ pub(crate) struct InstanceState {
     pub(crate) ejected_until: AtomicU64,
     /// Peak EWMA of the RTT in ns, as `f64` bits. 0 = no observation yet.
     pub(crate) ewma_bits: AtomicU64,
+    /// When the EWMA was last updated (ns since the clock base).
+    ewma_at: AtomicU64,
     /// Start of the slow-start ramp (0 = none).
     pub(crate) ramp_start: AtomicU64,
     /// nginx SWRR `effective_weight`, lowered by failures and raised by one per pick.
     pub(crate) effective_weight: AtomicI64,
-    // Written on completions.
-    ewma_stamp: Mutex<u64>,
+    /// Serialises EWMA updates.
+    ewma_update: Mutex<()>,
     // nginx passive health.
     pub(crate) fails: AtomicU32,
     pub(crate) fail_window_start: AtomicU64,
@@ -72,7 +74,8 @@ impl InstanceState {
         Self {
             in_flight: AtomicU32::new(0),
             ewma_bits: AtomicU64::new(0),
-            ewma_stamp: Mutex::new(0),
+            ewma_at: AtomicU64::new(0),
+            ewma_update: Mutex::new(()),
             fails: AtomicU32::new(0),
             fail_window_start: AtomicU64::new(0),
             passive_until: AtomicU64::new(0),
@@ -100,12 +103,31 @@ impl InstanceState {
         }
     }
 
+    /// The EWMA as a pick sees it at `now`: decayed towards zero by `exp(-idle / decay)` since
+    /// the last observation, as tower's and linkerd's `PeakEwma` do, so an instance that stopped
+    /// being picked because it was slow is tried again once its peak has faded, instead of being
+    /// shunned forever. (`exp` is skipped while the last observation is under 1% of `decay` old.)
+    #[inline]
+    pub(crate) fn ewma_cost_ns(&self, default: f64, now: u64, decay_ns: f64) -> f64 {
+        let b = self.ewma_bits.load(Relaxed);
+        if b == 0 {
+            return default;
+        }
+        let v = f64::from_bits(b);
+        let idle = now.saturating_sub(self.ewma_at.load(Relaxed)) as f64;
+        if idle < decay_ns * 0.01 {
+            v
+        } else {
+            v * (-idle / decay_ns).exp()
+        }
+    }
+
     /// Peak EWMA (Finagle's `PeakEwma`, as in linkerd and tower's `PeakEwma`): a sample above
     /// the estimate replaces it at once (be quick to notice a slow instance); below, the estimate
     /// decays towards it with weight `exp(-elapsed / decay)` (be slow to trust a recovery).
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: u64, decay: Duration, default: f64) {
         let rtt = rtt.as_nanos() as f64;
-        let mut stamp = match self.ewma_stamp.lock() {
+        let _serial = match self.ewma_update.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
@@ -113,11 +135,11 @@ impl InstanceState {
         let next = if rtt > prev {
             rtt
         } else {
-            let elapsed = now.saturating_sub(*stamp) as f64;
+            let elapsed = now.saturating_sub(self.ewma_at.load(Relaxed)) as f64;
             let w = (-elapsed / decay.as_nanos().max(1) as f64).exp();
             prev * w + rtt * (1.0 - w)
         };
-        *stamp = now;
+        self.ewma_at.store(now, Relaxed);
         self.ewma_bits.store(next.max(1.0).to_bits(), Relaxed);
     }
 

@@ -432,3 +432,63 @@ async fn least_conn_counts_connections_ages_and_drains() {
     );
     assert!(p.should_close());
 }
+
+#[test]
+fn fast_failures_do_not_attract_p2c_ewma() {
+    let mut conf = cfg(Strategy::P2cEwma);
+    conf.passive.max_fails = 0;
+    conf.outlier.enabled = false;
+    let (b, _, _) = balancer(weighted(&[1, 1, 1]), conf);
+    let mut to_failing = 0;
+    for _ in 0..3_000 {
+        let p = b.pick(&RequestInfo::default()).unwrap();
+        if p.id().as_str() == "i0" {
+            to_failing += 1;
+            p.complete_with(Outcome::GatewayFailure, Duration::from_micros(100));
+        } else {
+            p.complete_with(Outcome::Success, Duration::from_millis(5));
+        }
+    }
+    assert!(
+        to_failing < 3_000 / 10,
+        "a fast-failing instance got {to_failing} of 3000"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shunned_slow_instance_is_tried_again_once_its_peak_fades() {
+    let (b, _, _) = balancer(weighted(&[1, 1]), cfg(Strategy::P2cEwma));
+    let run = |n: usize, slow_ms: u64| {
+        let mut to_i0 = 0;
+        for _ in 0..n {
+            let p = b.pick(&RequestInfo::default()).unwrap();
+            let ms = if p.id().as_str() == "i0" {
+                to_i0 += 1;
+                slow_ms
+            } else {
+                5
+            };
+            p.complete_with(Outcome::Success, Duration::from_millis(ms));
+        }
+        to_i0
+    };
+    // Ten picks a second for a minute; i0 answers in 500 ms: shunned after its first answer.
+    let mut shunned = 0;
+    for _ in 0..60 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        shunned += run(10, 500);
+    }
+    assert!(shunned <= 3, "slow: shunned, got {shunned}");
+    // i0 recovers, but only a pick can tell: its idle peak decays until it is tried again.
+    let mut back = 0;
+    for s in 0..120 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let n = run(10, 5);
+        if s >= 100 {
+            back += n;
+        }
+    }
+    assert!(back >= 10, "tried again: {back} of the last 200");
+    let ewma = b.snapshot().instances[0].ewma_ms;
+    assert!(ewma < 10.0, "and found fast again: {ewma} ms");
+}
