@@ -49,7 +49,11 @@ async fn payments(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let k = keel.clone();
     let task = tokio::spawn(async move { k.serve_with_listener(listener, app).await });
+    let started = std::time::Instant::now();
     while !keel.is_ready() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err("the service did not become ready".into());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok((keel, task))

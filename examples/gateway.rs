@@ -94,7 +94,11 @@ addr = "{}"
         let keel = keel.clone();
         tokio::spawn(async move { keel.serve_with_listener(listener, app).await })
     };
+    let started = std::time::Instant::now();
     while !keel.is_ready() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err("the service did not become ready".into());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     println!("gateway on {addr}, rate limit 5/s + burst 5 per x-api-key\n");

@@ -169,6 +169,8 @@ impl KeelBuilder {
             )?)
         };
         let service = config.section::<ServiceSection>("service")?;
+        // `[service] name` (or KEEL__SERVICE__NAME) wins over the builder's name.
+        let name = service.load().name.clone().unwrap_or(name);
         let discovery_cfg = config.section::<DiscoveryConfig>("discovery")?;
         let discovery = match self.discovery {
             Some(d) => d,
@@ -186,7 +188,7 @@ impl KeelBuilder {
                 clients_cfg: config.section::<ClientsSection>("clients")?,
                 inbound: config.section::<InboundConfig>("inbound")?,
                 at_start: StartValues {
-                    listen: service.load().listen,
+                    service: service.get(),
                     discovery: discovery_cfg.get(),
                     idempotency: idempotency.get(),
                 },
@@ -220,7 +222,7 @@ async fn discovery_from_config(
 
 /// Values that cannot change while the service runs; a reload that changes them is reported.
 struct StartValues {
-    listen: std::net::SocketAddr,
+    service: Arc<ServiceSection>,
     discovery: Arc<DiscoveryConfig>,
     idempotency: Arc<IdempotencyConfig>,
 }
@@ -367,12 +369,17 @@ impl Keel {
     pub fn not_live_changes(&self) -> Vec<String> {
         let mut changes = Vec::new();
         let start = &self.inner.at_start;
-        if self.service().load().listen != start.listen {
+        let now = self.service().get();
+        if now.listen != start.service.listen {
             changes.push(format!(
                 "service.listen changed to {} (serving on {} until restart)",
-                self.service().load().listen,
-                start.listen
+                now.listen, start.service.listen
             ));
+        }
+        if now.advertise != start.service.advertise || now.name != start.service.name {
+            changes.push(
+                "service.advertise or service.name changed (takes effect after restart)".to_owned(),
+            );
         }
         let d = self.inner.discovery_cfg.load();
         if d.backend != start.discovery.backend
@@ -387,6 +394,19 @@ impl Keel {
         let i = self.inner.idempotency.load();
         if i.store != start.idempotency.store || i.url != start.idempotency.url {
             changes.push("idempotency store/url changed (takes effect after restart)".to_owned());
+        }
+        let clients = match self.inner.clients.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let cfg = self.inner.clients_cfg.load();
+        for (name, client) in clients {
+            let now = cfg.get(&name).cloned().unwrap_or_default();
+            if let Some(change) = client.not_live_change(&now) {
+                changes.push(format!(
+                    "clients.{name}: {change} (takes effect after restart)"
+                ));
+            }
         }
         changes
     }

@@ -40,6 +40,9 @@ pub(crate) struct ClientParts {
     pub(crate) balancer: keel_balance::Balancer,
     pub(crate) resilience: keel_resilience::ClientStackLayer,
     pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
+    /// Fixed when the client was built: where its instances come from.
+    pub(crate) static_endpoints: bool,
+    pub(crate) target: Option<String>,
 }
 
 impl fmt::Debug for Client {
@@ -76,6 +79,20 @@ impl Client {
             "retry_budget": { "balance": r.budget().balance() },
             "bulkhead": { "limit": r.bulkhead().limit(), "in_flight": r.bulkhead().in_flight() },
         })
+    }
+
+    /// What in `now` differs from how this client was built in a way only a restart applies.
+    pub(crate) fn not_live_change(
+        &self,
+        now: &crate::settings::ClientConfig,
+    ) -> Option<&'static str> {
+        if now.endpoints.is_empty() == self.parts.static_endpoints {
+            Some("switched between static endpoints and discovery")
+        } else if now.service != self.parts.target {
+            Some("service changed")
+        } else {
+            None
+        }
     }
 
     /// The balancer (for snapshots and custom picks).
@@ -198,11 +215,29 @@ impl RequestBuilder {
         self
     }
 
-    /// Sets the `Idempotency-Key` header: the request may then be retried and hedged even if
-    /// its method is not idempotent, and the server runs it once.
-    pub fn idempotency_key(self, key: &str) -> Self {
+    /// Sets the `Idempotency-Key` header (as an RFC 8941 string): the request may then be
+    /// retried and hedged even if its method is not idempotent, and the server runs it once.
+    /// The key must be 1 to 255 printable ASCII characters.
+    pub fn idempotency_key(mut self, key: &str) -> Self {
+        let printable = key.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        if key.is_empty() || key.len() > 255 || !printable {
+            self.error.get_or_insert(ClientError::InvalidRequest {
+                reason: "idempotency key must be 1 to 255 printable ASCII characters".to_owned(),
+            });
+            return self;
+        }
         let quoted = format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""));
-        self.header("idempotency-key", &quoted)
+        match HeaderValue::from_str(&quoted) {
+            Ok(v) => {
+                self.headers.insert("idempotency-key", v);
+            }
+            Err(_) => {
+                self.error.get_or_insert(ClientError::InvalidRequest {
+                    reason: "idempotency key is not a valid header value".to_owned(),
+                });
+            }
+        }
+        self
     }
 
     /// Sets the key that hash-based strategies (`ring-hash`, `maglev`) route by.
@@ -379,6 +414,15 @@ pub enum ClientError {
 impl ClientError {
     fn from_box(service: String, source: BoxError) -> Self {
         if let Some(r) = keel_resilience::ResilienceError::find(&*source) {
+            // A per-try timeout or an injected fault stands for the upstream failing, not for
+            // keel refusing the call.
+            if matches!(
+                r,
+                keel_resilience::ResilienceError::Timeout
+                    | keel_resilience::ResilienceError::Injected
+            ) {
+                return ClientError::Upstream { service, source };
+            }
             let (retry_after, retryable) = (r.retry_after(), r.is_retryable());
             return ClientError::Refused {
                 service,

@@ -37,6 +37,8 @@ impl Error {
         match self {
             Error::Io(_) => true,
             Error::Client(c) => c.is_retryable(),
+            Error::Discovery(e) => e.is_retryable(),
+            Error::Idempotency(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -1,8 +1,13 @@
 //! `keel.serve(router)`: the inbound half.
 //!
-//! Order, outermost first: trace context (`traceparent` read, `keel.server` span) → the admin
-//! routes (`/healthz`, `/readyz`, `/metrics`, `/keel/status`) beside the application's routes →
-//! the application's own layers (idempotency per route, where the application puts it).
+//! Order, outermost first, for the application's routes: deadline check (504 when the caller's
+//! `keel-deadline-ms` has run out) → shedding (503 + `Retry-After`) → rate limit (429 +
+//! `Retry-After` + RateLimit headers) → trace context (`traceparent` read, `keel.server` span,
+//! the caller's deadline kept for the handler's own calls) → the application's own layers
+//! (idempotency per route, where the application puts it). The admin routes (`/healthz`,
+//! `/readyz`, `/metrics`, `/keel/status`) sit beside them under none of those layers, so probes
+//! answer under overload. An application route with one of those paths is an error of the
+//! application's: axum refuses overlapping routes when `serve` merges them (it panics).
 //!
 //! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
 //! deregistered) → a short grace so callers notice → stop accepting → in-flight requests finish
@@ -51,6 +56,10 @@ impl Keel {
     /// Binds `service.listen` and serves `app` with keel's inbound layers and admin routes until
     /// shutdown (SIGTERM/SIGINT or [`Shutdown::trigger`](keel_core::Shutdown::trigger)), then
     /// drains and returns.
+    ///
+    /// # Panics
+    /// If `app` has its own route at `/healthz`, `/readyz`, `/metrics` or `/keel/status` (axum
+    /// refuses overlapping routes when they are merged).
     pub async fn serve(&self, app: Router) -> Result<(), Error> {
         let listen = self.service().load().listen;
         let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -68,8 +77,8 @@ impl Keel {
         let _ = state.local_addr.set(addr);
         // Outermost first: the inbound set (deadline check: 504 for work whose caller has given
         // up; shedding: 503; rate limit: 429), then trace and deadline context for the
-        // handler's own calls. The admin routes sit beside the application's, under the same
-        // layers except shedding and limits, so probes still answer under overload.
+        // handler's own calls. The admin routes sit beside the application's, under none of
+        // these, so probes still answer under overload.
         let inbound = &self.inner().inbound;
         let app = app.layer(axum::middleware::from_fn(trace_layer)).layer(
             keel_resilience::ServerStackLayer::new(
@@ -86,7 +95,14 @@ impl Keel {
                 let _ = stop_rx.await;
             });
         let mut task = tokio::spawn(async move { server.await });
-        self.on_ready(addr).await?;
+        let registered = tokio::select! {
+            r = self.on_ready(addr) => r,
+            _ = shutdown.triggered() => Ok(()),
+        };
+        if let Err(e) = registered {
+            task.abort();
+            return Err(e);
+        }
         state.ready.store(true, Ordering::SeqCst);
         tracing::info!(service = %self.name(), %addr, "serving");
 
@@ -225,14 +241,19 @@ impl Keel {
     }
 
     /// Marks this instance draining and removes it from discovery.
+    /// Removes this instance from discovery, bounded in time: a registry that does not answer
+    /// must not eat the drain time (the record then expires by its TTL).
     async fn on_stopping(&self) {
         let registration = self.inner().registration.lock().await.take();
         if let Some(r) = registration {
-            if let Err(error) = r.drain().await {
-                tracing::warn!(%error, "could not mark this instance draining");
-            }
-            if let Err(error) = r.deregister().await {
-                tracing::warn!(%error, "could not deregister; the record will expire by itself");
+            match tokio::time::timeout(std::time::Duration::from_secs(2), r.deregister()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "could not deregister; the record will expire by itself");
+                }
+                Err(_) => {
+                    tracing::warn!("deregistration timed out; the record will expire by itself");
+                }
             }
         }
     }

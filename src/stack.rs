@@ -20,7 +20,7 @@
 //! applies to the next call while windows, budgets and EWMA stay.
 
 use keel_balance::{Balance, Balancer};
-use keel_core::{HealthMap, Instance, Live, ServiceName, Shutdown};
+use keel_core::{HealthMap, Live, ServiceName, Shutdown};
 use keel_discovery::{HealthCheckConfig, HealthChecker, InstanceWatch, StaticDiscovery};
 use keel_resilience::ClientStackLayer;
 use tower::Layer;
@@ -28,7 +28,7 @@ use tower::Layer;
 use crate::{
     client::{Client, ClientParts, Stack},
     settings::ClientConfig,
-    transport::HttpTransport,
+    transport::TransportFactory,
     ClientError, Keel,
 };
 
@@ -75,10 +75,12 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
     )
     .map_err(|e| unknown(e.to_string()))?
     .with_health(health);
-    let connect_timeout = cfg.project(|c| c.connect_timeout);
-    let balance = Balance::new(balancer.clone(), move |instance: &Instance| {
-        HttpTransport::new(instance, **connect_timeout.load())
-    });
+    let balance = Balance::new(
+        balancer.clone(),
+        TransportFactory {
+            connect_timeout: cfg.project(|c| c.connect_timeout),
+        },
+    );
 
     let resilience = ClientStackLayer::try_new(service.as_str(), cfg.project(|c| c.resilience()))
         .map_err(|e| unknown(e.to_string()))?;
@@ -89,6 +91,8 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         ClientParts {
             balancer,
             resilience,
+            static_endpoints: !initial.endpoints.is_empty(),
+            target: initial.service.clone(),
             config: cfg,
         },
     ))
@@ -111,11 +115,15 @@ fn follow_health(
                 .enabled
                 .then(|| HealthChecker::spawn(watch.clone(), (*current).clone(), shutdown.clone()));
             let mut health_changes = checker.as_ref().map(|c| c.health().subscribe());
+            // A new checker starts knowing nothing: keep what the old one learned until the new
+            // one has published its first results. Checks switched off: nothing is down.
             match &checker {
-                Some(c) => published.store_arc(c.health().get()),
                 None => {
                     published.store_if_changed(HealthMap::new());
                 }
+                // Results published before we subscribed.
+                Some(c) if c.health().generation() > 0 => published.store_arc(c.health().get()),
+                Some(_) => {}
             }
             loop {
                 tokio::select! {

@@ -130,9 +130,9 @@ impl TraceContext {
         CURRENT.try_with(|c| c.trace).ok()
     }
 
-    /// Runs `fut` with this context as the current one.
+    /// Runs `fut` with this context as the current one (keeping the current deadline, if any).
     pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        scope_with(self, None, fut).await
+        scope_with(self, current_deadline(), fut).await
     }
 }
 

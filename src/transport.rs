@@ -3,12 +3,14 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use keel_core::Instance;
+use keel_balance::MakeInstanceService;
+use keel_core::{Instance, Live};
 use tower::Service;
 
 /// Errors cross the tower stack boxed, as tower's own middleware expects.
@@ -20,22 +22,58 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// is for service-to-service calls, where bodies are small documents.
 #[derive(Clone, Debug)]
 pub(crate) struct HttpTransport {
-    client: reqwest::Client,
+    /// Shared by every clone of this instance's transport: the client and the generation of
+    /// `connect_timeout` it was built for. A change of the timeout rebuilds it on the next call.
+    client: Arc<Mutex<(u64, reqwest::Client)>>,
+    connect_timeout: Live<Duration>,
     base: String,
 }
 
+fn build(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        // Calls go to the instance the balancer picked, never through an HTTP proxy from the
+        // environment: a proxy would defeat per-instance pools, timeouts and ServedBy.
+        .no_proxy()
+        .build()
+}
+
 impl HttpTransport {
-    pub(crate) fn new(instance: &Instance, connect_timeout: Duration) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self {
-            client,
-            base: format!("http://{}", instance.addr),
+    fn client(&self) -> Result<reqwest::Client, BoxError> {
+        let mut c = match self.client.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let generation = self.connect_timeout.generation();
+        if c.0 != generation {
+            *c = (generation, build(**self.connect_timeout.load())?);
+        }
+        Ok(c.1.clone())
+    }
+}
+
+/// Makes the transport of each instance the balancer routes to.
+pub(crate) struct TransportFactory {
+    pub(crate) connect_timeout: Live<Duration>,
+}
+
+impl MakeInstanceService for TransportFactory {
+    type Service = HttpTransport;
+
+    fn make_service(&self, instance: &Instance) -> Option<HttpTransport> {
+        match build(**self.connect_timeout.load()) {
+            Ok(client) => Some(HttpTransport {
+                client: Arc::new(Mutex::new((self.connect_timeout.generation(), client))),
+                connect_timeout: self.connect_timeout.clone(),
+                base: format!("http://{}", instance.addr),
+            }),
+            Err(error) => {
+                tracing::error!(instance = %instance.id, %error, "cannot build an HTTP client; the instance stays unroutable");
+                None
+            }
         }
     }
 }
@@ -56,8 +94,11 @@ impl Service<http::Request<Bytes>> for HttpTransport {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let send = self
-            .client
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let send = client
             .request(parts.method, format!("{}{path}", self.base))
             .headers(parts.headers)
             .body(body)

@@ -80,7 +80,16 @@ async fn run_child(role: &str) -> Result<(), Box<dyn std::error::Error>> {
                                 axum::http::StatusCode::BAD_GATEWAY,
                                 format!("payments said {}", r.status()),
                             ),
-                            Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()),
+                            Err(e) => {
+                                // The whole chain, so a failure says what really happened.
+                                let mut text = e.to_string();
+                                let mut cur = std::error::Error::source(&e);
+                                while let Some(s) = cur {
+                                    text.push_str(&format!(" <- {s} [{s:?}]"));
+                                    cur = s.source();
+                                }
+                                (axum::http::StatusCode::BAD_GATEWAY, text)
+                            }
                         }
                     }),
                 )
@@ -172,7 +181,7 @@ async fn kill_and_sigterm_under_load_lose_no_call() {
         &config,
         format!(
             r#"[service]
-drain_grace = "400ms"
+drain_grace = "1s"
 drain_timeout = "5s"
 
 [discovery]
@@ -182,7 +191,9 @@ prefix = "{prefix}"
 ttl = "1s"
 
 [clients.payments.retry]
-max_attempts = 3
+# Two instances go away during the test; with one attempt per instance plus one, a call that
+# meets both on its way still ends on the one that stays.
+max_attempts = 4
 "#,
             url = keel_testkit::shared_redis_url()
         ),
