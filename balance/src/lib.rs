@@ -49,6 +49,27 @@
 //! println!("sending to {}", picked.addr());
 //! picked.complete(Outcome::Success);
 //! ```
+//!
+//! ## As a tower service
+//!
+//! [`Balance`] (or [`BalanceLayer`] over a factory) makes one inner service per instance with a
+//! user factory `Fn(&Instance) -> S` when the instance appears, and drops it when it leaves. Each
+//! call reads the request's [`keel_core::request::Attempt`] (instances to avoid) and
+//! [`HashKey`], picks, drives the instance's service, classifies the response
+//! ([`HttpClassifier`] by default) and adds [`keel_core::request::ServedBy`] to it.
+//!
+//! ## Failure modes
+//!
+//! - Nothing can take the request (no instance, all `down`, all at `max_conns`): the call fails
+//!   at once with [`BalanceError::NoInstance`], retryable. Unhealthy instances alone are not a
+//!   reason: below the panic threshold the balancer uses them anyway.
+//! - The picked instance's service fails: the error comes back as a
+//!   [`keel_core::request::InstanceFailure`] naming the instance, counted as a gateway failure
+//!   (passive health, outlier detection, EWMA).
+//! - A policy that fails [`BalanceConfig::validate`] is refused at construction; published later
+//!   anyway, it is logged and the last good one stays in force.
+//! - Metric handles are registered when an instance first appears: install the recorder before
+//!   building balancers, and call [`telemetry::describe`] once.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
