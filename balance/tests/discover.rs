@@ -62,6 +62,13 @@ async fn balances_over_a_tower_discover_stream() {
             .unwrap();
         assert_eq!(*res.body(), "b");
     }
+    // Each pick is recorded in the request's Tried log (for hedges).
+    let tried = keel_core::request::Tried::new();
+    let mut req = http::Request::new(());
+    req.extensions_mut().insert(tried.clone());
+    let res = s.ready().await.unwrap().call(req).await.unwrap();
+    let served = res.extensions().get::<ServedBy>().unwrap().id.clone();
+    assert_eq!(tried.snapshot(), vec![served]);
     drop(tx);
     task.await.unwrap().unwrap();
 }
