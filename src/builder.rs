@@ -135,6 +135,8 @@ impl KeelBuilder {
     /// Loads and validates the whole configuration, connects discovery and the idempotency
     /// store it names, and starts watching it.
     pub async fn build(self) -> Result<Keel, Error> {
+        // The recorder first: the crates register metric handles as soon as their parts exist.
+        crate::server::prometheus();
         let name = ServiceName::new(&self.name)?;
         let mut loader = ConfigLoader::new();
         if let Some(prefix) = &self.env_prefix {
@@ -181,7 +183,6 @@ impl KeelBuilder {
             Some(s) => s,
             None => keel_idempotency::store_from_config(&idempotency.load()).await?,
         };
-        crate::server::prometheus();
         let keel = Keel {
             inner: Arc::new(Inner {
                 name,
