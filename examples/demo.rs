@@ -129,6 +129,12 @@ impl Run {
 
 /// `n` GETs to `client`, `concurrency` at a time.
 async fn run(client: &keel::Client, n: u64, concurrency: u64) -> Run {
+    run_for(client, n, concurrency, Duration::ZERO).await
+}
+
+/// At least `n` GETs, and for at least `at_least`, `concurrency` at a time.
+async fn run_for(client: &keel::Client, n: u64, concurrency: u64, at_least: Duration) -> Run {
+    let started = Instant::now();
     let mut tasks = Vec::new();
     let next = Arc::new(AtomicU64::new(0));
     for _ in 0..concurrency {
@@ -142,7 +148,7 @@ async fn run(client: &keel::Client, n: u64, concurrency: u64) -> Run {
                 by_backend: BTreeMap::new(),
                 latencies: Vec::new(),
             };
-            while next.fetch_add(1, Ordering::Relaxed) < n {
+            while next.fetch_add(1, Ordering::Relaxed) < n || started.elapsed() < at_least {
                 let t = Instant::now();
                 match client.get("/pay").send().await {
                     Ok(resp) if resp.status().is_success() => {
@@ -301,9 +307,9 @@ async fn main() -> Res<()> {
     );
     let load = {
         let payments = payments.clone();
-        tokio::spawn(async move { run(&payments, 600, 6).await })
+        tokio::spawn(async move { run_for(&payments, 600, 6, Duration::from_millis(800)).await })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     fleet.payments[1].stop();
     let r = load.await?;
     let status = keel.status();
