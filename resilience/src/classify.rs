@@ -95,8 +95,16 @@ impl<B> Classifier<http::Response<B>> for HttpClassifier {
 /// Reads `Retry-After` given in seconds (the HTTP-date form is not honoured: it needs a clock
 /// agreement we cannot assume, and servers that shed load send seconds).
 pub fn retry_after_header(h: &http::HeaderMap) -> Option<Duration> {
-    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // The other form RFC 9110 allows: an HTTP-date; a date in the past means "now".
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Walks an error chain: a [`ResilienceError`] is `Rejected` (but a per-try
@@ -131,6 +139,33 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Outcome {
         cur = e.source();
     }
     Outcome::Failure(FailureClass::Other)
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    fn h(v: &str) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
+        m.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn seconds_and_http_dates() {
+        assert_eq!(retry_after_header(&h("7")), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let d = retry_after_header(&h(&httpdate::fmt_http_date(later))).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(
+            retry_after_header(&h("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after_header(&h("soon")), None);
+    }
 }
 
 #[cfg(test)]
