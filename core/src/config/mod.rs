@@ -19,7 +19,7 @@
 //!
 //! ## Reloads
 //! [`Config::reload`] reads every layer again, parses and validates **every** section, and only if
-//! all of them are good publishes each one to its [`Live`]. A refused document changes nothing:
+//! all of them are good publishes each one to its [`Live`](crate::Live). A refused document changes nothing:
 //! the last good document stays, the error is logged at `warn`, counted in
 //! `keel_config_reloads_total{outcome="rejected"}` and kept for [`Config::last_error`]. A section
 //! whose value did not change is not republished, so its readers' generation does not move.
