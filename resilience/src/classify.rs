@@ -92,8 +92,36 @@ impl<B> Classifier<http::Response<B>> for HttpClassifier {
     }
 }
 
-/// Reads `Retry-After` given in seconds (the HTTP-date form is not honoured: it needs a clock
-/// agreement we cannot assume, and servers that shed load send seconds).
+/// [`HttpClassifier`] plus the breaker policy's live `failure_codes`: an edit of
+/// `breaker.failure_codes` applies to the next response.
+#[derive(Debug, Clone)]
+pub struct PolicyClassifier {
+    policy: keel_core::Live<crate::BreakerConfig>,
+}
+
+impl PolicyClassifier {
+    /// Reads the extra failure codes from `policy` on every response.
+    pub fn new(policy: keel_core::Live<crate::BreakerConfig>) -> Self {
+        Self { policy }
+    }
+}
+
+impl<B> Classifier<http::Response<B>> for PolicyClassifier {
+    fn classify_response(&self, res: &http::Response<B>) -> Outcome {
+        let code = res.status().as_u16();
+        if self.policy.load().failure_codes.contains(&code) && code != 429 {
+            return Outcome::Failure(FailureClass::Status(code));
+        }
+        HttpClassifier::default().classify_response(res)
+    }
+
+    fn classify_error(&self, err: &BoxError) -> Outcome {
+        classify_error(err.as_ref())
+    }
+}
+
+/// Reads `Retry-After`, in delta-seconds or as an HTTP-date (RFC 9110); a date in the past is
+/// zero.
 pub fn retry_after_header(h: &http::HeaderMap) -> Option<Duration> {
     let v = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
@@ -149,6 +177,24 @@ mod retry_after_tests {
         let mut m = http::HeaderMap::new();
         m.insert(http::header::RETRY_AFTER, v.parse().unwrap());
         m
+    }
+
+    #[test]
+    fn policy_failure_codes_are_live() {
+        let policy = keel_core::Live::new(crate::BreakerConfig::default());
+        let c = PolicyClassifier::new(policy.clone());
+        let res = |code: u16| http::Response::builder().status(code).body(()).unwrap();
+        assert_eq!(c.classify_response(&res(500)), Outcome::Success);
+        assert!(c.classify_response(&res(503)).is_failure());
+        policy.store(crate::BreakerConfig {
+            failure_codes: vec![500, 429],
+            ..Default::default()
+        });
+        assert!(c.classify_response(&res(500)).is_failure());
+        assert!(
+            !c.classify_response(&res(429)).is_failure(),
+            "429 is never a failure"
+        );
     }
 
     #[test]

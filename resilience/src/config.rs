@@ -292,6 +292,9 @@ pub struct BreakerConfig {
     /// Adaptive mode: the window requests and accepts are counted over.
     #[serde(with = "serde_duration")]
     pub adaptive_window: Duration,
+    /// Status codes counted as failures besides 502, 503 and 504 (e.g. `[500]`); 429 is never a
+    /// failure (it is the upstream asking to slow down).
+    pub failure_codes: Vec<u16>,
 }
 
 impl Default for BreakerConfig {
@@ -313,6 +316,7 @@ impl Default for BreakerConfig {
             disabled: false,
             adaptive_k: 2.0,
             adaptive_window: Duration::from_secs(60),
+            failure_codes: Vec::new(),
         }
     }
 }

@@ -86,6 +86,7 @@ pub use self::{
     chaos::{Chaos, ChaosLayer, ResponseFuture as ChaosFuture},
     classify::{
         classify_error, retry_after_header, Classifier, FailureClass, HttpClassifier, Outcome,
+        PolicyClassifier,
     },
     config::{
         AdaptiveAlgorithm, BreakerConfig, BreakerMode, BulkheadConfig, ChaosConfig, HedgeConfig,

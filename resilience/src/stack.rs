@@ -36,6 +36,7 @@ use crate::{
     budget::RetryBudget,
     bulkhead::{Bulkhead, BulkheadLayer, ConcurrencyLimiter, LoadShed, LoadShedLayer},
     chaos::{Chaos, ChaosLayer},
+    classify::PolicyClassifier,
     config::{BulkheadConfig, RateLimitConfig, ResilienceConfig},
     deadline::{DeadlineCheck, DeadlineCheckLayer, Timeout, TimeoutLayer},
     error::InvalidConfig,
@@ -49,7 +50,8 @@ use crate::{
 /// The total deadline is set by the retry layer itself ([`RetryLayer::with_deadline`]), before
 /// it copies the request for replay, so the order is the documented one without a separate
 /// [`Deadline`](crate::Deadline) layer.
-pub type ClientStack<S> = Retry<Hedge<CircuitBreaker<Bulkhead<RateLimit<Timeout<Chaos<S>>>>>>>;
+pub type ClientStack<S> =
+    Retry<Hedge<CircuitBreaker<Bulkhead<RateLimit<Timeout<Chaos<S>>>>, PolicyClassifier>>>;
 
 /// The inbound stack over an application service `S`.
 pub type ServerStack<S> = DeadlineCheck<LoadShed<ServerRateLimit<S>>>;
@@ -82,7 +84,7 @@ pub struct ClientStackLayer {
     config: Live<ResilienceConfig>,
     retry: RetryLayer,
     hedge: HedgeLayer,
-    breaker: CircuitBreakerLayer,
+    breaker: CircuitBreakerLayer<PolicyClassifier>,
     bulkhead: BulkheadLayer,
     rate_limit: RateLimitLayer,
     timeout: TimeoutLayer,
@@ -106,10 +108,13 @@ impl ClientStackLayer {
             timeout: TimeoutLayer::new(timeout),
             retry,
             hedge,
-            breaker: CircuitBreakerLayer::new(
-                service.clone(),
-                config.project(|c| c.breaker.clone()),
-            ),
+            breaker: {
+                let policy = config.project(|c| c.breaker.clone());
+                CircuitBreakerLayer::from_breaker(
+                    Breaker::new(service.clone(), "", policy.clone()),
+                    PolicyClassifier::new(policy),
+                )
+            },
             bulkhead: BulkheadLayer::new(service.clone(), config.project(|c| c.bulkhead.clone())),
             rate_limit: RateLimitLayer::new(
                 service.clone(),
