@@ -40,6 +40,8 @@ pub(crate) struct ClientParts {
     pub(crate) balancer: keel_balance::Balancer,
     pub(crate) resilience: keel_resilience::ClientStackLayer,
     pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
+    /// The instance set, to wait for discovery's first answer before the first call.
+    pub(crate) watch: keel_discovery::InstanceWatch,
     /// Fixed when the client was built: where its instances come from.
     pub(crate) static_endpoints: bool,
     pub(crate) target: Option<String>,
@@ -77,6 +79,11 @@ impl Client {
                 "window": { "calls": calls, "failures": failures, "slow": slow },
             },
             "retry_budget": { "balance": r.budget().balance() },
+            "rate_limit": {
+                "enabled": r.rate_limiter().policy().load().enabled,
+                "scope": format!("{:?}", r.rate_limiter().policy().load().scope).to_lowercase(),
+                "tracked_keys": r.rate_limiter().tracked_keys(),
+            },
             "bulkhead": { "limit": r.bulkhead().limit(), "in_flight": r.bulkhead().in_flight() },
         })
     }
@@ -283,6 +290,17 @@ impl RequestBuilder {
             .unwrap_or_else(TraceContext::new_root);
         if let Ok(v) = HeaderValue::from_str(&ctx.to_string()) {
             request.headers_mut().insert(crate::trace::TRACEPARENT, v);
+        }
+        // A client used right after it is built: give discovery its first answer (bounded by the
+        // call's own deadline, and by 2 s) instead of failing with "no instance" at once.
+        if !self.client.parts.watch.is_ready() {
+            let wait = request
+                .extensions()
+                .get::<keel_core::request::Deadline>()
+                .map_or(Duration::from_secs(2), |d| {
+                    d.remaining().min(Duration::from_secs(2))
+                });
+            let _ = tokio::time::timeout(wait, self.client.parts.watch.ready()).await;
         }
         let span = tracing::info_span!(
             "keel.client",

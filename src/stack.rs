@@ -91,6 +91,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         ClientParts {
             balancer,
             resilience,
+            watch: watch.clone(),
             static_endpoints: !initial.endpoints.is_empty(),
             target: initial.service.clone(),
             config: cfg,

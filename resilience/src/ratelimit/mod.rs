@@ -78,6 +78,11 @@ impl RateLimiter {
         &self.policy
     }
 
+    /// How many keys the local limiter tracks now (bounded by `max_keys`).
+    pub fn tracked_keys(&self) -> usize {
+        self.local.keys()
+    }
+
     /// Whether a decision for this policy needs Redis (and so is asynchronous).
     pub fn is_distributed(cfg: &RateLimitConfig) -> bool {
         cfg.enabled && cfg.scope == RateLimitScope::Redis && cfg.redis_url.is_some()
