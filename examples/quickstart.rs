@@ -32,8 +32,9 @@ impl Default for Shop {
 
 fn validate(shop: &Shop) -> Result<(), String> {
     if shop.discount_percent > 90 {
+        // "key: reason" names the key inside the section, so the error points at its line.
         return Err(format!(
-            "discount_percent must be at most 90, got {}",
+            "discount_percent: must be at most 90, got {}",
             shop.discount_percent
         ));
     }

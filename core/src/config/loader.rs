@@ -474,7 +474,9 @@ impl Sources {
         let mut probe = key.to_owned();
         loop {
             if let Some(v) = lookup(merged, &probe) {
-                return match v.origin() {
+                // A table may carry no origin of its own: take the first of its values' that does.
+                let origin = v.origin().map(str::to_owned).or_else(|| first_origin(&v));
+                return match origin.as_deref() {
                     Some(ENV_ORIGIN) => Origin::Env {
                         var: self.env_var_for(inputs, &probe),
                     },
@@ -915,6 +917,27 @@ impl Config {
 
 fn empty_table() -> Value {
     Value::new(None, Map::<String, Value>::new())
+}
+
+/// The origin of the first value inside a table that has one (depth first, keys sorted).
+fn first_origin(v: &Value) -> Option<String> {
+    match &v.kind {
+        ValueKind::Table(t) => {
+            let mut keys: Vec<&String> = t.keys().collect();
+            keys.sort();
+            keys.into_iter().find_map(|k| {
+                let child = &t[k];
+                child
+                    .origin()
+                    .map(str::to_owned)
+                    .or_else(|| first_origin(child))
+            })
+        }
+        ValueKind::Array(a) => a
+            .iter()
+            .find_map(|c| c.origin().map(str::to_owned).or_else(|| first_origin(c))),
+        _ => None,
+    }
 }
 
 /// The value at a dotted path, with its origin (deserializing a `Value` would lose it).

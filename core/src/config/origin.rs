@@ -59,6 +59,15 @@ pub(crate) fn line_of(text: &str, key: &str) -> Option<u32> {
         )
     };
     let lines: Vec<&str> = text.lines().collect();
+    // A whole table: its header, `[a.b]` or `[[a.b]]`, when there is one.
+    let header = format!("[{key}]");
+    let array_header = format!("[[{key}]]");
+    if let Some(i) = lines.iter().position(|l| {
+        let t = l.trim();
+        t == header || t == array_header
+    }) {
+        return u32::try_from(i + 1).ok();
+    }
     let start = if parent.is_empty() {
         0
     } else {

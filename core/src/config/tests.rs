@@ -299,9 +299,11 @@ fn syntax_error_names_file_and_line() {
 
 #[test]
 fn validation_failure_names_the_section() {
-    let (err, _) = load_err("[shop]\nmax_items = 0\n", &EnvMap::new());
+    let (err, f) = load_err("[shop]\nmax_items = 0\n", &EnvMap::new());
     assert!(
-        matches!(&err, ConfigError::Invalid { key, reason, .. } if key == "shop" && reason.contains("max_items")),
+        matches!(&err, ConfigError::Invalid { key, reason, origin }
+            if key == "shop" && reason.contains("max_items")
+                && *origin == Origin::File { path: f.clone(), line: Some(1) }),
         "{err:?}"
     );
 }
