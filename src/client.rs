@@ -483,3 +483,54 @@ fn find<'a, E: std::error::Error + 'static>(
         err = err.source()?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> BoxError {
+        Box::new(e)
+    }
+
+    #[test]
+    fn errors_are_classified_by_what_failed() {
+        let refused = ClientError::from_box(
+            "pay".into(),
+            boxed(keel_resilience::ResilienceError::RateLimited {
+                retry_after: Duration::from_secs(3),
+            }),
+        );
+        assert!(
+            matches!(refused, ClientError::Refused { .. }),
+            "{refused:?}"
+        );
+        assert_eq!(refused.retry_after(), Some(Duration::from_secs(3)));
+
+        let timeout = ClientError::from_box(
+            "pay".into(),
+            boxed(keel_resilience::ResilienceError::Timeout),
+        );
+        assert!(
+            matches!(timeout, ClientError::Upstream { .. }),
+            "{timeout:?}"
+        );
+        assert!(timeout.is_retryable());
+
+        let none = ClientError::from_box(
+            "pay".into(),
+            boxed(keel_balance::BalanceError::NoInstance {
+                service: keel_core::ServiceName::new("pay").unwrap(),
+            }),
+        );
+        assert!(matches!(none, ClientError::NoInstance { .. }), "{none:?}");
+
+        let io = ClientError::from_box(
+            "pay".into(),
+            boxed(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "refused",
+            )),
+        );
+        assert!(matches!(io, ClientError::Upstream { .. }));
+    }
+}

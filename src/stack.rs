@@ -57,11 +57,20 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         use keel_discovery::Discover;
         let statics = StaticDiscovery::new();
         statics.set_endpoints(&service, &initial.endpoints);
-        statics.follow(
-            service.clone(),
-            cfg.project(|c| c.endpoints.clone()),
-            shutdown.clone(),
-        );
+        // Emptying the list means moving this client to discovery, which takes a restart (and
+        // is reported): until then the last endpoints stay in force rather than none.
+        let last = std::sync::Mutex::new(initial.endpoints.clone());
+        let endpoints = cfg.project(move |c| {
+            let mut last = match last.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !c.endpoints.is_empty() {
+                *last = c.endpoints.clone();
+            }
+            last.clone()
+        });
+        statics.follow(service.clone(), endpoints, shutdown.clone());
         statics
             .watch(&service)
             .map_err(|e| unknown(e.to_string()))?

@@ -1,0 +1,103 @@
+//! The client's request building and the status and restart reporting, against real sockets.
+
+use std::time::Duration;
+
+use keel::{keel_core::Shutdown, ClientError, Keel};
+use keel_testkit::HttpBackend;
+
+async fn keel_with(dir: &tempfile::TempDir, text: &str) -> Keel {
+    let path = dir.path().join("keel.toml");
+    std::fs::write(&path, text).unwrap();
+    Keel::builder("orders")
+        .config_file(&path)
+        .shutdown(Shutdown::new())
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_checked_before_sending() {
+    let backend = HttpBackend::start("one").await;
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!("[[clients.pay.endpoints]]\naddr = \"{}\"\n", backend.addr),
+    )
+    .await;
+    let pay = keel.client("pay").unwrap();
+    for bad in ["", "tab\there", "é", &"x".repeat(256)] {
+        let err = pay
+            .post("/x")
+            .idempotency_key(bad)
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::InvalidRequest { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    assert_eq!(backend.served(), 0, "nothing invalid was sent");
+    // A good key, set twice: one header, the last value; a POST with a key may be retried.
+    let ok = pay
+        .post("/x")
+        .idempotency_key("first")
+        .idempotency_key("order \"42\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.served_by().map(|s| s.addr), Some(backend.addr));
+    let bad_header = pay
+        .get("/x")
+        .header("bad header", "v")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(matches!(bad_header, ClientError::InvalidRequest { .. }));
+}
+
+#[tokio::test]
+async fn status_shows_limiters_and_restart_only_changes() {
+    let backend = HttpBackend::start("one").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[service]\nlisten = \"127.0.0.1:18080\"\n\n[clients.pay.rate_limit]\nenabled = true\nrate = 1.0\nburst = 1\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+        backend.addr
+    );
+    let keel = keel_with(&dir, &text).await;
+    let pay = keel.client("pay").unwrap();
+    pay.get("/x").send().await.unwrap();
+    // One call per second, burst 1: the next call at once is refused by the limiter, locally.
+    let limited = pay.get("/x").send().await.unwrap_err();
+    assert!(matches!(limited, ClientError::Refused { .. }), "{limited}");
+    assert!(limited.retry_after().is_some());
+    assert_eq!(backend.served(), 1);
+    let status = keel.status();
+    let client = &status["clients"]["pay"];
+    assert_eq!(client["rate_limit"]["enabled"], true, "{status}");
+    assert!(client["rate_limit"]["tracked_keys"].is_u64(), "{status}");
+    assert_eq!(client["breaker"]["state"], "Closed", "{status}");
+    assert!(status["config"]["not_live_changes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Keys a restart applies: listen, and a client moving from endpoints to discovery.
+    let path = dir.path().join("keel.toml");
+    std::fs::write(&path, "[service]\nlisten = \"127.0.0.1:18081\"\n").unwrap();
+    keel.config().reload().unwrap();
+    let changes = keel.not_live_changes();
+    assert!(
+        changes.iter().any(|c| c.contains("service.listen")),
+        "{changes:?}"
+    );
+    assert!(
+        changes.iter().any(|c| c.contains("clients.pay")),
+        "{changes:?}"
+    );
+    // The client still calls its endpoints until restart (once the limiter allows again).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
+}
