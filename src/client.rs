@@ -33,7 +33,11 @@ pub struct Client {
     name: String,
     stack: Stack,
     parts: Arc<ClientParts>,
+    fallback: Option<Fallback>,
 }
+
+/// A degradation: given why keel refused a call, an answer to use instead (or `None`).
+type Fallback = Arc<dyn Fn(&ClientError) -> Option<http::Response<Bytes>> + Send + Sync>;
 
 /// What a client keeps to report its state.
 pub(crate) struct ClientParts {
@@ -61,7 +65,29 @@ impl Client {
             name,
             stack,
             parts: Arc::new(parts),
+            fallback: None,
         }
+    }
+
+    /// This client with a degradation: when keel refuses a call (breaker open, throttled, rate
+    /// limited, shed, deadline exceeded, retry budget spent), `fallback` may answer instead —
+    /// a cached value, a default, a "try later" page. It is not called for upstream failures,
+    /// which retries and ejection already handle, nor for bad requests.
+    ///
+    /// ```no_run
+    /// # async fn f(keel: keel::Keel) -> Result<(), keel::ClientError> {
+    /// let prices = keel.client("prices")?.with_fallback(|_why| {
+    ///     Some(http::Response::new(bytes::Bytes::from_static(b"{\"price\":null}")))
+    /// });
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_fallback(
+        mut self,
+        fallback: impl Fn(&ClientError) -> Option<http::Response<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        self.fallback = Some(Arc::new(fallback));
+        self
     }
 
     /// The client's state for `/keel/status`: the balancer's instances (state, health, EWMA,
@@ -322,7 +348,18 @@ impl RequestBuilder {
                 span.record("status", response.status().as_u16());
                 Ok(Response { inner: response })
             }
-            Err(source) => Err(ClientError::from_box(self.client.name.clone(), source)),
+            Err(source) => {
+                let error = ClientError::from_box(self.client.name.clone(), source);
+                if let (ClientError::Refused { .. }, Some(fallback)) =
+                    (&error, &self.client.fallback)
+                {
+                    if let Some(answer) = fallback(&error) {
+                        tracing::debug!(service = %self.client.name, %error, "fallback answered");
+                        return Ok(Response { inner: answer });
+                    }
+                }
+                Err(error)
+            }
         }
     }
 }

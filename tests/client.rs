@@ -101,3 +101,45 @@ async fn status_shows_limiters_and_restart_only_changes() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn fallback_answers_when_the_breaker_is_open() {
+    let backend = HttpBackend::start("one").await;
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!(
+            "[clients.pay.breaker]\nforced_open = true\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            backend.addr
+        ),
+    )
+    .await;
+    let plain = keel.client("pay").unwrap();
+    let err = plain.get("/x").send().await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused { .. }), "{err}");
+    let degraded = plain.clone().with_fallback(|why| {
+        assert!(matches!(why, ClientError::Refused { .. }));
+        Some(http::Response::new(bytes::Bytes::from_static(b"cached")))
+    });
+    let answer = degraded.get("/x").send().await.unwrap();
+    assert_eq!(answer.text(), "cached");
+    assert_eq!(
+        backend.served(),
+        0,
+        "the open breaker sent nothing upstream"
+    );
+    // Not for upstream failures: with the breaker closed and the backend gone, the error stays.
+    std::fs::write(
+        dir.path().join("keel.toml"),
+        format!(
+            "[clients.pay.retry]\nmax_attempts = 1\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    keel.config().reload().unwrap();
+    backend.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = degraded.get("/x").send().await.unwrap_err();
+    assert!(matches!(err, ClientError::Upstream { .. }), "{err}");
+}
