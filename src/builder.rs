@@ -316,10 +316,7 @@ impl Keel {
     /// A client for `service`: discovered (or `[clients.NAME].endpoints`), balanced, resilient.
     /// Built once per name and shared; its policies follow `[clients.NAME]` live.
     pub fn client(&self, service: &str) -> Result<Client, ClientError> {
-        let mut clients = match self.inner.clients.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut clients = crate::lock(&self.inner.clients);
         if let Some(c) = clients.get(service) {
             return Ok(c.clone());
         }
@@ -396,10 +393,7 @@ impl Keel {
         if i.store != start.idempotency.store || i.url != start.idempotency.url {
             changes.push("idempotency store/url changed (takes effect after restart)".to_owned());
         }
-        let clients = match self.inner.clients.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let clients = crate::lock(&self.inner.clients).clone();
         let cfg = self.inner.clients_cfg.load();
         for (name, client) in clients {
             let now = cfg.get(&name).cloned().unwrap_or_default();

@@ -486,7 +486,7 @@ impl ClientError {
                 retryable,
             };
         }
-        if find::<keel_balance::BalanceError>(&*source).is_some() {
+        if crate::find_in_chain::<keel_balance::BalanceError>(&*source).is_some() {
             return ClientError::NoInstance { service, source };
         }
         ClientError::Upstream { service, source }
@@ -507,17 +507,6 @@ impl ClientError {
             ClientError::Refused { retry_after, .. } => *retry_after,
             _ => None,
         }
-    }
-}
-
-fn find<'a, E: std::error::Error + 'static>(
-    mut err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    loop {
-        if let Some(e) = err.downcast_ref::<E>() {
-            return Some(e);
-        }
-        err = err.source()?;
     }
 }
 

@@ -259,10 +259,7 @@ impl Keel {
     }
 
     fn clients_status(&self) -> serde_json::Value {
-        let clients = match self.inner().clients.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let clients = crate::lock(&self.inner().clients).clone();
         let mut out = serde_json::Map::new();
         for (name, client) in clients {
             out.insert(name, client.status());

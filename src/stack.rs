@@ -61,10 +61,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         // is reported): until then the last endpoints stay in force rather than none.
         let last = std::sync::Mutex::new(initial.endpoints.clone());
         let endpoints = cfg.project(move |c| {
-            let mut last = match last.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut last = crate::lock(&last);
             if !c.endpoints.is_empty() {
                 *last = c.endpoints.clone();
             }

@@ -43,10 +43,7 @@ fn build(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
 
 impl HttpTransport {
     fn client(&self) -> Result<reqwest::Client, BoxError> {
-        let mut c = match self.client.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut c = crate::lock(&self.client);
         let generation = self.connect_timeout.generation();
         if c.0 != generation {
             *c = (generation, build(**self.connect_timeout.load())?);
@@ -122,7 +119,7 @@ impl Service<http::Request<Bytes>> for HttpTransport {
 /// error stays inside, as the source.
 fn normalize(e: reqwest::Error) -> BoxError {
     use std::io::{Error, ErrorKind};
-    if let Some(kind) = io_kind(&e) {
+    if let Some(kind) = crate::find_in_chain::<Error>(&e).map(Error::kind) {
         return Box::new(Error::new(kind, e));
     }
     let kind = if e.is_timeout() {
@@ -138,15 +135,4 @@ fn normalize(e: reqwest::Error) -> BoxError {
         return Box::new(e);
     };
     Box::new(Error::new(kind, e))
-}
-
-fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
-        }
-        cur = s.source();
-    }
-    None
 }

@@ -50,6 +50,15 @@ mod shutdown;
 pub mod telemetry;
 pub mod units;
 
+/// Locks `m`, taking the data even if a panicking holder poisoned it: every value keel keeps
+/// behind a mutex is valid after any single update.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 pub use self::{
     config::{Config, ConfigLoader, ConfigWatcher, Origin},
     error::{ConfigError, InvalidInstance, InvalidName},

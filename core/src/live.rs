@@ -138,10 +138,7 @@ impl<T> Live<T> {
 
     /// Replaces the value with an already shared one.
     pub fn store_arc(&self, value: Arc<T>) {
-        let mut children = match self.shared.writers.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut children = crate::lock(&self.shared.writers);
         self.shared.value.store(value.clone());
         self.shared.generation.send_modify(|g| *g += 1);
         children.retain(|update| update(&value));
@@ -167,10 +164,7 @@ impl<T> Live<T> {
         F: Fn(&T) -> U + Send + Sync + 'static,
         T: Send + Sync + 'static,
     {
-        let mut children = match self.shared.writers.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut children = crate::lock(&self.shared.writers);
         let child = Live::new(f(&self.load()));
         let weak: Weak<Shared<U>> = Arc::downgrade(&child.shared);
         children.push(Box::new(move |parent: &Arc<T>| match weak.upgrade() {

@@ -68,10 +68,7 @@ impl Tried {
 
     /// Appends a picked instance.
     pub fn record(&self, id: &InstanceId) {
-        let mut v = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut v = crate::lock(&self.0);
         if !v.contains(id) {
             v.push(id.clone());
         }
@@ -79,9 +76,6 @@ impl Tried {
 
     /// The instances picked so far.
     pub fn snapshot(&self) -> Vec<InstanceId> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::lock(&self.0).clone()
     }
 }

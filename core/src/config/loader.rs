@@ -13,7 +13,7 @@ use config::{FileFormat, Format, Map, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
 use super::origin::{line_of, Origin};
-use crate::{telemetry, ConfigError, Live, LiveWatch};
+use crate::{lock, telemetry, ConfigError, Live, LiveWatch};
 
 const ENV_ORIGIN: &str = "the environment";
 
@@ -100,13 +100,6 @@ impl EnvMap {
 
     fn snapshot(&self) -> BTreeMap<String, String> {
         lock(&self.0).clone()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -327,43 +320,17 @@ impl ConfigLoader {
         match config.reload_inner(true) {
             Ok(_) => Ok(config),
             Err(e) => {
-                Err(Arc::try_unwrap(e)
-                    .unwrap_or_else(|arc| ConfigError::Many(vec![clone_error(&arc)])))
+                // Nobody can read `last_error` of a config that never loaded: hand the error over.
+                config.inner.last_error.store(None);
+                Err(
+                    Arc::try_unwrap(e).unwrap_or_else(|shared| ConfigError::Invalid {
+                        key: String::new(),
+                        origin: Origin::Default,
+                        reason: shared.to_string(),
+                    }),
+                )
             }
         }
-    }
-}
-
-fn clone_error(e: &ConfigError) -> ConfigError {
-    match e {
-        ConfigError::UnknownKey { key, origin } => ConfigError::UnknownKey {
-            key: key.clone(),
-            origin: origin.clone(),
-        },
-        ConfigError::Invalid {
-            key,
-            origin,
-            reason,
-        } => ConfigError::Invalid {
-            key: key.clone(),
-            origin: origin.clone(),
-            reason: reason.clone(),
-        },
-        ConfigError::Parse {
-            path,
-            line,
-            message,
-        } => ConfigError::Parse {
-            path: path.clone(),
-            line: *line,
-            message: message.clone(),
-        },
-        ConfigError::Many(all) => ConfigError::Many(all.iter().map(clone_error).collect()),
-        other => ConfigError::Invalid {
-            key: String::new(),
-            origin: Origin::Default,
-            reason: other.to_string(),
-        },
     }
 }
 
@@ -584,8 +551,8 @@ impl Source for TextSource {
 /// The last refused reload: when, and why.
 #[derive(Debug)]
 pub struct ReloadFailure {
-    /// Why the document was refused.
-    pub error: ConfigError,
+    /// Why the document was refused (the same error the reload returned).
+    pub error: Arc<ConfigError>,
     /// When.
     pub at: SystemTime,
 }
@@ -784,7 +751,7 @@ impl Config {
                 metrics::gauge!(telemetry::CONFIG_LAST_RELOAD_FAILED).set(1.0);
                 tracing::warn!(%error, generation = self.generation(), "configuration refused; the last good one stays");
                 self.inner.last_error.store(Some(Arc::new(ReloadFailure {
-                    error: clone_error(error),
+                    error: error.clone(),
                     at: SystemTime::now(),
                 })));
             }
