@@ -241,12 +241,20 @@ impl Keel {
     }
 
     /// Marks this instance draining and removes it from discovery.
-    /// Removes this instance from discovery, bounded in time: a registry that does not answer
-    /// must not eat the drain time (the record then expires by its TTL).
+    /// Marks this instance draining and removes it from discovery, bounded in time together: a
+    /// registry that does not answer must not eat the drain time (the record then expires by
+    /// its TTL).
     async fn on_stopping(&self) {
         let registration = self.inner().registration.lock().await.take();
         if let Some(r) = registration {
-            match tokio::time::timeout(std::time::Duration::from_secs(2), r.deregister()).await {
+            // Draining first tells watchers that read states (not only presence) at once.
+            let leave = async move {
+                if let Err(error) = r.drain().await {
+                    tracing::warn!(%error, "could not mark this instance draining");
+                }
+                r.deregister().await
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(2), leave).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "could not deregister; the record will expire by itself");
