@@ -55,26 +55,7 @@ mod stack;
 pub mod trace;
 mod transport;
 
-/// Locks `m`, taking the data even if a panicking holder poisoned it (every value kept behind
-/// these mutexes is valid after any single update).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
-/// The first error of type `E` in `err`'s source chain, `err` included.
-pub(crate) fn find_in_chain<'a, E: std::error::Error + 'static>(
-    mut err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    loop {
-        if let Some(e) = err.downcast_ref::<E>() {
-            return Some(e);
-        }
-        err = err.source()?;
-    }
-}
+pub(crate) use keel_core::{find_in_chain, lock};
 
 pub use keel_balance;
 pub use keel_core;

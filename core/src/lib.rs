@@ -51,12 +51,21 @@ pub mod telemetry;
 pub mod units;
 
 /// Locks `m`, taking the data even if a panicking holder poisoned it: every value keel keeps
-/// behind a mutex is valid after any single update.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// behind a mutex is valid after any single update, so a panic elsewhere must not turn into a
+/// panic (or a silently skipped update) here.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     }
+}
+
+/// The first error of type `E` in `err`'s source chain, `err` included: how keel's layers
+/// recognise each other's errors (e.g. `InstanceFailure`) without string matching.
+pub fn find_in_chain<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    std::iter::successors(Some(err), |e| e.source()).find_map(|e| e.downcast_ref::<E>())
 }
 
 pub use self::{

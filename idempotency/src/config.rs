@@ -266,11 +266,6 @@ impl IdempotencyConfig {
         }
         Ok(())
     }
-
-    /// The interval of lease renewals: a third of the lease.
-    pub fn renew_every(&self) -> Duration {
-        self.lease / 3
-    }
 }
 
 #[cfg(test)]

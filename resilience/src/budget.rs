@@ -72,10 +72,7 @@ impl RetryBudget {
         let cfg = self.policy.load();
         let now = self.sec(at);
         let window = cfg.budget_window.as_secs().max(1);
-        let mut b = match self.buckets.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut b = keel_core::lock(&self.buckets);
         // Fold the pending deposits into their second, and move the fast path to this one.
         let psec = self.pending_sec.swap(now, Ordering::AcqRel);
         let n = self.pending.swap(0, Ordering::AcqRel);

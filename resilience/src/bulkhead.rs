@@ -241,10 +241,7 @@ impl ConcurrencyPermit {
                 | Outcome::Failure(FailureClass::Timeout)
                 | Outcome::Failure(FailureClass::Status(503))
         );
-        let mut a = match l.adaptive.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut a = keel_core::lock(&l.adaptive);
         a.sample(&cfg, start.elapsed(), self.in_flight, dropped);
         let limit = a.limit() as usize;
         drop(a);
@@ -346,10 +343,7 @@ where
             } => {
                 let r = std::task::ready!(fut.poll(cx)).map_err(Into::into);
                 if permit.start.is_some() {
-                    let o = match &r {
-                        Ok(x) => classifier.classify_response(x),
-                        Err(e) => classifier.classify_error(e),
-                    };
+                    let o = classifier.classify(&r);
                     permit.record(&o);
                 }
                 Poll::Ready(r)
@@ -402,10 +396,7 @@ where
                 fut: Box::pin(async move {
                     let mut permit = limiter.acquire().await?;
                     let r = svc.call(req).await.map_err(Into::into);
-                    let o = match &r {
-                        Ok(x) => classifier.classify_response(x),
-                        Err(e) => classifier.classify_error(e),
-                    };
+                    let o = classifier.classify(&r);
                     permit.record(&o);
                     r
                 }),

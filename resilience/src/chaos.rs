@@ -92,10 +92,7 @@ where
             return Either::left(self.inner.call(req));
         }
         let (fail, delay) = {
-            let mut rng = match self.shared.rng.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut rng = keel_core::lock(&self.shared.rng);
             (
                 rng.random::<f64>() < cfg.failure_rate.get(),
                 rng.random::<f64>() < cfg.latency_rate.get(),

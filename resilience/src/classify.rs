@@ -55,6 +55,14 @@ pub trait Classifier<Res>: Clone + Send + Sync + 'static {
     fn classify_error(&self, err: &BoxError) -> Outcome {
         classify_error(err.as_ref())
     }
+
+    /// Classifies the result of a call: the response, or the error.
+    fn classify(&self, res: &Result<Res, BoxError>) -> Outcome {
+        match res {
+            Ok(r) => self.classify_response(r),
+            Err(e) => self.classify_error(e),
+        }
+    }
 }
 
 /// The default HTTP classifier: 502, 503 and 504 (plus any configured codes) are failures, 429 is
@@ -113,10 +121,6 @@ impl<B> Classifier<http::Response<B>> for PolicyClassifier {
             return Outcome::Failure(FailureClass::Status(code));
         }
         HttpClassifier::default().classify_response(res)
-    }
-
-    fn classify_error(&self, err: &BoxError) -> Outcome {
-        classify_error(err.as_ref())
     }
 }
 

@@ -89,14 +89,7 @@ impl ResilienceError {
 
     /// Finds a `ResilienceError` in an error or anywhere in its source chain.
     pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ResilienceError> {
-        let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = cur {
-            if let Some(r) = e.downcast_ref::<ResilienceError>() {
-                return Some(r);
-            }
-            cur = e.source();
-        }
-        None
+        keel_core::find_in_chain(err)
     }
 }
 

@@ -58,10 +58,7 @@ pub(crate) struct HedgeShared {
 impl HedgeShared {
     fn observe(&self, d: Duration, pct: Option<f64>) {
         let Some(p) = pct else { return };
-        let mut l = match self.lat.lock() {
-            Ok(g) => g,
-            Err(e) => e.into_inner(),
-        };
+        let mut l = keel_core::lock(&self.lat);
         let us = d.as_micros() as u64;
         if l.ring.len() < RING {
             l.ring.push(us);

@@ -112,14 +112,7 @@ pub fn served_by<T>(res: &Result<http::Response<T>, BoxError>) -> Option<Instanc
     match res {
         Ok(r) => r.extensions().get::<ServedBy>().map(|s| s.id.clone()),
         Err(e) => {
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-            while let Some(x) = cur {
-                if let Some(f) = x.downcast_ref::<InstanceFailure>() {
-                    return Some(f.served_by.id.clone());
-                }
-                cur = x.source();
-            }
-            None
+            keel_core::find_in_chain::<InstanceFailure>(e.as_ref()).map(|f| f.served_by.id.clone())
         }
     }
 }
@@ -161,10 +154,7 @@ impl RetryShared {
         if cap.is_zero() {
             return cap;
         }
-        let mut rng = match self.rng.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut rng = keel_core::lock(&self.rng);
         cap.mul_f64(rng.random::<f64>())
     }
 
@@ -312,10 +302,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         self.retrying = None;
         let shared = &self.active.0;
         let cfg = &self.cfg;
-        let outcome = match res {
-            Ok(r) => self.classifier.classify_response(r),
-            Err(e) => self.classifier.classify_error(e),
-        };
+        let outcome = self.classifier.classify(res);
         if self.attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
             return None;
         }

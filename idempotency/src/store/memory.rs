@@ -70,10 +70,7 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        match self.entries.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        keel_core::lock(&self.entries)
     }
 
     fn claim_now(
@@ -101,10 +98,7 @@ impl MemoryStore {
         if map.len() >= self.capacity && !map.contains_key(key) {
             // A sweep is O(n) under the lock: at most one per 100ms while full, so an overloaded
             // store answers `Full` quickly instead of sweeping on every claim.
-            let mut last = match self.last_sweep.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut last = keel_core::lock(&self.last_sweep);
             if last.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100)) {
                 *last = Some(now);
                 map.retain(|_, e| e.expires > now);

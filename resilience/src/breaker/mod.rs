@@ -27,7 +27,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, AtomicU8, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     task::{Context, Poll},
     time::Duration,
@@ -121,13 +121,6 @@ enum PermitKind {
     Done,
 }
 
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 impl Breaker {
     /// A breaker for `service` (and `instance`, empty for a per-service breaker).
     pub fn new(
@@ -189,7 +182,7 @@ impl Breaker {
         if cfg.forced_open {
             return BreakerState::ForcedOpen;
         }
-        match lock(&self.inner).st {
+        match keel_core::lock(&self.inner).st {
             St::Closed => BreakerState::Closed,
             St::Open { .. } => BreakerState::Open,
             St::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -199,7 +192,7 @@ impl Breaker {
     /// Calls, failures and slow calls in the closed-state window now.
     pub fn window_counts(&self) -> (u32, u32, u32) {
         let now = self.now_sec();
-        let t = lock(&self.inner).window.totals(now);
+        let t = keel_core::lock(&self.inner).window.totals(now);
         (t.calls, t.failures, t.slow)
     }
 
@@ -241,7 +234,7 @@ impl Breaker {
                 self.epoch.load(Ordering::Acquire),
             ));
         }
-        let mut g = lock(&self.inner);
+        let mut g = keel_core::lock(&self.inner);
         let now = Instant::now();
         match &mut g.st {
             St::Closed => Ok(permit(
@@ -327,7 +320,7 @@ impl Breaker {
         let failure = outcome.is_failure();
         let slow = elapsed >= cfg.slow_call_duration;
         let now = at.saturating_duration_since(self.base).as_secs();
-        let mut g = lock(&self.inner);
+        let mut g = keel_core::lock(&self.inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return; // a call from an earlier state: it says nothing about this one
         }
@@ -385,7 +378,7 @@ impl Breaker {
     }
 
     fn release(&self, epoch: u64) {
-        let mut g = lock(&self.inner);
+        let mut g = keel_core::lock(&self.inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
@@ -435,10 +428,7 @@ impl BreakerRegistry {
 
     /// The breaker of `instance`, created on first use.
     pub fn get(&self, instance: &InstanceId) -> Arc<Breaker> {
-        let mut map = match self.map.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = keel_core::lock(&self.map);
         map.entry(instance.clone())
             .or_insert_with(|| {
                 Breaker::new(self.service.clone(), instance.as_str(), self.policy.clone())
@@ -607,10 +597,7 @@ where
             } => {
                 let res = std::task::ready!(fut.poll(cx)).map_err(Into::into);
                 if let Some(p) = permit.take() {
-                    let outcome = match &res {
-                        Ok(r) => classifier.classify_response(r),
-                        Err(e) => classifier.classify_error(e),
-                    };
+                    let outcome = classifier.classify(&res);
                     p.record(outcome);
                 }
                 Poll::Ready(res)

@@ -44,10 +44,7 @@ impl AdaptiveThrottle {
         f: impl FnOnce(&mut Window, &mut SmallRng, u64) -> R,
     ) -> R {
         let now = self.now();
-        let mut g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = keel_core::lock(&self.inner);
         let secs = cfg.adaptive_window.as_secs().clamp(1, 3600) as u32;
         if !g.0.matches(WindowKind::Time, secs) {
             g.0 = g.0.resized(WindowKind::Time, secs, now);

@@ -106,10 +106,7 @@ impl RateLimiter {
     }
 
     fn redis(&self, url: &str) -> Arc<RedisGcra> {
-        let mut g = match self.redis.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = keel_core::lock(&self.redis);
         match &*g {
             Some(r) if r.url() == url => r.clone(),
             _ => {
@@ -122,7 +119,11 @@ impl RateLimiter {
 
     /// A decision under the policy in force: local, or Redis with the local-share fallback.
     pub async fn check(&self, key: &str) -> Decision {
-        let cfg = self.policy.get();
+        self.check_with(&self.policy.get(), key).await
+    }
+
+    /// A decision under `cfg` (a policy the caller has already loaded for this call).
+    pub async fn check_with(&self, cfg: &RateLimitConfig, key: &str) -> Decision {
         if !cfg.enabled {
             return Decision {
                 allowed: true,
@@ -134,9 +135,9 @@ impl RateLimiter {
         let Some(url) = cfg
             .redis_url
             .as_deref()
-            .filter(|_| Self::is_distributed(&cfg))
+            .filter(|_| Self::is_distributed(cfg))
         else {
-            return self.check_local(&cfg, key);
+            return self.check_local(cfg, key);
         };
         let r = self.redis(url);
         let full = format!("{}:{}", cfg.redis_prefix, key);
@@ -364,15 +365,16 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let cfg = self.limiter.policy.get();
+        if !cfg.enabled {
+            // Off: no key, no clone of the inner service, straight through.
+            return Box::pin(self.inner.call(req));
+        }
         let key = request_key(&cfg.key, &req).to_owned();
         let limiter = self.limiter.clone();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            if !cfg.enabled {
-                return svc.call(req).await;
-            }
-            let d = limiter.check(&key).await;
+            let d = limiter.check_with(&cfg, &key).await;
             if !d.allowed {
                 let mut res = http::Response::new(RB::default());
                 *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
