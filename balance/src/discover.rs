@@ -35,10 +35,7 @@ impl<S> Clone for DiscoveredServices<S> {
 impl<S: Clone> MakeInstanceService for DiscoveredServices<S> {
     type Service = S;
     fn make_service(&self, instance: &Instance) -> Option<S> {
-        match self.by_id.lock() {
-            Ok(m) => m.get(&instance.id).cloned(),
-            Err(p) => p.into_inner().get(&instance.id).cloned(),
-        }
+        keel_core::lock(&self.by_id).get(&instance.id).cloned()
     }
 }
 
@@ -74,16 +71,12 @@ where
             match change? {
                 Change::Insert(k, svc) => {
                     let inst = describe(&k, &svc);
-                    if let Ok(mut m) = s.by_id.lock() {
-                        m.insert(inst.id.clone(), svc);
-                    }
+                    keel_core::lock(&s.by_id).insert(inst.id.clone(), svc);
                     keys.insert(k, inst);
                 }
                 Change::Remove(k) => {
                     if let Some(inst) = keys.remove(&k) {
-                        if let Ok(mut m) = s.by_id.lock() {
-                            m.remove(&inst.id);
-                        }
+                        keel_core::lock(&s.by_id).remove(&inst.id);
                     }
                 }
             }

@@ -286,10 +286,7 @@ impl Balancer {
     #[cold]
     fn rebuild(&self) {
         let s = &self.shared;
-        let mut guard = match s.states.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut guard = keel_core::lock(&s.states);
         let (states, generation) = &mut *guard;
         // Read the stamp before the inputs: a store racing with this rebuild leaves the stamp
         // ahead of the tables, and the next pick rebuilds again.
@@ -668,10 +665,7 @@ impl Balancer {
     /// `ok` accepts: each adds its effective weight to its current weight, the largest wins and
     /// gives back the total; an effective weight lowered by failures grows back by one per pick.
     fn swrr(&self, r: &Roster, g: &Group, now: u64, ok: impl Fn(&Entry) -> bool) -> Option<u32> {
-        let mut current = match g.swrr.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut current = keel_core::lock(&g.swrr);
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (k, &m) in g.members.iter().enumerate() {

@@ -111,10 +111,7 @@ where
 {
     /// The inner service of `id`, syncing the per-instance services with the tables first.
     fn service_for(&self, id: Option<&InstanceId>) -> Option<F::Service> {
-        let mut svcs = match self.services.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut svcs = keel_core::lock(&self.services);
         let r = self.balancer.roster();
         if svcs.generation != r.generation || id.is_some_and(|id| !svcs.by_id.contains_key(id)) {
             let mut next = HashMap::with_capacity(r.entries.len());

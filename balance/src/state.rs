@@ -127,10 +127,7 @@ impl InstanceState {
     /// decays towards it with weight `exp(-elapsed / decay)` (be slow to trust a recovery).
     pub(crate) fn observe_rtt(&self, rtt: Duration, now: u64, decay: Duration, default: f64) {
         let rtt = rtt.as_nanos() as f64;
-        let _serial = match self.ewma_update.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let _serial = keel_core::lock(&self.ewma_update);
         let prev = self.ewma_ns(default);
         let next = if rtt > prev {
             rtt
@@ -154,18 +151,12 @@ impl InstanceState {
     }
 
     pub(crate) fn set_reason(&self, reason: Option<String>) {
-        let mut r = match self.reason.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut r = keel_core::lock(&self.reason);
         *r = reason.map(Arc::from);
     }
 
     pub(crate) fn reason(&self) -> Option<Arc<str>> {
-        match self.reason.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        keel_core::lock(&self.reason).clone()
     }
 }
 

@@ -253,17 +253,11 @@ struct EtcdLease {
 
 impl EtcdLease {
     fn lease_id(&self) -> Option<String> {
-        match self.lease.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        keel_core::lock(&self.lease).clone()
     }
 
     fn set_lease(&self, id: Option<String>) {
-        *match self.lease.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        } = id;
+        *keel_core::lock(&self.lease) = id;
     }
 
     async fn write(&self, instance: &Instance, lease: &str) -> Result<(), DiscoveryError> {

@@ -86,17 +86,11 @@ struct Inner {
 
 impl Inner {
     fn publishers(&self) -> std::sync::MutexGuard<'_, BTreeMap<ServiceName, Arc<Publisher>>> {
-        match self.publishers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        keel_core::lock(&self.publishers)
     }
 
     fn last(&self) -> Option<Arc<FileSets>> {
-        match self.last.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        keel_core::lock(&self.last).clone()
     }
 
     fn offer_all(&self, sets: &FileSets) {
@@ -195,10 +189,7 @@ async fn run(
                 Ok(sets) => {
                     let sets = Arc::new(sets);
                     inner.offer_all(&sets);
-                    *match inner.last.lock() {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    } = Some(sets);
+                    *keel_core::lock(&inner.last) = Some(sets);
                     last_text = Some(text);
                 }
                 Err(error) => {

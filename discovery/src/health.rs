@@ -171,10 +171,7 @@ async fn supervise(
 }
 
 fn update(health: &Live<HealthMap>, writer: &Mutex<()>, f: impl FnOnce(&mut HealthMap)) {
-    let _g = match writer.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let _g = keel_core::lock(writer);
     let mut m = (*health.get()).clone();
     f(&mut m);
     health.store_if_changed(m);

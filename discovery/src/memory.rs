@@ -61,10 +61,7 @@ impl MemoryDiscovery {
     }
 
     fn set(&self, service: &ServiceName) -> Live<Vec<Instance>> {
-        let mut m = match self.inner.services.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = keel_core::lock(&self.inner.services);
         m.entry(service.clone()).or_default().clone()
     }
 

@@ -160,10 +160,7 @@ impl Publisher {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        keel_core::lock(&self.state)
     }
 
     /// A whole set as read from the backend (one "read" for the guard).
@@ -290,10 +287,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;
-    let mut ps = match publishers.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut ps = keel_core::lock(publishers);
     if let Some(p) = ps.get(service) {
         return Ok(p.watch());
     }

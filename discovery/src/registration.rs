@@ -94,7 +94,7 @@ impl Registration {
 
     /// The instance as registered now.
     pub fn instance(&self) -> Instance {
-        lock(&self.shared.instance).0.clone()
+        keel_core::lock(&self.shared.instance).0.clone()
     }
 
     /// Marks the instance `Draining` in the registry: clients stop sending it new requests while
@@ -106,14 +106,14 @@ impl Registration {
     /// Changes the administrative state in the registry (`Up` again after a drain, `Down`...).
     pub async fn set_state(&self, state: AdminState) -> Result<(), DiscoveryError> {
         let instance = {
-            let mut g = lock(&self.shared.instance);
+            let mut g = keel_core::lock(&self.shared.instance);
             g.0.state = state;
             g.0.clone()
         };
         let r = self.shared.lease.put(&instance, true).await;
         if r.is_err() {
             // Let the heartbeat write it when the registry is back.
-            lock(&self.shared.instance).1 = true;
+            keel_core::lock(&self.shared.instance).1 = true;
             self.shared.kick.notify_one();
         }
         r.map(|_| ())
@@ -139,16 +139,9 @@ impl Drop for Registration {
             t.abort();
         }
         if self.armed {
-            let instance = lock(&self.shared.instance).0.clone();
+            let instance = keel_core::lock(&self.shared.instance).0.clone();
             self.shared.lease.dropped(&instance);
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
@@ -161,7 +154,7 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration) {
             _ = shared.kick.notified() => {}
         }
         let (instance, changed) = {
-            let mut g = lock(&shared.instance);
+            let mut g = keel_core::lock(&shared.instance);
             let changed = std::mem::replace(&mut g.1, false);
             (g.0.clone(), changed)
         };
@@ -189,7 +182,7 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration) {
             }
             Err(error) => {
                 if changed {
-                    lock(&shared.instance).1 = true;
+                    keel_core::lock(&shared.instance).1 = true;
                 }
                 metrics::counter!(
                     telemetry::HEARTBEATS_TOTAL,

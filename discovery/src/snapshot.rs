@@ -111,10 +111,7 @@ fn drop_later(old: Arc<Vec<Instance>>) {
             .spawn(move || while rx.recv().is_ok() {});
         Mutex::new(spawned.ok().map(|_| tx))
     });
-    let guard = match dropper.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let guard = keel_core::lock(dropper);
     if let Some(tx) = guard.as_ref() {
         // If the thread is gone, the value comes back in the error and is dropped here.
         let _ = tx.send(old);
