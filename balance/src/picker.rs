@@ -298,15 +298,14 @@ impl Balancer {
         let instances = s.instances.get();
         let config = s.config.get();
         let health = s.health.as_ref().map(|h| h.get());
-        if let Err(e) = config.validate() {
-            // The facade validates before publishing; should a bad policy slip through, keep
-            // the last good one rather than balance by nonsense.
-            tracing::error!(service = %s.service, error = %e, "invalid balance config ignored");
-        }
-        let config = if config.validate().is_ok() {
-            config
-        } else {
-            current.config.clone()
+        // The facade validates before publishing; should a bad policy slip through, keep the
+        // last good one rather than balance by nonsense.
+        let config = match config.validate() {
+            Ok(()) => config,
+            Err(e) => {
+                tracing::error!(service = %s.service, error = %e, "invalid balance config ignored");
+                current.config.clone()
+            }
         };
         *generation += 1;
         let roster = Roster::build(
