@@ -34,8 +34,8 @@ use serde_json::{json, Value};
 use crate::{
     publish::{Publisher, SafetyOptions},
     registration::{Beat, Lease},
-    telemetry, BoxFuture, Discover, Discovery, DiscoveryConfig, DiscoveryError, InstanceWatch,
-    Registration, Registry,
+    BoxFuture, Discover, Discovery, DiscoveryConfig, DiscoveryError, InstanceWatch, Registration,
+    Registry,
 };
 
 const BACKEND: &str = "etcd";
@@ -95,20 +95,9 @@ fn parse_record(service: &ServiceName, key: &str, value: &[u8]) -> Option<Instan
             // Registered by someone else (Go's endpoints manager): metadata is theirs.
             Err(_) => Instance::new(service.clone(), addr),
         };
-        instance.validate().map_err(|e| e.to_string())?;
-        if &instance.service != service {
-            return Err(format!("belongs to service {}", instance.service));
-        }
         Ok(instance)
     })();
-    match parsed {
-        Ok(i) => Some(i),
-        Err(reason) => {
-            telemetry::malformed(service.as_str(), BACKEND);
-            tracing::warn!(%service, key, %reason, "skipping malformed discovery record");
-            None
-        }
-    }
+    crate::publish::accept_record(service, BACKEND, key, parsed)
 }
 
 struct Inner {

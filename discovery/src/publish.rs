@@ -270,6 +270,33 @@ impl Publisher {
     }
 }
 
+/// The last step of reading a record from a backend: an instance that is valid and belongs to
+/// `service` is kept; anything else is skipped, counted as malformed and logged, so one bad
+/// record never stops a watcher nor empties a set.
+pub(crate) fn accept_record(
+    service: &ServiceName,
+    backend: &'static str,
+    key: &str,
+    parsed: Result<Instance, String>,
+) -> Option<Instance> {
+    let checked = parsed.and_then(|i| {
+        i.validate().map_err(|e| e.to_string())?;
+        if &i.service == service {
+            Ok(i)
+        } else {
+            Err(format!("belongs to service {}", i.service))
+        }
+    });
+    match checked {
+        Ok(i) => Some(i),
+        Err(reason) => {
+            telemetry::malformed(service.as_str(), backend);
+            tracing::warn!(%service, key, %reason, "skipping malformed discovery record");
+            None
+        }
+    }
+}
+
 /// The publishers of a backend, one per watched service.
 pub(crate) type Publishers = Mutex<BTreeMap<ServiceName, Arc<Publisher>>>;
 

@@ -300,24 +300,8 @@ impl Lease for RedisLease {
 }
 
 fn parse_record(service: &ServiceName, key: &str, json: &[u8]) -> Option<Instance> {
-    let parsed = serde_json::from_slice::<Instance>(json)
-        .map_err(|e| e.to_string())
-        .and_then(|i| i.validate().map(|_| i).map_err(|e| e.to_string()))
-        .and_then(|i| {
-            if &i.service == service {
-                Ok(i)
-            } else {
-                Err(format!("belongs to service {}", i.service))
-            }
-        });
-    match parsed {
-        Ok(i) => Some(i),
-        Err(reason) => {
-            telemetry::malformed(service.as_str(), BACKEND);
-            tracing::warn!(%service, key, %reason, "skipping malformed discovery record");
-            None
-        }
-    }
+    let parsed = serde_json::from_slice::<Instance>(json).map_err(|e| e.to_string());
+    crate::publish::accept_record(service, BACKEND, key, parsed)
 }
 
 /// One watcher task per service: snapshot + stream position, then `XREAD BLOCK` from there,
