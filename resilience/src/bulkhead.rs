@@ -221,7 +221,13 @@ impl ConcurrencyLimiter {
         }
     }
 
-    fn shed(&self) -> ResilienceError {
+    /// The policy.
+    pub fn policy(&self) -> &Live<BulkheadConfig> {
+        &self.policy
+    }
+
+    /// Counts a refusal and returns its error.
+    pub(crate) fn shed(&self) -> ResilienceError {
         self.rejected.increment(1);
         ResilienceError::Shed
     }

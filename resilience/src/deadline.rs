@@ -119,7 +119,9 @@ where
 }
 
 /// Caps each attempt at `min(per_try, remaining deadline)`, and writes that budget into the
-/// `keel-deadline-ms` header for the next hop. Expiry is [`ResilienceError::Timeout`] (retryable,
+/// `keel-deadline-ms` header for the next hop. The deadline comes from a [`Retry`](crate::Retry)
+/// directly above (see [`RetryLayer::with_deadline`](crate::RetryLayer::with_deadline)) or from the
+/// request's [`Deadline`](keel_core::request::Deadline) extension. Expiry is [`ResilienceError::Timeout`] (retryable,
 /// an upstream failure) or, once the total deadline has passed,
 /// [`ResilienceError::DeadlineExceeded`].
 #[derive(Debug, Clone)]
@@ -166,8 +168,13 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let per_try = self.policy.load().per_try;
-        let now = Instant::now();
-        let deadline = req.extensions().get::<DeadlineExt>().map(|d| d.0);
+        let (now, deadline) = match crate::scope::take() {
+            Some(c) => (c.now, c.deadline),
+            None => (
+                Instant::now(),
+                req.extensions().get::<DeadlineExt>().map(|d| d.0),
+            ),
+        };
         let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
         let end = match (deadline, per_try_end) {
             (Some(d), Some(p)) => Some(d.min(p)),
@@ -191,7 +198,7 @@ thread_local! {
     static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
 }
 
-fn header_value(ms: u64) -> HeaderValue {
+pub(crate) fn header_value(ms: u64) -> HeaderValue {
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         match &*last {
@@ -284,7 +291,7 @@ where
     }
 }
 
-fn deadline_metric(e: &ResilienceError) {
+pub(crate) fn deadline_metric(e: &ResilienceError) {
     metrics::counter!(crate::metrics::DEADLINE_TOTAL, "outcome" => e.as_str()).increment(1);
 }
 

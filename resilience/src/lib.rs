@@ -68,8 +68,10 @@ mod error;
 mod fallback;
 mod hedge;
 pub mod metrics;
+mod per_try;
 mod ratelimit;
 mod retry;
+mod scope;
 mod stack;
 mod util;
 
@@ -100,6 +102,7 @@ pub use self::{
     error::{BoxError, InvalidConfig, ResilienceError},
     fallback::{triggers_fallback, Fallback, FallbackLayer, ResponseFuture as FallbackFuture},
     hedge::{futures_either, Hedge, HedgeLayer, ResponseFuture as HedgeFuture},
+    per_try::{PerTry, PerTryFuture, PerTryLayer},
     ratelimit::{
         request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
         RateLimiter, RedisGcra, ResponseFuture as RateLimitFuture, ServerRateLimit,

@@ -32,26 +32,26 @@ use keel_core::Live;
 use tower_layer::Layer;
 
 use crate::{
-    breaker::{Breaker, CircuitBreaker, CircuitBreakerLayer},
+    breaker::Breaker,
     budget::RetryBudget,
-    bulkhead::{Bulkhead, BulkheadLayer, ConcurrencyLimiter, LoadShed, LoadShedLayer},
+    bulkhead::{ConcurrencyLimiter, LoadShed, LoadShedLayer},
     chaos::{Chaos, ChaosLayer},
-    classify::PolicyClassifier,
     config::{BulkheadConfig, RateLimitConfig, ResilienceConfig},
-    deadline::{DeadlineCheck, DeadlineCheckLayer, Timeout, TimeoutLayer},
+    deadline::{DeadlineCheck, DeadlineCheckLayer},
     error::InvalidConfig,
     hedge::{Hedge, HedgeLayer},
-    ratelimit::{RateLimit, RateLimitLayer, RateLimiter, ServerRateLimit, ServerRateLimitLayer},
+    per_try::{PerTry, PerTryLayer},
+    ratelimit::{RateLimiter, ServerRateLimit, ServerRateLimitLayer},
     retry::{Retry, RetryLayer},
 };
 
 /// The composed client stack over an inner service `S` (see the module docs for the order).
 ///
 /// The total deadline is set by the retry layer itself ([`RetryLayer::with_deadline`]), before
-/// it copies the request for replay, so the order is the documented one without a separate
-/// [`Deadline`](crate::Deadline) layer.
-pub type ClientStack<S> =
-    Retry<Hedge<CircuitBreaker<Bulkhead<RateLimit<Timeout<Chaos<S>>>>, PolicyClassifier>>>;
+/// it copies the request for replay, and handed to the attempt below without a request
+/// extension. Below the hedge, one [`PerTry`] does the breaker, bulkhead, rate limit and per-try
+/// timeout of each attempt as one future (same order, same behaviour as the separate layers).
+pub type ClientStack<S> = Retry<Hedge<PerTry<Chaos<S>>>>;
 
 /// The inbound stack over an application service `S`.
 pub type ServerStack<S> = DeadlineCheck<LoadShed<ServerRateLimit<S>>>;
@@ -84,10 +84,7 @@ pub struct ClientStackLayer {
     config: Live<ResilienceConfig>,
     retry: RetryLayer,
     hedge: HedgeLayer,
-    breaker: CircuitBreakerLayer<PolicyClassifier>,
-    bulkhead: BulkheadLayer,
-    rate_limit: RateLimitLayer,
-    timeout: TimeoutLayer,
+    per_try: PerTryLayer,
     chaos: ChaosLayer,
 }
 
@@ -104,22 +101,16 @@ impl ClientStackLayer {
             config.project(|c| c.hedge.clone()),
             Some(retry.budget()),
         );
+        let per_try = PerTryLayer::new(
+            Breaker::new(service.clone(), "", config.project(|c| c.breaker.clone())),
+            ConcurrencyLimiter::new(service.clone(), config.project(|c| c.bulkhead.clone())),
+            RateLimiter::new(service.clone(), config.project(|c| c.rate_limit.clone())),
+            timeout,
+        );
         Self {
-            timeout: TimeoutLayer::new(timeout),
             retry,
             hedge,
-            breaker: {
-                let policy = config.project(|c| c.breaker.clone());
-                CircuitBreakerLayer::from_breaker(
-                    Breaker::new(service.clone(), "", policy.clone()),
-                    PolicyClassifier::new(policy),
-                )
-            },
-            bulkhead: BulkheadLayer::new(service.clone(), config.project(|c| c.bulkhead.clone())),
-            rate_limit: RateLimitLayer::new(
-                service.clone(),
-                config.project(|c| c.rate_limit.clone()),
-            ),
+            per_try,
             chaos: ChaosLayer::new(config.project(|c| c.chaos.clone())),
             service,
             config,
@@ -147,7 +138,7 @@ impl ClientStackLayer {
 
     /// The per-service breaker (for the admin endpoint).
     pub fn breaker(&self) -> &Arc<Breaker> {
-        self.breaker.breaker()
+        self.per_try.breaker()
     }
 
     /// The retry budget (shared with hedges).
@@ -157,23 +148,20 @@ impl ClientStackLayer {
 
     /// The bulkhead's limiter.
     pub fn bulkhead(&self) -> &Arc<ConcurrencyLimiter> {
-        self.bulkhead.limiter()
+        self.per_try.bulkhead()
     }
 
     /// The rate limiter.
     pub fn rate_limiter(&self) -> &Arc<RateLimiter> {
-        self.rate_limit.limiter()
+        self.per_try.rate_limiter()
     }
 }
 
-impl<S> Layer<S> for ClientStackLayer {
+impl<S: Clone> Layer<S> for ClientStackLayer {
     type Service = ClientStack<S>;
     fn layer(&self, inner: S) -> ClientStack<S> {
         let s = self.chaos.layer(inner);
-        let s = self.timeout.layer(s);
-        let s = self.rate_limit.layer(s);
-        let s = self.bulkhead.layer(s);
-        let s = self.breaker.layer(s);
+        let s = self.per_try.layer(s);
         let s = self.hedge.layer(s);
         self.retry.layer(s)
     }
@@ -215,8 +203,11 @@ impl<S> Layer<S> for ServerStackLayer {
 mod tests {
     use super::*;
     use crate::{error::BoxError, BreakerState, ResilienceError};
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use tower::{service_fn, ServiceExt};
+    use std::{
+        sync::atomic::{AtomicU32, Ordering},
+        time::Duration,
+    };
+    use tower::{service_fn, Service, ServiceExt};
 
     #[tokio::test(start_paused = true)]
     async fn composes_in_order_and_reloads_without_losing_state() {
@@ -227,10 +218,11 @@ mod tests {
         let client = stack.layer(service_fn(move |req: http::Request<()>| {
             c2.fetch_add(1, Ordering::SeqCst);
             assert!(req.headers().contains_key("keel-deadline-ms"));
+            // The deadline reaches the attempt through the call context, not an extension map.
             assert!(req
                 .extensions()
                 .get::<keel_core::request::Deadline>()
-                .is_some());
+                .is_none());
             async {
                 let mut r = http::Response::new(());
                 *r.status_mut() = http::StatusCode::BAD_GATEWAY;
@@ -269,6 +261,114 @@ mod tests {
         next.retry.max_attempts = 3;
         config.store(next);
         assert_eq!(stack.breaker().state(), BreakerState::Open);
+    }
+
+    fn slow_backend(
+        delay: Duration,
+        seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<()>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        service_fn(move |req: http::Request<()>| {
+            let ms = crate::remaining_from_header(req.headers()).map(|d| d.as_millis() as u64);
+            seen.lock().unwrap().push(ms.unwrap_or(0));
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_attempt_fits_in_the_total_deadline_and_times_out_count_as_failures() {
+        let mut cfg = ResilienceConfig::default();
+        cfg.timeout.total = Duration::from_millis(250);
+        cfg.timeout.per_try = Duration::from_millis(100);
+        cfg.retry.backoff_base = Duration::ZERO;
+        cfg.retry.max_attempts = 5;
+        cfg.breaker.minimum_calls = 100;
+        let config = Live::new(cfg);
+        let stack = ClientStackLayer::try_new("slow", config).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = stack.layer(slow_backend(Duration::from_secs(5), seen.clone()));
+        let t0 = tokio::time::Instant::now();
+        let e = client.oneshot(http::Request::new(())).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::DeadlineExceeded)
+        );
+        // 100 + 100 + the 50 ms left: the third attempt is told, and held to, what remains.
+        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_millis(250));
+        assert_eq!(*seen.lock().unwrap(), vec![100, 100, 50]);
+        // The two per-try timeouts are upstream failures for the breaker; the last attempt,
+        // cut by the caller's own deadline, is not.
+        let (calls, failures, _) = stack.breaker().window_counts();
+        assert_eq!((calls, failures), (2, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inherited_deadline_wins_when_earlier() {
+        let config = Live::new(ResilienceConfig::default());
+        let stack = ClientStackLayer::try_new("inherit", config).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = stack.layer(slow_backend(Duration::ZERO, seen.clone()));
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(keel_core::request::Deadline(
+            tokio::time::Instant::now() + Duration::from_millis(40),
+        ));
+        client.oneshot(req).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![40]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_bulkhead_waits_within_max_wait_then_sheds() {
+        let mut cfg = ResilienceConfig::default();
+        cfg.bulkhead.max_concurrent = 1;
+        cfg.bulkhead.min_limit = 1;
+        cfg.bulkhead.initial_limit = 1;
+        cfg.bulkhead.max_wait = Duration::from_millis(50);
+        let config = Live::new(cfg);
+        let stack = ClientStackLayer::try_new("narrow", config.clone()).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = stack.layer(slow_backend(Duration::from_millis(30), seen.clone()));
+        let first = tokio::spawn(client.clone().oneshot(http::Request::new(())));
+        tokio::task::yield_now().await;
+        // Waits for the first call's slot (30 ms < 50 ms), then runs.
+        let second = client.clone().oneshot(http::Request::new(())).await;
+        assert!(second.is_ok());
+        assert!(first.await.unwrap().is_ok());
+        // Without waiting, the same contention is shed at once (a reload, no new stack).
+        let mut next = config.load().as_ref().clone();
+        next.bulkhead.max_wait = Duration::ZERO;
+        config.store(next);
+        let first = tokio::spawn(client.clone().oneshot(http::Request::new(())));
+        tokio::task::yield_now().await;
+        let e = client.oneshot(http::Request::new(())).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::Shed)
+        );
+        assert!(first.await.unwrap().is_ok());
+        assert_eq!(stack.bulkhead().in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_inherits_the_deadline() {
+        let mut cfg = ResilienceConfig::default();
+        cfg.timeout.total = Duration::from_millis(500);
+        cfg.hedge.enabled = true;
+        cfg.hedge.delay = Duration::from_millis(100);
+        let config = Live::new(cfg);
+        let stack = ClientStackLayer::try_new("hedged", config).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = stack.layer(slow_backend(Duration::from_millis(300), seen.clone()));
+        client.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![500, 400]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -209,12 +209,20 @@ impl Breaker {
 
     /// Asks to make a call. `Err(BreakerOpen | Throttled)` means fail fast.
     pub fn try_acquire(self: &Arc<Self>) -> Result<BreakerPermit, ResilienceError> {
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), with the caller's clock reading (`now`).
+    pub fn try_acquire_at(
+        self: &Arc<Self>,
+        now: Instant,
+    ) -> Result<BreakerPermit, ResilienceError> {
         let cfg = self.policy.load();
         let permit = |kind, epoch| BreakerPermit {
             breaker: self.clone(),
             kind,
             epoch,
-            start: Instant::now(),
+            start: now,
         };
         if cfg.disabled {
             return Ok(permit(PermitKind::Done, 0));
@@ -235,7 +243,6 @@ impl Breaker {
             ));
         }
         let mut g = keel_core::lock(&self.inner);
-        let now = Instant::now();
         match &mut g.st {
             St::Closed => Ok(permit(
                 PermitKind::Closed,
@@ -390,12 +397,16 @@ impl Breaker {
 
 impl BreakerPermit {
     /// Records the call's outcome (its duration is measured from the permit).
-    pub fn record(mut self, outcome: Outcome) {
+    pub fn record(self, outcome: Outcome) {
+        self.record_at(outcome, Instant::now());
+    }
+
+    /// As [`record`](Self::record), with the caller's clock reading at the end of the call.
+    pub fn record_at(mut self, outcome: Outcome, end: Instant) {
         let kind = std::mem::replace(&mut self.kind, PermitKind::Done);
         if kind != PermitKind::Done {
-            let now = Instant::now();
-            self.breaker
-                .record(kind, self.epoch, now, now - self.start, outcome);
+            let elapsed = end.saturating_duration_since(self.start);
+            self.breaker.record(kind, self.epoch, end, elapsed, outcome);
         }
     }
 }

@@ -115,15 +115,14 @@ impl LocalGcra {
         }
     }
 
-    fn now(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.base)
-            .as_nanos() as u64
-    }
-
     /// Decides for `key` (`""` is the global key and takes no map lookup).
     pub fn check(&self, key: &str, q: Quota, max_keys: usize) -> Decision {
-        let now = self.now();
+        self.check_at(key, q, max_keys, Instant::now())
+    }
+
+    /// As [`check`](Self::check), with the caller's clock reading (`at`).
+    pub fn check_at(&self, key: &str, q: Quota, max_keys: usize, at: Instant) -> Decision {
+        let now = at.saturating_duration_since(self.base).as_nanos() as u64;
         if key.is_empty() {
             return decide(&self.global, now, q);
         }

@@ -90,9 +90,19 @@ impl RateLimiter {
 
     /// A local decision (the policy's scope is ignored).
     pub fn check_local(&self, cfg: &RateLimitConfig, key: &str) -> Decision {
+        self.check_local_at(cfg, key, tokio::time::Instant::now())
+    }
+
+    /// As [`check_local`](Self::check_local), with the caller's clock reading (`now`).
+    pub fn check_local_at(
+        &self,
+        cfg: &RateLimitConfig,
+        key: &str,
+        now: tokio::time::Instant,
+    ) -> Decision {
         let d = self
             .local
-            .check(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys);
+            .check_at(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys, now);
         self.count(&d);
         d
     }

@@ -1,0 +1,346 @@
+//! One attempt of the client stack, fused: circuit breaker → bulkhead → rate limit → per-try
+//! timeout, in that order and with the same behaviour as [`CircuitBreaker`](crate::CircuitBreaker)
+//! over [`Bulkhead`](crate::Bulkhead) over [`RateLimit`](crate::RateLimit) over
+//! [`Timeout`](crate::Timeout), but as one service with one future.
+//!
+//! Stacked, the four layers each read the clock, each classify the result, each wrap the future
+//! below in their own (so every return moves a deeper future), and a retry above must clone all
+//! four for every call. Fused, an attempt takes the retry layer's clock reading (see
+//! [`crate::scope`]), reads the clock once more when it ends, classifies once, and costs one
+//! reference count to clone. The rare paths (waiting for a bulkhead slot, asking Redis for a rate
+//! decision) are one boxed future each, as in the separate layers.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use keel_core::{request::Deadline as DeadlineExt, Live};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    breaker::{Breaker, BreakerPermit},
+    bulkhead::{ConcurrencyLimiter, ConcurrencyPermit},
+    classify::{Classifier, PolicyClassifier},
+    config::TimeoutConfig,
+    deadline::{deadline_metric, header_value, DEADLINE_HEADER},
+    error::{BoxError, ResilienceError},
+    ratelimit::{request_key, RateLimiter},
+    retry::BoxResponseFuture,
+};
+
+/// The state an attempt is checked against, shared by every clone.
+#[derive(Debug)]
+struct Gate {
+    breaker: Arc<Breaker>,
+    classifier: PolicyClassifier,
+    bulkhead: Arc<ConcurrencyLimiter>,
+    rate: Arc<RateLimiter>,
+    timeout: Live<TimeoutConfig>,
+}
+
+/// Builds [`PerTry`] services that share one breaker, bulkhead and rate limiter.
+#[derive(Debug, Clone)]
+pub struct PerTryLayer {
+    gate: Arc<Gate>,
+}
+
+impl PerTryLayer {
+    /// A layer over these components; `timeout.per_try` caps each attempt.
+    pub fn new(
+        breaker: Arc<Breaker>,
+        bulkhead: Arc<ConcurrencyLimiter>,
+        rate: Arc<RateLimiter>,
+        timeout: Live<TimeoutConfig>,
+    ) -> Self {
+        Self {
+            gate: Arc::new(Gate {
+                classifier: PolicyClassifier::new(breaker.policy().clone()),
+                breaker,
+                bulkhead,
+                rate,
+                timeout,
+            }),
+        }
+    }
+
+    /// The circuit breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.gate.breaker
+    }
+
+    /// The bulkhead's limiter.
+    pub fn bulkhead(&self) -> &Arc<ConcurrencyLimiter> {
+        &self.gate.bulkhead
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &Arc<RateLimiter> {
+        &self.gate.rate
+    }
+}
+
+impl<S> Layer<S> for PerTryLayer {
+    type Service = PerTry<S>;
+    fn layer(&self, inner: S) -> PerTry<S> {
+        PerTry {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+/// One attempt's protections over `S`: breaker, bulkhead, rate limit and per-try timeout (see the
+/// module docs). Refusals are [`ResilienceError`]s, as from the separate layers.
+#[derive(Debug, Clone)]
+pub struct PerTry<S> {
+    inner: S,
+    gate: Arc<Gate>,
+}
+
+impl<S, B, T> Service<http::Request<B>> for PerTry<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = http::Response<T>;
+    type Error = BoxError;
+    type Future = PerTryFuture<S::Future, T>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let (now, deadline) = match crate::scope::take() {
+            Some(c) => (c.now, c.deadline),
+            None => (
+                Instant::now(),
+                req.extensions().get::<DeadlineExt>().map(|d| d.0),
+            ),
+        };
+        let gate = &self.gate;
+        let breaker = match gate.breaker.try_acquire_at(now) {
+            Ok(p) => p,
+            Err(e) => return PerTryFuture::failed(e),
+        };
+        let bulkhead = match gate.bulkhead.try_acquire() {
+            Some(p) => Some(p),
+            None if gate.bulkhead.policy().load().max_wait.is_zero() => {
+                return PerTryFuture::failed(gate.bulkhead.shed());
+            }
+            None => None,
+        };
+        let rl = gate.rate.policy().load();
+        let distributed = RateLimiter::is_distributed(&rl);
+        if bulkhead.is_none() || distributed {
+            // Wait for a slot (and only then spend rate), or ask Redis: asynchronous.
+            drop(rl);
+            return self.gated(req, breaker, bulkhead, deadline);
+        }
+        if rl.enabled {
+            let d = gate
+                .rate
+                .check_local_at(&rl, request_key(&rl.key, &req), now);
+            if !d.allowed {
+                return PerTryFuture::failed(ResilienceError::RateLimited {
+                    retry_after: d.retry_after,
+                });
+            }
+        }
+        drop(rl);
+        start(&mut self.inner, gate, req, breaker, bulkhead, now, deadline)
+    }
+}
+
+impl<S> PerTry<S> {
+    /// The slow path: a slot to wait for, or a rate decision from Redis, then the attempt.
+    fn gated<B, T>(
+        &mut self,
+        req: http::Request<B>,
+        breaker: BreakerPermit,
+        bulkhead: Option<ConcurrencyPermit>,
+        deadline: Option<Instant>,
+    ) -> PerTryFuture<S::Future, T>
+    where
+        S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Send + 'static,
+        T: Send + 'static,
+    {
+        let gate = self.gate.clone();
+        // The ready service is not used; this copy is polled ready after the wait.
+        let mut svc = self.inner.clone();
+        PerTryFuture {
+            state: State::Boxed {
+                fut: Box::pin(async move {
+                    let bulkhead = match bulkhead {
+                        Some(p) => p,
+                        None => gate.bulkhead.acquire().await?,
+                    };
+                    let rl = gate.rate.policy().get();
+                    if rl.enabled {
+                        let key = request_key(&rl.key, &req);
+                        let d = if RateLimiter::is_distributed(&rl) {
+                            gate.rate.check_with(&rl, key).await
+                        } else {
+                            gate.rate.check_local(&rl, key)
+                        };
+                        if !d.allowed {
+                            return Err(Box::new(ResilienceError::RateLimited {
+                                retry_after: d.retry_after,
+                            }) as BoxError);
+                        }
+                    }
+                    std::future::poll_fn(|cx| svc.poll_ready(cx))
+                        .await
+                        .map_err(Into::into)?;
+                    let now = Instant::now();
+                    start(&mut svc, &gate, req, breaker, Some(bulkhead), now, deadline).await
+                }),
+            },
+        }
+    }
+}
+
+/// Sets the per-try timeout and the `keel-deadline-ms` header, and calls `inner`.
+fn start<S, B, T>(
+    inner: &mut S,
+    gate: &Gate,
+    mut req: http::Request<B>,
+    breaker: BreakerPermit,
+    bulkhead: Option<ConcurrencyPermit>,
+    now: Instant,
+    deadline: Option<Instant>,
+) -> PerTryFuture<S::Future, T>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>>,
+{
+    let per_try = gate.timeout.load().per_try;
+    let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
+    let end = match (deadline, per_try_end) {
+        (Some(d), Some(p)) => Some(d.min(p)),
+        (a, b) => a.or(b),
+    };
+    if let Some(end) = end {
+        if end <= now {
+            let e = ResilienceError::DeadlineExceeded;
+            deadline_metric(&e);
+            return PerTryFuture::failed(e);
+        }
+        let ms = (end - now).as_millis().max(1) as u64;
+        req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
+    }
+    PerTryFuture {
+        state: State::Called {
+            fut: inner.call(req),
+            sleep: None,
+            end,
+            deadline,
+            breaker: Some(breaker),
+            bulkhead,
+            classifier: gate.classifier.clone(),
+        },
+    }
+}
+
+pin_project! {
+    /// The response future of [`PerTry`].
+    pub struct PerTryFuture<F, T> {
+        #[pin]
+        state: State<F, T>,
+    }
+}
+
+pin_project! {
+    #[project = Proj]
+    enum State<F, T> {
+        Called {
+            #[pin]
+            fut: F,
+            // Created on the first `Pending` only: an answer that is ready at once needs no timer.
+            #[pin]
+            sleep: Option<Sleep>,
+            end: Option<Instant>,
+            deadline: Option<Instant>,
+            breaker: Option<BreakerPermit>,
+            bulkhead: Option<ConcurrencyPermit>,
+            classifier: PolicyClassifier,
+        },
+        Boxed { fut: BoxResponseFuture<http::Response<T>> },
+        Failed { error: Option<ResilienceError> },
+    }
+}
+
+impl<F, T> PerTryFuture<F, T> {
+    fn failed(e: ResilienceError) -> Self {
+        Self {
+            state: State::Failed { error: Some(e) },
+        }
+    }
+}
+
+impl<F, T, E> Future for PerTryFuture<F, T>
+where
+    F: Future<Output = Result<http::Response<T>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<T>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            Proj::Called {
+                fut,
+                mut sleep,
+                end,
+                deadline,
+                breaker,
+                bulkhead,
+                classifier,
+            } => {
+                let res = match fut.poll(cx) {
+                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Pending => {
+                        if sleep.is_none() {
+                            if let Some(end) = *end {
+                                sleep.set(Some(tokio::time::sleep_until(end)));
+                            }
+                        }
+                        let Some(s) = sleep.as_pin_mut() else {
+                            return Poll::Pending;
+                        };
+                        std::task::ready!(s.poll(cx));
+                        // Past the total deadline the call is over; before it, only this try is.
+                        let e = match deadline {
+                            Some(d) if *d <= Instant::now() => ResilienceError::DeadlineExceeded,
+                            _ => ResilienceError::Timeout,
+                        };
+                        deadline_metric(&e);
+                        Err(Box::new(e) as BoxError)
+                    }
+                };
+                let outcome = classifier.classify(&res);
+                if let Some(p) = breaker.take() {
+                    p.record_at(outcome, Instant::now());
+                }
+                if let Some(mut p) = bulkhead.take() {
+                    p.record(&outcome);
+                }
+                Poll::Ready(res)
+            }
+            Proj::Boxed { fut } => fut.as_mut().poll(cx),
+            Proj::Failed { error } => Poll::Ready(Err(Box::new(
+                error.take().unwrap_or(ResilienceError::DeadlineExceeded),
+            ))),
+        }
+    }
+}
