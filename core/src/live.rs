@@ -200,6 +200,14 @@ impl<T> LiveCache<T> {
     }
 }
 
+impl<T> Clone for LiveCache<T> {
+    fn clone(&self) -> Self {
+        Self {
+            cache: self.cache.clone(),
+        }
+    }
+}
+
 impl<T: fmt::Debug> fmt::Debug for LiveCache<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LiveCache").finish_non_exhaustive()

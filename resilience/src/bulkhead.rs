@@ -123,7 +123,17 @@ pub struct ConcurrencyLimiter {
 #[derive(Debug)]
 pub struct ConcurrencyPermit {
     limiter: Arc<ConcurrencyLimiter>,
+    slot: Slot,
+}
+
+/// A slot without a handle on its limiter: whoever holds it gives it back
+/// ([`ConcurrencyLimiter::settle`], [`ConcurrencyLimiter::release`]).
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// When the call started, for the adaptive limit (`None` with a fixed limit).
     start: Option<Instant>,
+    /// Calls in flight with this one; `usize::MAX` when the bulkhead is off (nothing to give
+    /// back), 0 once given back.
     in_flight: usize,
 }
 
@@ -167,15 +177,27 @@ impl ConcurrencyLimiter {
 
     /// A slot now, or `None`.
     pub fn try_acquire(self: &Arc<Self>) -> Option<ConcurrencyPermit> {
-        let cfg = self.policy.load();
+        self.try_acquire_with(&self.policy.load())
+    }
+
+    /// As [`try_acquire`](Self::try_acquire), under `cfg`: the policy the caller has already
+    /// loaded for this call.
+    pub fn try_acquire_with(self: &Arc<Self>, cfg: &BulkheadConfig) -> Option<ConcurrencyPermit> {
+        Some(ConcurrencyPermit {
+            limiter: self.clone(),
+            slot: self.take(cfg, None)?,
+        })
+    }
+
+    /// A raw slot under `cfg`; `now` is the caller's clock reading, if it has one.
+    pub(crate) fn take(&self, cfg: &BulkheadConfig, now: Option<Instant>) -> Option<Slot> {
         if !cfg.enabled {
-            return Some(ConcurrencyPermit {
-                limiter: self.clone(),
+            return Some(Slot {
                 start: None,
                 in_flight: usize::MAX,
             });
         }
-        let limit = self.limit_for(&cfg);
+        let limit = self.limit_for(cfg);
         let mut cur = self.in_flight.load(Ordering::Relaxed);
         loop {
             if cur >= limit {
@@ -193,11 +215,50 @@ impl ConcurrencyLimiter {
         }
         self.in_flight_gauge.set((cur + 1) as f64);
         let adaptive = cfg.adaptive != AdaptiveAlgorithm::Off;
-        Some(ConcurrencyPermit {
-            limiter: self.clone(),
-            start: adaptive.then(Instant::now),
+        Some(Slot {
+            start: adaptive.then(|| now.unwrap_or_else(Instant::now)),
             in_flight: cur + 1,
         })
+    }
+
+    /// Feeds the adaptive limit with the call's outcome, and gives the slot back.
+    pub(crate) fn settle(&self, mut slot: Slot, outcome: &Outcome) {
+        self.adapt(&mut slot, outcome);
+        self.release(slot);
+    }
+
+    /// Gives a slot back.
+    pub(crate) fn release(&self, mut slot: Slot) {
+        let n = std::mem::take(&mut slot.in_flight);
+        if n != 0 && n != usize::MAX {
+            let left = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+            self.in_flight_gauge.set(left as f64);
+            self.notify.notify_one();
+        }
+    }
+
+    fn adapt(&self, slot: &mut Slot, outcome: &Outcome) {
+        let Some(start) = slot.start.take() else {
+            return;
+        };
+        let cfg = self.policy.load();
+        let dropped = matches!(
+            outcome,
+            Outcome::Throttled { .. }
+                | Outcome::Failure(FailureClass::Timeout)
+                | Outcome::Failure(FailureClass::Status(503))
+        );
+        let mut a = keel_core::lock(&self.adaptive);
+        a.sample(&cfg, start.elapsed(), slot.in_flight, dropped);
+        let limit = a.limit() as usize;
+        drop(a);
+        let old = self.adaptive_limit.swap(limit, Ordering::Relaxed);
+        if old != limit {
+            self.limit_gauge.set(limit as f64);
+            if limit > old {
+                self.notify.notify_waiters();
+            }
+        }
     }
 
     /// A slot, waiting up to the policy's `max_wait`; [`ResilienceError::Shed`] otherwise.
@@ -236,38 +297,17 @@ impl ConcurrencyLimiter {
 impl ConcurrencyPermit {
     /// Feeds the adaptive limit with this call's outcome (a no-op with a fixed limit).
     pub fn record(&mut self, outcome: &Outcome) {
-        let Some(start) = self.start.take() else {
-            return;
-        };
-        let l = &self.limiter;
-        let cfg = l.policy.load();
-        let dropped = matches!(
-            outcome,
-            Outcome::Throttled { .. }
-                | Outcome::Failure(FailureClass::Timeout)
-                | Outcome::Failure(FailureClass::Status(503))
-        );
-        let mut a = keel_core::lock(&l.adaptive);
-        a.sample(&cfg, start.elapsed(), self.in_flight, dropped);
-        let limit = a.limit() as usize;
-        drop(a);
-        let old = l.adaptive_limit.swap(limit, Ordering::Relaxed);
-        if old != limit {
-            l.limit_gauge.set(limit as f64);
-            if limit > old {
-                l.notify.notify_waiters();
-            }
-        }
+        self.limiter.adapt(&mut self.slot, outcome);
     }
 }
 
 impl Drop for ConcurrencyPermit {
     fn drop(&mut self) {
-        if self.in_flight != usize::MAX {
-            let left = self.limiter.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-            self.limiter.in_flight_gauge.set(left as f64);
-            self.limiter.notify.notify_one();
-        }
+        let slot = Slot {
+            start: None,
+            in_flight: std::mem::take(&mut self.slot.in_flight),
+        };
+        self.limiter.release(slot);
     }
 }
 
@@ -348,7 +388,7 @@ where
                 classifier,
             } => {
                 let r = std::task::ready!(fut.poll(cx)).map_err(Into::into);
-                if permit.start.is_some() {
+                if permit.slot.start.is_some() {
                     let o = classifier.classify(&r);
                     permit.record(&o);
                 }

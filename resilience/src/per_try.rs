@@ -26,7 +26,6 @@ use tower_service::Service;
 use crate::{
     breaker::{Breaker, BreakerPermit},
     bulkhead::{ConcurrencyLimiter, ConcurrencyPermit},
-    classify::{Classifier, PolicyClassifier},
     config::TimeoutConfig,
     deadline::{deadline_metric, header_value, DEADLINE_HEADER},
     error::{BoxError, ResilienceError},
@@ -36,11 +35,10 @@ use crate::{
 
 /// The state an attempt is checked against, shared by every clone.
 #[derive(Debug)]
-struct Gate {
-    breaker: Arc<Breaker>,
-    classifier: PolicyClassifier,
-    bulkhead: Arc<ConcurrencyLimiter>,
-    rate: Arc<RateLimiter>,
+pub(crate) struct Gate {
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) bulkhead: Arc<ConcurrencyLimiter>,
+    pub(crate) rate: Arc<RateLimiter>,
     timeout: Live<TimeoutConfig>,
 }
 
@@ -60,7 +58,6 @@ impl PerTryLayer {
     ) -> Self {
         Self {
             gate: Arc::new(Gate {
-                classifier: PolicyClassifier::new(breaker.policy().clone()),
                 breaker,
                 bulkhead,
                 rate,
@@ -72,6 +69,10 @@ impl PerTryLayer {
     /// The circuit breaker.
     pub fn breaker(&self) -> &Arc<Breaker> {
         &self.gate.breaker
+    }
+
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// The bulkhead's limiter.
@@ -157,7 +158,16 @@ where
             }
         }
         drop(rl);
-        start(&mut self.inner, gate, req, breaker, bulkhead, now, deadline)
+        let per_try = gate.timeout.load().per_try;
+        start(
+            &mut self.inner,
+            req,
+            breaker,
+            bulkhead,
+            now,
+            deadline,
+            per_try,
+        )
     }
 }
 
@@ -205,27 +215,32 @@ impl<S> PerTry<S> {
                         .await
                         .map_err(Into::into)?;
                     let now = Instant::now();
-                    start(&mut svc, &gate, req, breaker, Some(bulkhead), now, deadline).await
+                    let per_try = gate.timeout.load().per_try;
+                    start(
+                        &mut svc,
+                        req,
+                        breaker,
+                        Some(bulkhead),
+                        now,
+                        deadline,
+                        per_try,
+                    )
+                    .await
                 }),
             },
         }
     }
 }
 
-/// Sets the per-try timeout and the `keel-deadline-ms` header, and calls `inner`.
-fn start<S, B, T>(
-    inner: &mut S,
-    gate: &Gate,
-    mut req: http::Request<B>,
-    breaker: BreakerPermit,
-    bulkhead: Option<ConcurrencyPermit>,
+/// The end of an attempt starting `now`: `min(now + per_try, deadline)` (`None`: no bound),
+/// written into the `keel-deadline-ms` header; `DeadlineExceeded` if it has already passed.
+#[inline]
+pub(crate) fn prepare<B>(
+    req: &mut http::Request<B>,
     now: Instant,
     deadline: Option<Instant>,
-) -> PerTryFuture<S::Future, T>
-where
-    S: Service<http::Request<B>, Response = http::Response<T>>,
-{
-    let per_try = gate.timeout.load().per_try;
+    per_try: std::time::Duration,
+) -> Result<Option<Instant>, ResilienceError> {
     let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
     let end = match (deadline, per_try_end) {
         (Some(d), Some(p)) => Some(d.min(p)),
@@ -235,11 +250,34 @@ where
         if end <= now {
             let e = ResilienceError::DeadlineExceeded;
             deadline_metric(&e);
-            return PerTryFuture::failed(e);
+            return Err(e);
         }
         let ms = (end - now).as_millis().max(1) as u64;
         req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
     }
+    Ok(end)
+}
+
+/// Sets the per-try timeout (`min(per_try, deadline)`) and the `keel-deadline-ms` header, and
+/// calls `inner`, which must be ready.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn start<S, B, T>(
+    inner: &mut S,
+    mut req: http::Request<B>,
+    breaker: BreakerPermit,
+    bulkhead: Option<ConcurrencyPermit>,
+    now: Instant,
+    deadline: Option<Instant>,
+    per_try: std::time::Duration,
+) -> PerTryFuture<S::Future, T>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>>,
+{
+    let end = match prepare(&mut req, now, deadline, per_try) {
+        Ok(end) => end,
+        Err(e) => return PerTryFuture::failed(e),
+    };
     PerTryFuture {
         state: State::Called {
             fut: inner.call(req),
@@ -248,7 +286,6 @@ where
             deadline,
             breaker: Some(breaker),
             bulkhead,
-            classifier: gate.classifier.clone(),
         },
     }
 }
@@ -267,14 +304,13 @@ pin_project! {
         Called {
             #[pin]
             fut: F,
-            // Created on the first `Pending` only: an answer that is ready at once needs no timer.
-            #[pin]
-            sleep: Option<Sleep>,
+            // Created on the first `Pending` only: an answer that is ready at once needs no
+            // timer. Boxed, as it is much larger than the rest and the future moves up the stack.
+            sleep: Option<Pin<Box<Sleep>>>,
             end: Option<Instant>,
             deadline: Option<Instant>,
             breaker: Option<BreakerPermit>,
             bulkhead: Option<ConcurrencyPermit>,
-            classifier: PolicyClassifier,
         },
         Boxed { fut: BoxResponseFuture<http::Response<T>> },
         Failed { error: Option<ResilienceError> },
@@ -282,7 +318,7 @@ pin_project! {
 }
 
 impl<F, T> PerTryFuture<F, T> {
-    fn failed(e: ResilienceError) -> Self {
+    pub(crate) fn failed(e: ResilienceError) -> Self {
         Self {
             state: State::Failed { error: Some(e) },
         }
@@ -300,25 +336,24 @@ where
         match self.project().state.project() {
             Proj::Called {
                 fut,
-                mut sleep,
+                sleep,
                 end,
                 deadline,
                 breaker,
                 bulkhead,
-                classifier,
             } => {
                 let res = match fut.poll(cx) {
                     Poll::Ready(r) => r.map_err(Into::into),
                     Poll::Pending => {
                         if sleep.is_none() {
                             if let Some(end) = *end {
-                                sleep.set(Some(tokio::time::sleep_until(end)));
+                                *sleep = Some(Box::pin(tokio::time::sleep_until(end)));
                             }
                         }
-                        let Some(s) = sleep.as_pin_mut() else {
+                        let Some(s) = sleep.as_mut() else {
                             return Poll::Pending;
                         };
-                        std::task::ready!(s.poll(cx));
+                        std::task::ready!(s.as_mut().poll(cx));
                         // Past the total deadline the call is over; before it, only this try is.
                         let e = match deadline {
                             Some(d) if *d <= Instant::now() => ResilienceError::DeadlineExceeded,
@@ -328,10 +363,14 @@ where
                         Err(Box::new(e) as BoxError)
                     }
                 };
-                let outcome = classifier.classify(&res);
-                if let Some(p) = breaker.take() {
-                    p.record_at(outcome, Instant::now());
-                }
+                // The breaker's classification (its `failure_codes`) feeds the bulkhead too.
+                let outcome = match breaker.take() {
+                    Some(p) => p.classify_and_record(&res, *end),
+                    None => crate::classify::Classifier::classify(
+                        &crate::classify::HttpClassifier::default(),
+                        &res,
+                    ),
+                };
                 if let Some(mut p) = bulkhead.take() {
                     p.record(&outcome);
                 }

@@ -103,8 +103,13 @@ pub fn replay_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Req
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    *r.extensions_mut() = req.extensions().clone();
+    // An empty map is left as the new request's own (cloning it still walks its vectors).
+    if !req.headers().is_empty() {
+        *r.headers_mut() = req.headers().clone();
+    }
+    if !req.extensions().is_empty() {
+        *r.extensions_mut() = req.extensions().clone();
+    }
     Some(r)
 }
 
@@ -140,7 +145,7 @@ pub(crate) struct RetryShared {
     active: AtomicUsize,
     active_retries: AtomicUsize,
     rng: Mutex<SmallRng>,
-    service: Arc<str>,
+    pub(crate) service: Arc<str>,
     first: metrics::Counter,
     /// Set by [`RetryLayer::with_deadline`]: the retry layer also sets the total deadline.
     deadline: Option<Live<TimeoutConfig>>,
@@ -242,6 +247,10 @@ impl<C> RetryLayer<C> {
     pub fn budget(&self) -> Arc<RetryBudget> {
         self.shared.budget.clone()
     }
+
+    pub(crate) fn shared(&self) -> &Arc<RetryShared> {
+        &self.shared
+    }
 }
 
 impl<S: Clone, C: Clone> Layer<S> for RetryLayer<C> {
@@ -253,6 +262,17 @@ impl<S: Clone, C: Clone> Layer<S> for RetryLayer<C> {
             shared: self.shared.clone(),
             classifier: self.classifier.clone(),
         }
+    }
+}
+
+/// The span of one attempt (`keel.attempt`, debug level). Not made at all when debug is off:
+/// with no subscriber, tracing's `log` compatibility would otherwise still format it.
+#[inline]
+pub(crate) fn attempt_span(service: &str, attempt: u32, hedge: bool) -> tracing::Span {
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::debug_span!("keel.attempt", service = %service, attempt, hedge)
+    } else {
+        tracing::Span::none()
     }
 }
 
@@ -279,34 +299,80 @@ impl Drop for Retrying {
     }
 }
 
-/// What a retry future knows besides its futures.
+/// What a retry future knows besides its futures (the policy is passed in when deciding).
 #[derive(Debug)]
-struct Ctx<C, B> {
+pub(crate) struct Ctx<C, B> {
     active: Active,
-    cfg: Arc<RetryConfig>,
     classifier: C,
-    attempt: u32,
+    pub(crate) attempt: u32,
     avoid: Vec<InstanceId>,
     safe: bool,
     replay: Option<http::Request<B>>,
-    deadline: Option<tokio::time::Instant>,
+    pub(crate) deadline: Option<tokio::time::Instant>,
     retrying: Option<Retrying>,
-    span: tracing::Span,
+    pending: bool,
+    last: bool,
+    pub(crate) span: tracing::Span,
     failed: Option<ResilienceError>,
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
-    /// After an attempt: `None` to return its result, or the wait and the next request.
-    fn decide<T>(
+    /// The bookkeeping of a new call: deposits in the budget, counts it in flight, and keeps a
+    /// copy of the request if it may be retried.
+    pub(crate) fn begin(
+        shared: &Arc<RetryShared>,
+        cfg: &RetryConfig,
+        classifier: C,
+        req: &http::Request<B>,
+        now: tokio::time::Instant,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
+        shared.budget.deposit_at(now);
+        shared.first.increment(1);
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        let safe = cfg.max_attempts > 1 && is_retry_safe(req);
+        let replay = if safe { replay_request(req) } else { None };
+        Self {
+            active: Active(shared.clone()),
+            classifier,
+            attempt: 1,
+            avoid: Vec::new(),
+            safe,
+            replay,
+            deadline,
+            retrying: None,
+            pending: false,
+            last: false,
+            span: tracing::Span::none(),
+            failed: None,
+        }
+    }
+
+    /// Whether another attempt may follow this one (a copy of the request is kept).
+    pub(crate) fn may_retry(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Classifies an attempt's result as the retry policy sees it.
+    pub(crate) fn classify<T>(&self, res: &Result<http::Response<T>, BoxError>) -> Outcome
+    where
+        C: Classifier<http::Response<T>>,
+    {
+        self.classifier.classify(res)
+    }
+
+    /// After an attempt: `None` to return its result, or the wait before the next attempt (then
+    /// [`next_request`](Self::next_request) makes its request).
+    pub(crate) fn decide<T>(
         &mut self,
+        cfg: &RetryConfig,
         res: &Result<http::Response<T>, BoxError>,
-    ) -> Option<(Duration, http::Request<B>)>
+    ) -> Option<Duration>
     where
         C: Classifier<http::Response<T>>,
     {
         self.retrying = None;
         let shared = &self.active.0;
-        let cfg = &self.cfg;
         let outcome = self.classifier.classify(res);
         if self.attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
             return None;
@@ -315,10 +381,10 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             shared.count("not_idempotent");
             return None;
         }
-        let Some(mut next) = self.replay.as_ref().and_then(replay_request) else {
+        if self.replay.is_none() {
             shared.count("not_replayable");
             return None;
-        };
+        }
         let remaining = self
             .deadline
             .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
@@ -366,16 +432,36 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             }
         }
         self.attempt += 1;
+        self.pending = true;
+        self.last = self.attempt >= cfg.max_attempts;
         shared.count("retry");
+        Some(wait)
+    }
+
+    /// Whether [`decide`](Self::decide) chose another attempt that has not been sent yet.
+    pub(crate) fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// The request of the attempt [`decide`](Self::decide) chose, made only once it is sent (the
+    /// last one takes the kept copy itself). It carries an [`Attempt`] extension naming the
+    /// instances to avoid.
+    pub(crate) fn next_request(&mut self) -> Result<http::Request<B>, ResilienceError> {
+        self.pending = false;
+        let next = if self.last {
+            self.replay.take()
+        } else {
+            self.replay.as_ref().and_then(replay_request)
+        };
+        let Some(mut next) = next else {
+            return Err(ResilienceError::BodyNotReplayable);
+        };
         next.extensions_mut().insert(Attempt {
             number: self.attempt,
             hedge: false,
             avoid: self.avoid.clone(),
         });
-        if self.attempt >= cfg.max_attempts {
-            self.replay = None;
-        }
-        Some((wait, next))
+        Ok(next)
     }
 }
 
@@ -391,9 +477,9 @@ pin_project! {
         // Boxed: only a retry waits, and an inline `Sleep` would make every call's future
         // (moved on each return up the stack) larger.
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-        next: Option<http::Request<B>>,
         // The service for retries: cloned from the template when the first retry is sent.
         template: Option<Arc<S>>,
+        cfg: Arc<RetryConfig>,
         svc: Option<S>,
         ctx: Ctx<C, B>,
     }
@@ -424,10 +510,9 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                match this.ctx.decide(&res) {
+                match this.ctx.decide(this.cfg, &res) {
                     None => return Poll::Ready(res),
-                    Some((wait, next)) => {
-                        *this.next = Some(next);
+                    Some(wait) => {
                         if !wait.is_zero() {
                             *this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
                         }
@@ -438,7 +523,7 @@ where
                 std::task::ready!(sleep.as_mut().poll(cx));
                 *this.sleep = None;
             }
-            if this.next.is_none() {
+            if !this.ctx.pending() {
                 // Polled after completion: nothing left to do.
                 return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
             }
@@ -451,9 +536,13 @@ where
             if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
                 return Poll::Ready(Err(e.into()));
             }
-            if let Some(req) = this.next.take() {
+            {
                 let ctx = &mut *this.ctx;
-                ctx.span = tracing::debug_span!("keel.attempt", service = %ctx.active.0.service, attempt = ctx.attempt, hedge = false);
+                let req = match ctx.next_request() {
+                    Ok(r) => r,
+                    Err(e) => return Poll::Ready(Err(Box::new(e))),
+                };
+                ctx.span = attempt_span(&ctx.active.0.service, ctx.attempt, false);
                 let call = CallContext {
                     now: tokio::time::Instant::now(),
                     deadline: ctx.deadline,
@@ -503,17 +592,13 @@ where
                 }
             }
         }
-        let cfg = shared.policy.get();
-        shared.budget.deposit_at(now);
-        shared.first.increment(1);
-        shared.active.fetch_add(1, Ordering::Relaxed);
-        let active = Active(shared.clone());
-        let safe = cfg.max_attempts > 1 && is_retry_safe(&req);
-        let replay = if safe { replay_request(&req) } else { None };
         let deadline = set_deadline.or(inherited);
-        let span = tracing::debug_span!("keel.attempt", service = %shared.service, attempt = 1u32, hedge = false);
-        let fut = if failed.is_none() {
-            let _entered = span.enter();
+        let cfg = shared.policy.get();
+        let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
+        ctx.failed = failed;
+        ctx.span = attempt_span(&shared.service, 1, false);
+        let fut = if ctx.failed.is_none() {
+            let _entered = ctx.span.enter();
             let call = CallContext { now, deadline };
             // The ready service takes the first attempt; retries use a copy of the template.
             Some(scope::enter(call, || self.inner.call(req)))
@@ -523,22 +608,10 @@ where
         ResponseFuture {
             fut,
             sleep: None,
-            next: None,
-            template: replay.is_some().then(|| self.template.clone()),
+            template: ctx.may_retry().then(|| self.template.clone()),
+            cfg,
             svc: None,
-            ctx: Ctx {
-                active,
-                cfg,
-                classifier: self.classifier.clone(),
-                attempt: 1,
-                avoid: Vec::new(),
-                safe,
-                replay,
-                deadline,
-                retrying: None,
-                span,
-                failed,
-            },
+            ctx,
         }
     }
 }

@@ -26,32 +26,38 @@
 //! shedding (503 + `Retry-After`) -> rate limit (429 + `Retry-After` + RateLimit headers) ->
 //! the application.
 
-use std::sync::Arc;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
-use keel_core::Live;
+use keel_core::{request::Deadline as DeadlineExt, Live, LiveCache};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower_layer::Layer;
+use tower_service::Service;
 
 use crate::{
     breaker::Breaker,
+    breaker::RawPermit,
     budget::RetryBudget,
+    bulkhead::Slot,
     bulkhead::{ConcurrencyLimiter, LoadShed, LoadShedLayer},
     chaos::{Chaos, ChaosLayer},
+    classify::Classifier,
+    classify::{HttpClassifier, Outcome},
     config::{BulkheadConfig, RateLimitConfig, ResilienceConfig},
     deadline::{DeadlineCheck, DeadlineCheckLayer},
-    error::InvalidConfig,
+    error::{BoxError, InvalidConfig, ResilienceError},
     hedge::{Hedge, HedgeLayer},
-    per_try::{PerTry, PerTryLayer},
-    ratelimit::{RateLimiter, ServerRateLimit, ServerRateLimitLayer},
-    retry::{Retry, RetryLayer},
+    per_try::{Gate, PerTry, PerTryLayer},
+    ratelimit::{request_key, RateLimiter, ServerRateLimit, ServerRateLimitLayer},
+    retry::BoxResponseFuture,
+    retry::{attempt_span, is_retry_safe, Ctx, ReplayBody, RetryLayer, RetryShared},
+    scope::{self, CallContext},
 };
-
-/// The composed client stack over an inner service `S` (see the module docs for the order).
-///
-/// The total deadline is set by the retry layer itself ([`RetryLayer::with_deadline`]), before
-/// it copies the request for replay, and handed to the attempt below without a request
-/// extension. Below the hedge, one [`PerTry`] does the breaker, bulkhead, rate limit and per-try
-/// timeout of each attempt as one future (same order, same behaviour as the separate layers).
-pub type ClientStack<S> = Retry<Hedge<PerTry<Chaos<S>>>>;
 
 /// The inbound stack over an application service `S`.
 pub type ServerStack<S> = DeadlineCheck<LoadShed<ServerRateLimit<S>>>;
@@ -160,10 +166,413 @@ impl ClientStackLayer {
 impl<S: Clone> Layer<S> for ClientStackLayer {
     type Service = ClientStack<S>;
     fn layer(&self, inner: S) -> ClientStack<S> {
-        let s = self.chaos.layer(inner);
-        let s = self.per_try.layer(s);
-        let s = self.hedge.layer(s);
-        self.retry.layer(s)
+        let per_try = self.per_try.layer(self.chaos.layer(inner.clone()));
+        ClientStack {
+            config: self.config.cache(),
+            parts: Arc::new(Parts {
+                retry: self.retry.shared().clone(),
+                gate: self.per_try.gate().clone(),
+                hedged: self.hedge.layer(per_try.clone()),
+                per_try,
+                svc: inner.clone(),
+                config: self.config.clone(),
+            }),
+            inner,
+        }
+    }
+}
+
+/// What every clone of a [`ClientStack`] shares.
+#[derive(Debug)]
+struct Parts<S> {
+    retry: Arc<RetryShared>,
+    gate: Arc<Gate>,
+    /// The layered path, for attempts that hedge.
+    hedged: Hedge<PerTry<Chaos<S>>>,
+    /// The layered path, for attempts that wait (bulkhead, Redis) or inject faults.
+    per_try: PerTry<Chaos<S>>,
+    /// An unpolled copy of the inner service, cloned for retries.
+    svc: S,
+    config: Live<ResilienceConfig>,
+}
+
+/// The client stack over `S`: deadline → retry → hedge → breaker → bulkhead → rate limit →
+/// per-try timeout → chaos → `S`, built by [`ClientStackLayer`].
+///
+/// It behaves as the separate layers stacked in that order (and uses them, sharing their state,
+/// for hedged attempts, attempts that wait for a bulkhead slot or a Redis rate decision, and
+/// injected faults), but the common attempt (no hedge, no chaos, a free slot, a local rate
+/// decision) runs fused: the whole `[clients.NAME]` section is read once per call through a
+/// [`LiveCache`], the clock is read once at the start and once at the end, the result is
+/// classified once per concern, the deadline needs no request extension, and the call's state is
+/// one future.
+#[derive(Debug)]
+pub struct ClientStack<S> {
+    inner: S,
+    parts: Arc<Parts<S>>,
+    config: LiveCache<ResilienceConfig>,
+}
+
+impl<S: Clone> Clone for ClientStack<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            parts: self.parts.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S, B, T> Service<http::Request<B>> for ClientStack<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Future: Send + 'static,
+    B: ReplayBody + Send + 'static,
+    T: Default + Send + 'static,
+{
+    type Response = http::Response<T>;
+    type Error = BoxError;
+    type Future = ClientFuture<S, B, T>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let cfg = self.config.load();
+        let parts = &*self.parts;
+        let now = Instant::now();
+        let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
+        let total = cfg.timeout.total;
+        let own = (!total.is_zero()).then(|| now + total);
+        let deadline = match (inherited, own) {
+            (Some(i), Some(o)) => Some(i.min(o)),
+            (a, b) => a.or(b),
+        };
+        let mut ctx = Ctx::begin(
+            &parts.retry,
+            &cfg.retry,
+            HttpClassifier::default(),
+            &req,
+            now,
+            deadline,
+        );
+        ctx.span = attempt_span(&parts.retry.service, 1, false);
+        let started = {
+            let _entered = ctx.span.enter();
+            attempt(&mut self.inner, parts, cfg, req, now, deadline)
+        };
+        let (fast, held, other) = match started {
+            Ok((fut, held)) => (Some(fut), held, None),
+            Err(other) => (None, Held::default(), Some(other)),
+        };
+        ClientFuture {
+            fast,
+            held,
+            other,
+            backoff: None,
+            parts: self.parts.clone(),
+            svc: None,
+            ctx,
+        }
+    }
+}
+
+/// Starts one attempt on `svc` (ready): fused when it can be (its future and what it holds),
+/// else through the layered path or refused.
+fn attempt<S, B, T>(
+    svc: &mut S,
+    parts: &Parts<S>,
+    cfg: &ResilienceConfig,
+    mut req: http::Request<B>,
+    now: Instant,
+    deadline: Option<Instant>,
+) -> Result<(S::Future, Held), Other<T>>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: ReplayBody + Send + 'static,
+    T: Default + Send + 'static,
+{
+    if deadline.is_some_and(|d| d <= now) {
+        let e = ResilienceError::DeadlineExceeded;
+        crate::deadline::deadline_metric(&e);
+        return Err(Other::Failed(Some(e)));
+    }
+    let call = CallContext { now, deadline };
+    if cfg.hedge.enabled && is_retry_safe(&req) {
+        return Err(layered(parts.hedged.clone(), req, call));
+    }
+    if cfg.chaos.enabled || RateLimiter::is_distributed(&cfg.rate_limit) {
+        return Err(layered(parts.per_try.clone(), req, call));
+    }
+    let gate = &parts.gate;
+    let breaker = gate
+        .breaker
+        .take(&cfg.breaker, now)
+        .map_err(|e| Other::Failed(Some(e)))?;
+    let Some(slot) = gate.bulkhead.take(&cfg.bulkhead, Some(now)) else {
+        gate.breaker.release_raw(breaker);
+        if cfg.bulkhead.max_wait.is_zero() {
+            return Err(Other::Failed(Some(gate.bulkhead.shed())));
+        }
+        // Waits for a slot: the layered path takes its own permits.
+        return Err(layered(parts.per_try.clone(), req, call));
+    };
+    let mut held = Held {
+        breaker: Some(breaker),
+        slot: Some(slot),
+        ..Held::default()
+    };
+    let rl = &cfg.rate_limit;
+    if rl.enabled {
+        let d = gate
+            .rate
+            .check_local_at(rl, request_key(&rl.key, &req), now);
+        if !d.allowed {
+            held.release(gate);
+            return Err(Other::Failed(Some(ResilienceError::RateLimited {
+                retry_after: d.retry_after,
+            })));
+        }
+    }
+    match crate::per_try::prepare(&mut req, now, deadline, cfg.timeout.per_try) {
+        Ok(end) => {
+            held.end = end;
+            held.deadline = deadline;
+            Ok((svc.call(req), held))
+        }
+        Err(e) => {
+            held.release(gate);
+            Err(Other::Failed(Some(e)))
+        }
+    }
+}
+
+/// An attempt through layered services (boxed: hedging, waiting, Redis and chaos are rare or slow
+/// next to the boxing).
+fn layered<L, B, T>(mut svc: L, req: http::Request<B>, call: CallContext) -> Other<T>
+where
+    L: Service<http::Request<B>, Response = http::Response<T>, Error = BoxError> + Send + 'static,
+    L::Future: Send + 'static,
+    B: Send + 'static,
+{
+    Other::Boxed(Box::pin(async move {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        let call = CallContext {
+            now: Instant::now(),
+            ..call
+        };
+        scope::enter(call, || svc.call(req)).await
+    }))
+}
+
+/// What a fused attempt holds while it runs: its permits, its timer and its bounds.
+#[derive(Debug, Default)]
+struct Held {
+    breaker: Option<RawPermit>,
+    slot: Option<Slot>,
+    // Created on the first `Pending` only: an answer that is ready at once needs no timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    end: Option<Instant>,
+    deadline: Option<Instant>,
+}
+
+impl Held {
+    /// Gives the permits back unused (the attempt was refused, or dropped).
+    fn release(&mut self, gate: &Gate) {
+        if let Some(p) = self.breaker.take() {
+            gate.breaker.release_raw(p);
+        }
+        if let Some(s) = self.slot.take() {
+            gate.bulkhead.release(s);
+        }
+        self.sleep = None;
+    }
+
+    /// Records the attempt's result with the breaker and the bulkhead.
+    fn settle<T>(&mut self, gate: &Gate, res: &Result<http::Response<T>, BoxError>) {
+        let outcome = match self.breaker.take() {
+            Some(p) => gate.breaker.settle(p, res, self.end),
+            None => HttpClassifier::default().classify(res),
+        };
+        if let Some(s) = self.slot.take() {
+            gate.bulkhead.settle(s, &outcome);
+        }
+        self.sleep = None;
+    }
+}
+
+/// An attempt that is not fused: boxed through the layered services, or refused.
+enum Other<T> {
+    Boxed(BoxResponseFuture<http::Response<T>>),
+    Failed(Option<ResilienceError>),
+}
+
+impl<T> std::fmt::Debug for Other<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Boxed(_) => f.write_str("Boxed"),
+            Self::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ClientStack`]: the current attempt (fused, or another kind), the
+    /// backoff, and the retry state.
+    pub struct ClientFuture<S, B, T>
+    where
+        S: Service<http::Request<B>>,
+    {
+        #[pin]
+        fast: Option<S::Future>,
+        held: Held,
+        other: Option<Other<T>>,
+        // Boxed: only a retry waits.
+        backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+        parts: Arc<Parts<S>>,
+        svc: Option<S>,
+        ctx: Ctx<HttpClassifier, B>,
+    }
+
+    impl<S, B, T> PinnedDrop for ClientFuture<S, B, T>
+    where
+        S: Service<http::Request<B>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // A call dropped mid-attempt (its caller gave up): give the permits back.
+            let this = this.project();
+            this.held.release(&this.parts.gate);
+        }
+    }
+}
+
+impl<S, B, T> ClientFuture<S, B, T>
+where
+    S: Service<http::Request<B>>,
+{
+    fn set_attempt(mut self: Pin<&mut Self>, started: Result<(S::Future, Held), Other<T>>) {
+        let mut this = self.as_mut().project();
+        match started {
+            Ok((fut, held)) => {
+                this.fast.set(Some(fut));
+                *this.held = held;
+            }
+            Err(other) => *this.other = Some(other),
+        }
+    }
+}
+
+impl<S, B, T> Future for ClientFuture<S, B, T>
+where
+    S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Future: Send + 'static,
+    B: ReplayBody + Send + 'static,
+    T: Default + Send + 'static,
+{
+    type Output = Result<http::Response<T>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut this = self.as_mut().project();
+            let res = if let Some(fut) = this.fast.as_mut().as_pin_mut() {
+                let polled = {
+                    let _entered = this.ctx.span.enter();
+                    fut.poll(cx)
+                };
+                let res = match polled {
+                    Poll::Ready(r) => r.map_err(Into::into),
+                    Poll::Pending => {
+                        let held = &mut *this.held;
+                        if held.sleep.is_none() {
+                            if let Some(end) = held.end {
+                                held.sleep = Some(Box::pin(tokio::time::sleep_until(end)));
+                            }
+                        }
+                        let Some(sleep) = held.sleep.as_mut() else {
+                            return Poll::Pending;
+                        };
+                        std::task::ready!(sleep.as_mut().poll(cx));
+                        // Past the total deadline the call is over; before it, only this try is.
+                        let e = match held.deadline {
+                            Some(d) if d <= Instant::now() => ResilienceError::DeadlineExceeded,
+                            _ => ResilienceError::Timeout,
+                        };
+                        crate::deadline::deadline_metric(&e);
+                        Err(Box::new(e) as BoxError)
+                    }
+                };
+                this.fast.set(None);
+                this.held.settle(&this.parts.gate, &res);
+                Some(res)
+            } else {
+                match this.other.as_mut() {
+                    Some(Other::Boxed(fut)) => {
+                        let polled = {
+                            let _entered = this.ctx.span.enter();
+                            fut.as_mut().poll(cx)
+                        };
+                        let res = std::task::ready!(polled);
+                        *this.other = None;
+                        Some(res)
+                    }
+                    Some(Other::Failed(e)) => {
+                        let e = e.take().unwrap_or(ResilienceError::DeadlineExceeded);
+                        *this.other = None;
+                        Some(Err(Box::new(e) as BoxError))
+                    }
+                    None => None,
+                }
+            };
+            if let Some(res) = res {
+                if matches!(
+                    this.ctx.classify(&res),
+                    Outcome::Success | Outcome::Rejected
+                ) {
+                    return Poll::Ready(res); // never retried
+                }
+                // Only a failure needs the policy: read it now, as a reload may have changed it.
+                let cfg = this.parts.config.load();
+                match this.ctx.decide(&cfg.retry, &res) {
+                    None => return Poll::Ready(res),
+                    Some(wait) => {
+                        if !wait.is_zero() {
+                            *this.backoff = Some(Box::pin(tokio::time::sleep(wait)));
+                        }
+                    }
+                }
+            }
+            if let Some(sleep) = this.backoff.as_mut() {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                *this.backoff = None;
+            }
+            if !this.ctx.pending() {
+                // Polled after completion.
+                return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
+            }
+            let parts = this.parts.clone();
+            let svc = this.svc.get_or_insert_with(|| parts.svc.clone());
+            if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
+                return Poll::Ready(Err(e.into()));
+            }
+            let ctx = &mut *this.ctx;
+            let req = match ctx.next_request() {
+                Ok(r) => r,
+                Err(e) => return Poll::Ready(Err(Box::new(e))),
+            };
+            ctx.span = attempt_span(&parts.retry.service, ctx.attempt, false);
+            // A reload between attempts applies to the next one.
+            let cfg = parts.config.load();
+            let started = {
+                let _entered = ctx.span.enter();
+                attempt(svc, &parts, &cfg, req, Instant::now(), ctx.deadline)
+            };
+            self.as_mut().set_attempt(started);
+        }
     }
 }
 
@@ -355,6 +764,26 @@ mod tests {
         );
         assert!(first.await.unwrap().is_ok());
         assert_eq!(stack.bulkhead().in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_call_gives_its_slot_back() {
+        let mut cfg = ResilienceConfig::default();
+        cfg.bulkhead.max_concurrent = 1;
+        cfg.bulkhead.min_limit = 1;
+        cfg.bulkhead.initial_limit = 1;
+        let stack = ClientStackLayer::try_new("cancel", Live::new(cfg)).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let client = stack.layer(slow_backend(Duration::from_secs(1), seen));
+        let call = tokio::spawn(client.clone().oneshot(http::Request::new(())));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(stack.bulkhead().in_flight(), 1);
+        call.abort();
+        let _ = call.await;
+        assert_eq!(stack.bulkhead().in_flight(), 0);
+        // The slot is usable again, and the breaker saw nothing.
+        assert!(client.oneshot(http::Request::new(())).await.is_ok());
+        assert_eq!(stack.breaker().window_counts().0, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -108,6 +108,13 @@ pub struct Breaker {
 #[derive(Debug)]
 pub struct BreakerPermit {
     breaker: Arc<Breaker>,
+    raw: RawPermit,
+}
+
+/// A permit without a handle on its breaker: whoever holds it settles it or releases it on the
+/// breaker it came from ([`Breaker::settle`], [`Breaker::release_raw`]).
+#[derive(Debug)]
+pub(crate) struct RawPermit {
     kind: PermitKind,
     epoch: u64,
     start: Instant,
@@ -217,9 +224,29 @@ impl Breaker {
         self: &Arc<Self>,
         now: Instant,
     ) -> Result<BreakerPermit, ResilienceError> {
-        let cfg = self.policy.load();
-        let permit = |kind, epoch| BreakerPermit {
+        self.try_acquire_with(&self.policy.load(), now)
+    }
+
+    /// As [`try_acquire_at`](Self::try_acquire_at), under `cfg`: the policy the caller has
+    /// already loaded for this call (the same value [`policy`](Self::policy) holds).
+    pub fn try_acquire_with(
+        self: &Arc<Self>,
+        cfg: &BreakerConfig,
+        now: Instant,
+    ) -> Result<BreakerPermit, ResilienceError> {
+        Ok(BreakerPermit {
             breaker: self.clone(),
+            raw: self.take(cfg, now)?,
+        })
+    }
+
+    /// A raw permit under `cfg` (see [`try_acquire_with`](Self::try_acquire_with)).
+    pub(crate) fn take(
+        &self,
+        cfg: &BreakerConfig,
+        now: Instant,
+    ) -> Result<RawPermit, ResilienceError> {
+        let permit = |kind, epoch| RawPermit {
             kind,
             epoch,
             start: now,
@@ -310,19 +337,30 @@ impl Breaker {
         self.transition(BreakerState::Open);
     }
 
-    fn record(
-        &self,
-        kind: PermitKind,
-        epoch: u64,
-        at: Instant,
-        elapsed: Duration,
-        outcome: Outcome,
-    ) {
-        let cfg = self.policy.load();
-        if kind == PermitKind::Adaptive {
-            self.throttle.record(&cfg, !outcome.is_failure());
+    fn record(&self, cfg: &BreakerConfig, raw: RawPermit, end: End, outcome: Outcome) {
+        let RawPermit { kind, epoch, start } = raw;
+        if kind == PermitKind::Done {
             return;
         }
+        if kind == PermitKind::Adaptive {
+            self.throttle.record(cfg, !outcome.is_failure());
+            return;
+        }
+        let (at, elapsed) = match end {
+            End::At(at) => (at, at.saturating_duration_since(start)),
+            // A call capped below the slow-call duration cannot be slow, and a count window has
+            // no use for the time: no clock read.
+            End::Before(cap)
+                if cfg.window == crate::config::WindowKind::Count
+                    && cap.saturating_duration_since(start) < cfg.slow_call_duration =>
+            {
+                (start, Duration::ZERO)
+            }
+            End::Before(_) => {
+                let at = Instant::now();
+                (at, at.saturating_duration_since(start))
+            }
+        };
         let counted = matches!(outcome, Outcome::Success | Outcome::Failure(_));
         let failure = outcome.is_failure();
         let slow = elapsed >= cfg.slow_call_duration;
@@ -384,6 +422,38 @@ impl Breaker {
         }
     }
 
+    /// Classifies an HTTP result as [`PolicyClassifier`](crate::PolicyClassifier) does (the
+    /// policy's `failure_codes` on top of [`HttpClassifier`]) and records it against `raw`;
+    /// `cap` is the time a timer would have ended the call by, if any (the clock is then read
+    /// only if the duration can matter).
+    pub(crate) fn settle<T>(
+        &self,
+        raw: RawPermit,
+        res: &Result<http::Response<T>, crate::error::BoxError>,
+        cap: Option<Instant>,
+    ) -> Outcome {
+        let cfg = self.policy.load();
+        let outcome = match res {
+            Ok(r) if cfg.failure_codes.contains(&r.status().as_u16()) && r.status() != 429 => {
+                Outcome::Failure(crate::classify::FailureClass::Status(r.status().as_u16()))
+            }
+            _ => HttpClassifier::default().classify(res),
+        };
+        let end = match cap {
+            Some(cap) => End::Before(cap),
+            None => End::At(Instant::now()),
+        };
+        self.record(&cfg, raw, end, outcome);
+        outcome
+    }
+
+    /// Gives back a permit whose call did not happen (or was cancelled).
+    pub(crate) fn release_raw(&self, raw: RawPermit) {
+        if raw.kind == PermitKind::HalfOpen {
+            self.release(raw.epoch);
+        }
+    }
+
     fn release(&self, epoch: u64) {
         let mut g = keel_core::lock(&self.inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
@@ -402,21 +472,57 @@ impl BreakerPermit {
     }
 
     /// As [`record`](Self::record), with the caller's clock reading at the end of the call.
-    pub fn record_at(mut self, outcome: Outcome, end: Instant) {
-        let kind = std::mem::replace(&mut self.kind, PermitKind::Done);
-        if kind != PermitKind::Done {
-            let elapsed = end.saturating_duration_since(self.start);
-            self.breaker.record(kind, self.epoch, end, elapsed, outcome);
+    pub fn record_at(self, outcome: Outcome, end: Instant) {
+        self.finish(outcome, End::At(end));
+    }
+
+    /// As [`record`](Self::record), for a call that a timer would have ended by `cap` (its
+    /// per-try timeout): the clock is read only if the duration can matter.
+    pub fn record_capped(self, outcome: Outcome, cap: Instant) {
+        self.finish(outcome, End::Before(cap));
+    }
+
+    /// Classifies an HTTP result as [`PolicyClassifier`](crate::PolicyClassifier) does (the
+    /// policy's `failure_codes` on top of [`HttpClassifier`]) and records it as
+    /// [`record_capped`](Self::record_capped) does (or [`record`](Self::record) without a cap),
+    /// reading the policy once for both.
+    pub fn classify_and_record<T>(
+        mut self,
+        res: &Result<http::Response<T>, crate::error::BoxError>,
+        cap: Option<Instant>,
+    ) -> Outcome {
+        let raw = self.take_raw();
+        self.breaker.settle(raw, res, cap)
+    }
+
+    fn finish(mut self, outcome: Outcome, end: End) {
+        let raw = self.take_raw();
+        let cfg = self.breaker.policy.load();
+        self.breaker.record(&cfg, raw, end, outcome);
+    }
+
+    /// The permit's state, leaving this one settled (its drop then does nothing).
+    fn take_raw(&mut self) -> RawPermit {
+        RawPermit {
+            kind: std::mem::replace(&mut self.raw.kind, PermitKind::Done),
+            epoch: self.raw.epoch,
+            start: self.raw.start,
         }
     }
 }
 
 impl Drop for BreakerPermit {
     fn drop(&mut self) {
-        if self.kind == PermitKind::HalfOpen {
-            self.breaker.release(self.epoch);
-        }
+        let raw = self.take_raw();
+        self.breaker.release_raw(raw);
     }
+}
+
+/// When a call ended: read, or only known to be before a bound.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    At(Instant),
+    Before(Instant),
 }
 
 /// Per-instance breakers sharing one policy, for use below the balancer.
