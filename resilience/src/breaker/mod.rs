@@ -258,7 +258,7 @@ impl Breaker {
             return Err(self.reject(ResilienceError::BreakerOpen { retry_after: None }));
         }
         if cfg.mode == BreakerMode::Adaptive {
-            return match self.throttle.try_acquire(&cfg) {
+            return match self.throttle.try_acquire(cfg) {
                 true => Ok(permit(PermitKind::Adaptive, 0)),
                 false => Err(self.reject(ResilienceError::Throttled)),
             };
@@ -385,7 +385,7 @@ impl Breaker {
                     if fr >= cfg.failure_rate_threshold.get()
                         || sr >= cfg.slow_call_rate_threshold.get()
                     {
-                        self.open(&mut g, &cfg);
+                        self.open(&mut g, cfg);
                     }
                 }
             }
@@ -409,7 +409,7 @@ impl Breaker {
                     if fr >= cfg.failure_rate_threshold.get()
                         || sr >= cfg.slow_call_rate_threshold.get()
                     {
-                        self.open(&mut g, &cfg);
+                        self.open(&mut g, cfg);
                     } else {
                         g.st = St::Closed;
                         g.consecutive_opens = 0;
