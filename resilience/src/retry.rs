@@ -97,6 +97,7 @@ pub fn is_retry_safe<B>(req: &http::Request<B>) -> bool {
 }
 
 /// A copy of a request for another attempt, or `None` if its body cannot be replayed.
+#[inline]
 pub fn replay_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Request<B>> {
     let body = req.body().try_replay()?;
     let mut r = http::Request::new(body);
@@ -281,11 +282,24 @@ pub type BoxResponseFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>>
 
 /// Counts a call in flight for the concurrency cap; holds the shared state.
 #[derive(Debug)]
-struct Active(Arc<RetryShared>);
+pub(crate) struct Active(Arc<RetryShared>);
+
+impl RetryShared {
+    /// Counts a call in flight; [`end_call`](Self::end_call) (or dropping the returned guard's
+    /// equivalent) must follow.
+    fn begin_call(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The end of a call counted by `begin_call`.
+    pub(crate) fn end_call(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.end_call();
     }
 }
 
@@ -302,7 +316,6 @@ impl Drop for Retrying {
 /// What a retry future knows besides its futures (the policy is passed in when deciding).
 #[derive(Debug)]
 pub(crate) struct Ctx<C, B> {
-    active: Active,
     classifier: C,
     pub(crate) attempt: u32,
     avoid: Vec<InstanceId>,
@@ -317,8 +330,10 @@ pub(crate) struct Ctx<C, B> {
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
-    /// The bookkeeping of a new call: deposits in the budget, counts it in flight, and keeps a
-    /// copy of the request if it may be retried.
+    /// The bookkeeping of a new call: deposits in the budget, counts it in flight (the caller
+    /// calls [`RetryShared::end_call`] when it ends), and keeps a copy of the request if it may
+    /// be retried.
+    #[inline]
     pub(crate) fn begin(
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
@@ -329,11 +344,10 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     ) -> Self {
         shared.budget.deposit_at(now);
         shared.first.increment(1);
-        shared.active.fetch_add(1, Ordering::Relaxed);
+        shared.begin_call();
         let safe = cfg.max_attempts > 1 && is_retry_safe(req);
         let replay = if safe { replay_request(req) } else { None };
         Self {
-            active: Active(shared.clone()),
             classifier,
             attempt: 1,
             avoid: Vec::new(),
@@ -365,6 +379,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     /// [`next_request`](Self::next_request) makes its request).
     pub(crate) fn decide<T>(
         &mut self,
+        shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         res: &Result<http::Response<T>, BoxError>,
     ) -> Option<Duration>
@@ -372,7 +387,6 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         C: Classifier<http::Response<T>>,
     {
         self.retrying = None;
-        let shared = &self.active.0;
         let outcome = self.classifier.classify(res);
         if self.attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
             return None;
@@ -480,6 +494,7 @@ pin_project! {
         // The service for retries: cloned from the template when the first retry is sent.
         template: Option<Arc<S>>,
         cfg: Arc<RetryConfig>,
+        active: Active,
         svc: Option<S>,
         ctx: Ctx<C, B>,
     }
@@ -510,7 +525,7 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                match this.ctx.decide(this.cfg, &res) {
+                match this.ctx.decide(&this.active.0, this.cfg, &res) {
                     None => return Poll::Ready(res),
                     Some(wait) => {
                         if !wait.is_zero() {
@@ -542,7 +557,7 @@ where
                     Ok(r) => r,
                     Err(e) => return Poll::Ready(Err(Box::new(e))),
                 };
-                ctx.span = attempt_span(&ctx.active.0.service, ctx.attempt, false);
+                ctx.span = attempt_span(&this.active.0.service, ctx.attempt, false);
                 let call = CallContext {
                     now: tokio::time::Instant::now(),
                     deadline: ctx.deadline,
@@ -610,6 +625,7 @@ where
             sleep: None,
             template: ctx.may_retry().then(|| self.template.clone()),
             cfg,
+            active: Active(shared.clone()),
             svc: None,
             ctx,
         }

@@ -281,6 +281,7 @@ where
 
 /// Starts one attempt on `svc` (ready): fused when it can be (its future and what it holds),
 /// else through the layered path or refused.
+#[inline]
 fn attempt<S, B, T>(
     svc: &mut S,
     parts: &Parts<S>,
@@ -446,6 +447,7 @@ pin_project! {
             // A call dropped mid-attempt (its caller gave up): give the permits back.
             let this = this.project();
             this.held.release(&this.parts.gate);
+            this.parts.retry.end_call();
         }
     }
 }
@@ -537,7 +539,7 @@ where
                 }
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
-                match this.ctx.decide(&cfg.retry, &res) {
+                match this.ctx.decide(&this.parts.retry, &cfg.retry, &res) {
                     None => return Poll::Ready(res),
                     Some(wait) => {
                         if !wait.is_zero() {
