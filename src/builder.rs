@@ -313,6 +313,18 @@ impl Keel {
         self.inner.discovery.clone()
     }
 
+    /// Sets the gauges that are sampled rather than updated per call (bulkheads' calls in
+    /// flight, outbound and inbound); `/metrics` does it before rendering.
+    pub(crate) fn publish_gauges(&self) {
+        let clients = crate::lock(&self.inner.clients).clone();
+        for client in clients.values() {
+            client.publish_gauges();
+        }
+        if let Some(shed) = self.server_state().shed.get() {
+            shed.publish();
+        }
+    }
+
     /// A client for `service`: discovered (or `[clients.NAME].endpoints`), balanced, resilient.
     /// Built once per name and shared; its policies follow `[clients.NAME]` live.
     pub fn client(&self, service: &str) -> Result<Client, ClientError> {

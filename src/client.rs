@@ -51,6 +51,13 @@ pub(crate) struct ClientParts {
     pub(crate) target: Option<String>,
 }
 
+impl Client {
+    /// Sets this client's sampled gauges (its bulkhead's calls in flight).
+    pub(crate) fn publish_gauges(&self) {
+        self.parts.resilience.publish_gauges();
+    }
+}
+
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")

@@ -50,6 +50,8 @@ pub(crate) struct ServerState {
     pub(crate) ready: AtomicBool,
     pub(crate) draining: AtomicBool,
     pub(crate) local_addr: OnceLock<SocketAddr>,
+    /// The inbound shedding limiter, once serving, for its gauges.
+    pub(crate) shed: OnceLock<std::sync::Arc<keel_resilience::ConcurrencyLimiter>>,
 }
 
 impl Keel {
@@ -80,13 +82,15 @@ impl Keel {
         // handler's own calls. The admin routes sit beside the application's, under none of
         // these, so probes still answer under overload.
         let inbound = &self.inner().inbound;
-        let app = app.layer(axum::middleware::from_fn(trace_layer)).layer(
-            keel_resilience::ServerStackLayer::new(
-                self.name().as_str(),
-                inbound.project(|i| i.bulkhead.clone()),
-                inbound.project(|i| i.rate_limit.clone()),
-            ),
+        let stack = keel_resilience::ServerStackLayer::new(
+            self.name().as_str(),
+            inbound.project(|i| i.bulkhead.clone()),
+            inbound.project(|i| i.rate_limit.clone()),
         );
+        let _ = state.shed.set(stack.shed_limiter().clone());
+        let app = app
+            .layer(axum::middleware::from_fn(trace_layer))
+            .layer(stack);
         let router = self.admin_router().merge(app);
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -173,7 +177,8 @@ async fn readyz(State(keel): State<Keel>) -> Response {
     }
 }
 
-async fn metrics_text() -> Response {
+async fn metrics_text(State(keel): State<Keel>) -> Response {
+    keel.publish_gauges();
     match prometheus() {
         Some(handle) => (
             [(

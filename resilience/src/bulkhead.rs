@@ -107,6 +107,10 @@ impl AdaptiveConcurrency {
 }
 
 /// The shared state of a bulkhead: calls in flight, the limit, waiters.
+///
+/// The `keel_bulkhead_in_flight` gauge is sampled by [`publish`](Self::publish) (the facade calls
+/// it when `/metrics` is rendered) rather than set on every call: a gauge is read only when it is
+/// scraped, and setting it twice per call cost more than the bulkhead itself.
 #[derive(Debug)]
 pub struct ConcurrencyLimiter {
     policy: Live<BulkheadConfig>,
@@ -117,6 +121,8 @@ pub struct ConcurrencyLimiter {
     rejected: metrics::Counter,
     in_flight_gauge: metrics::Gauge,
     limit_gauge: metrics::Gauge,
+    /// Callers waiting for a slot: a release wakes one only if there are any.
+    waiting: AtomicUsize,
 }
 
 /// A slot in a bulkhead, released on drop.
@@ -154,6 +160,7 @@ impl ConcurrencyLimiter {
             rejected: m::counter(m::BULKHEAD_REJECTED_TOTAL, &service, "shed"),
             in_flight_gauge: m::gauge(m::BULKHEAD_IN_FLIGHT, &service, ""),
             limit_gauge: m::gauge(m::CONCURRENCY_LIMIT, &service, ""),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -173,6 +180,13 @@ impl ConcurrencyLimiter {
     /// Calls in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the `keel_bulkhead_in_flight` and `keel_concurrency_limit` gauges to their values
+    /// now. Call it before metrics are exported (the facade does, on each `/metrics` request).
+    pub fn publish(&self) {
+        self.in_flight_gauge.set(self.in_flight() as f64);
+        self.limit_gauge.set(self.limit() as f64);
     }
 
     /// A slot now, or `None`.
@@ -213,7 +227,6 @@ impl ConcurrencyLimiter {
                 Err(actual) => cur = actual,
             }
         }
-        self.in_flight_gauge.set((cur + 1) as f64);
         let adaptive = cfg.adaptive != AdaptiveAlgorithm::Off;
         Some(Slot {
             start: adaptive.then(|| now.unwrap_or_else(Instant::now)),
@@ -231,9 +244,10 @@ impl ConcurrencyLimiter {
     pub(crate) fn release(&self, mut slot: Slot) {
         let n = std::mem::take(&mut slot.in_flight);
         if n != 0 && n != usize::MAX {
-            let left = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-            self.in_flight_gauge.set(left as f64);
-            self.notify.notify_one();
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                self.notify.notify_one();
+            }
         }
     }
 
@@ -268,6 +282,10 @@ impl ConcurrencyLimiter {
         }
         let wait = self.policy.load().max_wait;
         let deadline = Instant::now() + wait;
+        // Counted before the re-check below, so a release either sees this waiter or leaves a
+        // slot the re-check finds.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(self);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -291,6 +309,15 @@ impl ConcurrencyLimiter {
     pub(crate) fn shed(&self) -> ResilienceError {
         self.rejected.increment(1);
         ResilienceError::Shed
+    }
+}
+
+/// Uncounts a waiter however its wait ends.
+struct Waiting<'a>(&'a ConcurrencyLimiter);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -104,14 +104,67 @@ pub fn replay_request<B: ReplayBody>(req: &http::Request<B>) -> Option<http::Req
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
-    // An empty map is left as the new request's own (cloning it still walks its vectors).
-    if !req.headers().is_empty() {
-        *r.headers_mut() = req.headers().clone();
-    }
-    if !req.extensions().is_empty() {
-        *r.extensions_mut() = req.extensions().clone();
-    }
+    *r.headers_mut() = req.headers().clone();
+    *r.extensions_mut() = req.extensions().clone();
     Some(r)
+}
+
+/// What a retry needs to send a request again: its parts and a replayable body, kept as they are
+/// (no request is built unless a retry is sent).
+#[derive(Debug)]
+pub(crate) struct Replay<B> {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+    body: B,
+}
+
+impl<B: ReplayBody> Replay<B> {
+    /// A copy of `req`'s parts, or `None` if its body cannot be replayed.
+    #[inline]
+    pub(crate) fn capture(req: &http::Request<B>) -> Option<Self> {
+        Some(Self {
+            body: req.body().try_replay()?,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            // An empty map is made anew (cloning it still walks its vectors).
+            headers: if req.headers().is_empty() {
+                http::HeaderMap::new()
+            } else {
+                req.headers().clone()
+            },
+            extensions: if req.extensions().is_empty() {
+                http::Extensions::new()
+            } else {
+                req.extensions().clone()
+            },
+        })
+    }
+
+    /// A request to send, leaving this copy for another time.
+    fn request(&self) -> Option<http::Request<B>> {
+        let mut r = http::Request::new(self.body.try_replay()?);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        *r.extensions_mut() = self.extensions.clone();
+        Some(r)
+    }
+
+    /// The last request to send: this copy itself.
+    fn into_request(self) -> http::Request<B> {
+        let mut r = http::Request::new(self.body);
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers;
+        *r.extensions_mut() = self.extensions;
+        r
+    }
 }
 
 /// The instance that served (or failed) an attempt, if the balancer said.
@@ -320,13 +373,12 @@ pub(crate) struct Ctx<C, B> {
     pub(crate) attempt: u32,
     avoid: Vec<InstanceId>,
     safe: bool,
-    replay: Option<http::Request<B>>,
+    replay: Option<Replay<B>>,
     pub(crate) deadline: Option<tokio::time::Instant>,
     retrying: Option<Retrying>,
     pending: bool,
     last: bool,
     pub(crate) span: tracing::Span,
-    failed: Option<ResilienceError>,
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
@@ -346,7 +398,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         shared.first.increment(1);
         shared.begin_call();
         let safe = cfg.max_attempts > 1 && is_retry_safe(req);
-        let replay = if safe { replay_request(req) } else { None };
+        let replay = if safe { Replay::capture(req) } else { None };
         Self {
             classifier,
             attempt: 1,
@@ -358,7 +410,6 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             pending: false,
             last: false,
             span: tracing::Span::none(),
-            failed: None,
         }
     }
 
@@ -463,9 +514,9 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     pub(crate) fn next_request(&mut self) -> Result<http::Request<B>, ResilienceError> {
         self.pending = false;
         let next = if self.last {
-            self.replay.take()
+            self.replay.take().map(Replay::into_request)
         } else {
-            self.replay.as_ref().and_then(replay_request)
+            self.replay.as_ref().and_then(Replay::request)
         };
         let Some(mut next) = next else {
             return Err(ResilienceError::BodyNotReplayable);
@@ -495,6 +546,7 @@ pin_project! {
         template: Option<Arc<S>>,
         cfg: Arc<RetryConfig>,
         active: Active,
+        failed: Option<ResilienceError>,
         svc: Option<S>,
         ctx: Ctx<C, B>,
     }
@@ -511,7 +563,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Some(e) = this.ctx.failed.take() {
+        if let Some(e) = this.failed.take() {
             return Poll::Ready(Err(Box::new(e)));
         }
         loop {
@@ -610,9 +662,8 @@ where
         let deadline = set_deadline.or(inherited);
         let cfg = shared.policy.get();
         let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
-        ctx.failed = failed;
         ctx.span = attempt_span(&shared.service, 1, false);
-        let fut = if ctx.failed.is_none() {
+        let fut = if failed.is_none() {
             let _entered = ctx.span.enter();
             let call = CallContext { now, deadline };
             // The ready service takes the first attempt; retries use a copy of the template.
@@ -626,6 +677,7 @@ where
             template: ctx.may_retry().then(|| self.template.clone()),
             cfg,
             active: Active(shared.clone()),
+            failed,
             svc: None,
             ctx,
         }

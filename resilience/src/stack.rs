@@ -161,6 +161,11 @@ impl ClientStackLayer {
     pub fn rate_limiter(&self) -> &Arc<RateLimiter> {
         self.per_try.rate_limiter()
     }
+
+    /// Sets the gauges sampled rather than updated per call (the bulkhead's calls in flight).
+    pub fn publish_gauges(&self) {
+        self.per_try.bulkhead().publish();
+    }
 }
 
 impl<S: Clone> Layer<S> for ClientStackLayer {
@@ -342,7 +347,6 @@ where
     match crate::per_try::prepare(&mut req, now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
             held.end = end;
-            held.deadline = deadline;
             Ok((svc.call(req), held))
         }
         Err(e) => {
@@ -370,7 +374,7 @@ where
     }))
 }
 
-/// What a fused attempt holds while it runs: its permits, its timer and its bounds.
+/// What a fused attempt holds while it runs: its permits, its timer and its end.
 #[derive(Debug, Default)]
 struct Held {
     breaker: Option<RawPermit>,
@@ -378,7 +382,6 @@ struct Held {
     // Created on the first `Pending` only: an answer that is ready at once needs no timer.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     end: Option<Instant>,
-    deadline: Option<Instant>,
 }
 
 impl Held {
@@ -500,7 +503,7 @@ where
                         };
                         std::task::ready!(sleep.as_mut().poll(cx));
                         // Past the total deadline the call is over; before it, only this try is.
-                        let e = match held.deadline {
+                        let e = match this.ctx.deadline {
                             Some(d) if d <= Instant::now() => ResilienceError::DeadlineExceeded,
                             _ => ResilienceError::Timeout,
                         };
@@ -599,6 +602,13 @@ impl ServerStackLayer {
             shed: LoadShedLayer::new(service.clone(), shed),
             rate_limit: ServerRateLimitLayer::new(service, rate_limit),
         }
+    }
+}
+
+impl ServerStackLayer {
+    /// The shedding limiter (to [`publish`](ConcurrencyLimiter::publish) its gauges).
+    pub fn shed_limiter(&self) -> &Arc<ConcurrencyLimiter> {
+        self.shed.limiter()
     }
 }
 
