@@ -17,7 +17,9 @@
 //!
 //! [`ClientStackLayer`] composes them for the facade in a fixed, documented order (total deadline
 //! → retry/hedge → breaker/throttle → bulkhead → rate limit → per-try timeout → inner, see
-//! [`ClientStack`]); [`ServerStackLayer`] is the inbound set (deadline check, shedding, rate limit).
+//! [`ClientStack`]), fused into one service and one future for the common attempt;
+//! [`PerTry`] is the per-attempt half (breaker, bulkhead, rate limit, per-try timeout) as one
+//! layer; [`ServerStackLayer`] is the inbound set (deadline check, shedding, rate limit).
 //!
 //! ```
 //! use keel_core::Live;

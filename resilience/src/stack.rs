@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! caller
-//!   -> Deadline      total deadline over everything below (sets the Deadline extension;
-//!                    done by the retry layer before it copies the request, see ClientStack)
+//!   -> Deadline      total deadline over everything below (the earlier of `timeout.total`
+//!                    and a Deadline extension the request carries)
 //!   -> Retry         retries within the budget, never past the deadline
 //!   -> Hedge         a second attempt when the first is late (same budget)
 //!   -> CircuitBreaker / AdaptiveThrottle   per service; sees every attempt, fails fast
@@ -21,6 +21,8 @@
 //! - The bulkhead is below the breaker so an open breaker costs no slot, and above the rate limit
 //!   so calls waiting for a slot do not spend rate.
 //! - The per-try timeout is innermost so it measures the upstream only.
+//!
+//! [`ClientStack`] keeps this order but is one service, not nested layers: see its docs.
 //!
 //! Inbound ([`ServerStackLayer`]): deadline check (504 for work whose caller has given up) ->
 //! shedding (503 + `Retry-After`) -> rate limit (429 + `Retry-After` + RateLimit headers) ->
