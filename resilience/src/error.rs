@@ -87,11 +87,46 @@ impl ResilienceError {
         }
     }
 
-    /// Finds a `ResilienceError` in an error or anywhere in its source chain.
+    /// Finds a `ResilienceError` in an error or anywhere in its source chain (for a
+    /// [`RetriesStopped`], its reason).
     pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ResilienceError> {
-        keel_core::find_in_chain(err)
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(r) = e.downcast_ref::<ResilienceError>() {
+                return Some(r);
+            }
+            if let Some(s) = e.downcast_ref::<RetriesStopped>() {
+                return Some(&s.reason);
+            }
+            cur = e.source();
+        }
+        None
     }
 }
+
+/// The last attempt's error, returned when a retry was wanted but refused: `reason` says why
+/// ([`ResilienceError::BudgetExhausted`]: the retry budget or the concurrent-retry cap), and the
+/// source is what the upstream did. [`ResilienceError::find`] finds the reason, so the call
+/// reads as refused by keel and not worth retrying at once; the source chain still holds the
+/// upstream's error.
+///
+/// A response (a 503, say) is returned as it came, with the reason as a [`RetryStopped`]
+/// response extension.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason} after {attempts} attempt(s): {source}")]
+pub struct RetriesStopped {
+    /// Why no further attempt was made.
+    pub reason: ResilienceError,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last attempt's error.
+    #[source]
+    pub source: BoxError,
+}
+
+/// Response extension: a retry was wanted for this response but refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryStopped(pub ResilienceError);
 
 /// A configuration value that failed [`validate`](crate::ResilienceConfig::validate).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -21,6 +21,13 @@
 //! [`PerTry`] is the per-attempt half (breaker, bulkhead, rate limit, per-try timeout) as one
 //! layer; [`ServerStackLayer`] is the inbound set (deadline check, shedding, rate limit).
 //!
+//! Refusals are typed: [`ResilienceError`] (`BreakerOpen`, `Throttled`, `RateLimited {
+//! retry_after }`, `Shed`, `DeadlineExceeded`, `Timeout`, `BudgetExhausted`, ...) with
+//! [`is_retryable`](ResilienceError::is_retryable) and
+//! [`retry_after`](ResilienceError::retry_after). When a wanted retry is refused by the budget,
+//! the upstream's error comes back inside [`RetriesStopped`] (found by
+//! [`ResilienceError::find`] as `BudgetExhausted`), and a response carries [`RetryStopped`].
+//!
 //! ```
 //! use keel_core::Live;
 //! use keel_resilience::{BoxError, ClientStackLayer, ResilienceConfig, ResilienceError};
@@ -101,7 +108,7 @@ pub use self::{
         remaining_from_header, Deadline, DeadlineCheck, DeadlineCheckLayer, DeadlineLayer,
         ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
     },
-    error::{BoxError, InvalidConfig, ResilienceError},
+    error::{BoxError, InvalidConfig, ResilienceError, RetriesStopped, RetryStopped},
     fallback::{triggers_fallback, Fallback, FallbackLayer, ResponseFuture as FallbackFuture},
     hedge::{futures_either, Hedge, HedgeLayer, ResponseFuture as HedgeFuture},
     per_try::{PerTry, PerTryFuture, PerTryLayer},

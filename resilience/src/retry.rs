@@ -43,7 +43,7 @@ use crate::{
     budget::RetryBudget,
     classify::{Classifier, FailureClass, HttpClassifier, Outcome},
     config::{RetryConfig, RetryOn, TimeoutConfig},
-    error::{BoxError, ResilienceError},
+    error::{BoxError, ResilienceError, RetriesStopped, RetryStopped},
     metrics as m,
     scope::{self, CallContext},
 };
@@ -378,6 +378,8 @@ pub(crate) struct Ctx<C, B> {
     retrying: Option<Retrying>,
     pending: bool,
     last: bool,
+    /// Set when a wanted retry was refused by the budget: the result then says so.
+    stopped: Option<ResilienceError>,
     pub(crate) span: tracing::Span,
 }
 
@@ -409,6 +411,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             retrying: None,
             pending: false,
             last: false,
+            stopped: None,
             span: tracing::Span::none(),
         }
     }
@@ -483,11 +486,13 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
             shared.active_retries.fetch_sub(1, Ordering::AcqRel);
             shared.count("concurrency_capped");
+            self.stopped = Some(ResilienceError::BudgetExhausted);
             return None;
         }
         let retrying = Retrying(shared.clone());
         if shared.budget.try_withdraw().is_err() {
             shared.count("budget_exhausted");
+            self.stopped = Some(ResilienceError::BudgetExhausted);
             return None;
         }
         self.retrying = Some(retrying);
@@ -501,6 +506,28 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         self.last = self.attempt >= cfg.max_attempts;
         shared.count("retry");
         Some(wait)
+    }
+
+    /// The call's result, once [`decide`](Self::decide) chose no further attempt: as it came,
+    /// or, if a wanted retry was refused, marked with why (see [`RetriesStopped`]).
+    pub(crate) fn conclude<T>(
+        &mut self,
+        res: Result<http::Response<T>, BoxError>,
+    ) -> Result<http::Response<T>, BoxError> {
+        let Some(reason) = self.stopped.take() else {
+            return res;
+        };
+        match res {
+            Ok(mut r) => {
+                r.extensions_mut().insert(RetryStopped(reason));
+                Ok(r)
+            }
+            Err(source) => Err(Box::new(RetriesStopped {
+                reason,
+                attempts: self.attempt,
+                source,
+            })),
+        }
     }
 
     /// Whether [`decide`](Self::decide) chose another attempt that has not been sent yet.
@@ -578,7 +605,7 @@ where
                 };
                 this.fut.set(None);
                 match this.ctx.decide(&this.active.0, this.cfg, &res) {
-                    None => return Poll::Ready(res),
+                    None => return Poll::Ready(this.ctx.conclude(res)),
                     Some(wait) => {
                         if !wait.is_zero() {
                             *this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
@@ -820,6 +847,51 @@ mod tests {
         let bound = 1.2 * requests as f64 + 10.0;
         assert!(attempts as f64 <= bound, "attempts {attempts} > {bound}");
         assert!(attempts > requests + 150, "the budget was used: {attempts}");
+        // Now spent: the upstream's 503 comes back as it is, marked with why it was not retried.
+        let r = svc
+            .clone()
+            .oneshot(http::Request::new(String::new()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.extensions().get::<RetryStopped>(),
+            Some(&RetryStopped(ResilienceError::BudgetExhausted))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_is_the_typed_reason_and_keeps_the_upstream_error() {
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        let inner = service_fn(move |_req: http::Request<String>| {
+            n2.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err::<http::Response<()>, BoxError>(Box::new(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
+            }
+        });
+        let c = RetryConfig {
+            min_per_second: 0,
+            budget_ratio: keel_core::Ratio::new(0.0).unwrap(),
+            backoff_base: Duration::ZERO,
+            ..Default::default()
+        };
+        let svc = RetryLayer::with_seed("svc", Live::new(c), 3).layer(inner);
+        let e = svc
+            .oneshot(http::Request::new(String::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::BudgetExhausted)
+        );
+        assert!(!ResilienceError::BudgetExhausted.is_retryable());
+        let io = keel_core::find_in_chain::<std::io::Error>(e.as_ref()).unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(e.to_string().contains("after 1 attempt"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

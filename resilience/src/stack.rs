@@ -545,7 +545,7 @@ where
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
                 match this.ctx.decide(&this.parts.retry, &cfg.retry, &res) {
-                    None => return Poll::Ready(res),
+                    None => return Poll::Ready(this.ctx.conclude(res)),
                     Some(wait) => {
                         if !wait.is_zero() {
                             *this.backoff = Some(Box::pin(tokio::time::sleep(wait)));
