@@ -16,6 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use arc_swap::ArcSwap;
 use keel_core::{
     request::{InstanceFailure, ServedBy, Tried},
     Instance, InstanceId,
@@ -46,16 +47,24 @@ impl<S, F: Fn(&Instance) -> S> MakeInstanceService for F {
     }
 }
 
+/// The per-instance services, for one generation of the balancer's tables.
 struct Services<S> {
     generation: u64,
     by_id: HashMap<InstanceId, S>,
+}
+
+/// The services in use (read without a lock on every request) and a lock that only rebuilds
+/// take, when the instance set changes.
+struct Shared<S> {
+    current: ArcSwap<Services<S>>,
+    rebuild: Mutex<()>,
 }
 
 /// Routes each request to the inner service of the instance the [`Balancer`] picks.
 pub struct Balance<F: MakeInstanceService, C = HttpClassifier> {
     balancer: Balancer,
     factory: Arc<F>,
-    services: Arc<Mutex<Services<F::Service>>>,
+    services: Arc<Shared<F::Service>>,
     classifier: C,
 }
 
@@ -91,10 +100,13 @@ impl<F: MakeInstanceService, C> Balance<F, C> {
         Self {
             balancer,
             factory: Arc::new(factory),
-            services: Arc::new(Mutex::new(Services {
-                generation: u64::MAX,
-                by_id: HashMap::new(),
-            })),
+            services: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Services {
+                    generation: u64::MAX,
+                    by_id: HashMap::new(),
+                }),
+                rebuild: Mutex::new(()),
+            }),
             classifier,
         }
     }
@@ -109,26 +121,41 @@ impl<F: MakeInstanceService, C> Balance<F, C>
 where
     F::Service: Clone,
 {
-    /// The inner service of `id`, syncing the per-instance services with the tables first.
+    /// The inner service of `id`, syncing the per-instance services with the tables first. The
+    /// common case (tables unchanged, service made) takes no lock.
     fn service_for(&self, id: Option<&InstanceId>) -> Option<F::Service> {
-        let mut svcs = keel_core::lock(&self.services);
         let r = self.balancer.roster();
-        if svcs.generation != r.generation || id.is_some_and(|id| !svcs.by_id.contains_key(id)) {
+        let stale = |s: &Services<F::Service>| {
+            s.generation != r.generation || id.is_some_and(|id| !s.by_id.contains_key(id))
+        };
+        {
+            let current = self.services.current.load();
+            if !stale(&current) {
+                return current.by_id.get(id?).cloned();
+            }
+        }
+        let _rebuilding = keel_core::lock(&self.services.rebuild);
+        let mut current = self.services.current.load_full();
+        // Another caller may have rebuilt while this one waited.
+        if stale(&current) {
             let mut next = HashMap::with_capacity(r.entries.len());
             for e in &r.entries {
                 let id = &e.instance.id;
-                let svc = match svcs.by_id.remove(id) {
-                    Some(s) => Some(s),
+                let svc = match current.by_id.get(id) {
+                    Some(s) => Some(s.clone()),
                     None => self.factory.make_service(&e.instance),
                 };
                 if let Some(s) = svc {
                     next.insert(id.clone(), s);
                 }
             }
-            svcs.by_id = next;
-            svcs.generation = r.generation;
+            current = Arc::new(Services {
+                generation: r.generation,
+                by_id: next,
+            });
+            self.services.current.store(current.clone());
         }
-        svcs.by_id.get(id?).cloned()
+        current.by_id.get(id?).cloned()
     }
 }
 

@@ -91,3 +91,92 @@ fn eight_pickers_while_instances_churn() {
         assert!(snap.instances.iter().all(|i| i.in_flight == 0));
     }
 }
+
+/// A per-instance service that counts how many of its kind are alive.
+#[derive(Clone)]
+struct Counted {
+    id: String,
+    _alive: Arc<AliveToken>,
+}
+
+struct AliveToken(Arc<AtomicU64>);
+
+impl Drop for AliveToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl tower::Service<http::Request<()>> for Counted {
+    type Response = http::Response<String>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<http::Response<String>, std::convert::Infallible>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        std::future::ready(Ok(http::Response::new(self.id.clone())))
+    }
+}
+
+/// Four tasks call through one `Balance` while instances come and go: each instance's service is
+/// made once, and the services of instances that left are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_instance_services_follow_the_instance_set() {
+    use tower::ServiceExt;
+    let (b, live, _) = balancer(weighted(&[1, 1, 1]), cfg(Strategy::RoundRobin));
+    let made = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let alive = Arc::new(AtomicU64::new(0));
+    let factory = {
+        let (made, alive) = (made.clone(), alive.clone());
+        move |i: &keel_core::Instance| {
+            *made.lock().unwrap().entry(i.id.to_string()).or_default() += 1;
+            alive.fetch_add(1, Ordering::SeqCst);
+            Counted {
+                id: i.id.to_string(),
+                _alive: Arc::new(AliveToken(alive.clone())),
+            }
+        }
+    };
+    let svc = keel_balance::Balance::new(b.clone(), factory);
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (svc, stop) = (svc.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if svc.clone().oneshot(http::Request::new(())).await.is_ok() {
+                        ok += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut current = weighted(&[1, 1, 1]);
+    for v in 0..100u16 {
+        current.remove(0);
+        current.push(inst(&format!("n{v}"), 40_000 + v, 1));
+        live.store(current.clone());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    for c in callers {
+        calls += c.await.unwrap();
+    }
+    assert!(calls > 100, "only {calls} calls");
+    // One more call syncs the services with the final set.
+    svc.clone().oneshot(http::Request::new(())).await.unwrap();
+    let made = made.lock().unwrap();
+    assert!(
+        made.values().all(|&n| n == 1),
+        "a service made twice: {made:?}"
+    );
+    assert_eq!(alive.load(Ordering::SeqCst), current.len() as u64);
+}
