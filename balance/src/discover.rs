@@ -10,6 +10,7 @@ use std::{
     future::Future,
     hash::Hash,
     sync::{Arc, Mutex},
+    task::Poll,
 };
 
 use keel_core::{Instance, InstanceId, Live};
@@ -65,22 +66,46 @@ where
     let drive = async move {
         let mut discover = discover;
         let mut keys: HashMap<K, Instance> = HashMap::new();
+        let apply = |change: Change<K, S>, keys: &mut HashMap<K, Instance>| match change {
+            Change::Insert(k, svc) => {
+                let inst = describe(&k, &svc);
+                keel_core::lock(&s.by_id).insert(inst.id.clone(), svc);
+                keys.insert(k, inst);
+            }
+            Change::Remove(k) => {
+                if let Some(inst) = keys.remove(&k) {
+                    keel_core::lock(&s.by_id).remove(&inst.id);
+                }
+            }
+        };
         while let Some(change) =
             std::future::poll_fn(|cx| std::pin::Pin::new(&mut discover).poll_discover(cx)).await
         {
-            match change? {
-                Change::Insert(k, svc) => {
-                    let inst = describe(&k, &svc);
-                    keel_core::lock(&s.by_id).insert(inst.id.clone(), svc);
-                    keys.insert(k, inst);
-                }
-                Change::Remove(k) => {
-                    if let Some(inst) = keys.remove(&k) {
-                        keel_core::lock(&s.by_id).remove(&inst.id);
+            apply(change?, &mut keys);
+            // Take every change already waiting before publishing: a burst (a thousand inserts
+            // at start-up) is one new set and one table rebuild, not a thousand.
+            let mut ended = false;
+            loop {
+                let next = std::future::poll_fn(|cx| {
+                    Poll::Ready(match std::pin::Pin::new(&mut discover).poll_discover(cx) {
+                        Poll::Pending => Some(None),
+                        Poll::Ready(c) => c.map(Some),
+                    })
+                })
+                .await;
+                match next {
+                    Some(Some(change)) => apply(change?, &mut keys),
+                    Some(None) => break,
+                    None => {
+                        ended = true;
+                        break;
                     }
                 }
             }
             l.store(keys.values().cloned().collect());
+            if ended {
+                return Ok(());
+            }
         }
         Ok(())
     };

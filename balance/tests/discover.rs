@@ -73,6 +73,35 @@ async fn balances_over_a_tower_discover_stream() {
     task.await.unwrap().unwrap();
 }
 
+/// A burst of changes already waiting is published as one new instance set, not one per change.
+#[tokio::test]
+async fn a_burst_of_changes_is_one_update() {
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<Change<SocketAddr, _>, Infallible>>();
+    let echo = tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, Infallible>(http::Response::new(()))
+    });
+    for port in 0..500u16 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + port));
+        tx.send(Ok(Change::Insert(addr, echo))).unwrap();
+    }
+    for port in 0..100u16 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + port));
+        tx.send(Ok(Change::Remove(addr))).unwrap();
+    }
+    let (live, _services, drive) = from_discover(tokio_stream_like(rx), |addr: &SocketAddr, _| {
+        Instance::new(svc(), *addr)
+    });
+    let before = live.generation();
+    drop(tx);
+    drive.await.unwrap();
+    assert_eq!(live.load().len(), 400);
+    // 600 changes, a handful of new sets: a batch ends only when the stream says Pending (tokio's
+    // cooperative budget makes a channel say so every 128 receives).
+    let stores = live.generation() - before;
+    assert!(stores <= 6, "{stores} stores for 600 changes");
+}
+
 /// An mpsc receiver as a `Stream` (tower's `Discover` is any `TryStream` of `Change`s).
 fn tokio_stream_like<T>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
