@@ -112,3 +112,59 @@ async fn redis_down_falls_back_to_local_share() {
     }
     assert!(from_redis, "decisions went back to Redis");
 }
+
+/// The whole client stack with a Redis-scoped limit: the decision comes from Redis (the key is
+/// written there), a refusal is `RateLimited` with its wait, and the per-try deadline header still
+/// reaches the upstream on that path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_stack_takes_its_decisions_from_redis() {
+    use keel_resilience::{
+        BoxError, ClientStackLayer, KeySource, ResilienceConfig, ResilienceError,
+    };
+    use tower::{Layer, ServiceExt};
+    let prefix = unique_prefix("rl-stack");
+    let mut cfg = ResilienceConfig::default();
+    cfg.rate_limit = policy(shared_redis_url(), prefix.clone(), 1.0, 2, 0.5)
+        .load()
+        .as_ref()
+        .clone();
+    cfg.rate_limit.key = KeySource::Path;
+    let stack = ClientStackLayer::try_new("rl-stack", Live::new(cfg)).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let client = stack.layer(tower::service_fn(move |req: http::Request<()>| {
+        s2.lock()
+            .unwrap()
+            .push(keel_resilience::remaining_from_header(req.headers()));
+        async { Ok::<_, BoxError>(http::Response::new(())) }
+    }));
+    let call = || {
+        client
+            .clone()
+            .oneshot(http::Request::get("/orders").body(()).unwrap())
+    };
+    // Burst 2: two through, the third refused with the time until the next token.
+    assert!(call().await.is_ok());
+    assert!(call().await.is_ok());
+    let e = call().await.unwrap_err();
+    match ResilienceError::find(e.as_ref()) {
+        Some(ResilienceError::RateLimited { retry_after }) => {
+            assert!(!retry_after.is_zero() && *retry_after <= Duration::from_secs(1))
+        }
+        other => panic!("{other:?} from {e}"),
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen
+        .iter()
+        .all(|d| d.is_some_and(|d| d <= Duration::from_secs(3))));
+    // The state is in Redis, under the path key.
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let v: Option<i64> = redis::cmd("GET")
+        .arg(format!("{prefix}:/orders"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(v.is_some(), "decided in Redis");
+}
