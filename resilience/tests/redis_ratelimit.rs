@@ -123,12 +123,15 @@ async fn client_stack_takes_its_decisions_from_redis() {
     };
     use tower::{Layer, ServiceExt};
     let prefix = unique_prefix("rl-stack");
-    let mut cfg = ResilienceConfig::default();
-    cfg.rate_limit = policy(shared_redis_url(), prefix.clone(), 1.0, 2, 0.5)
+    let mut rate_limit = policy(shared_redis_url(), prefix.clone(), 1.0, 2, 0.5)
         .load()
         .as_ref()
         .clone();
-    cfg.rate_limit.key = KeySource::Path;
+    rate_limit.key = KeySource::Path;
+    let cfg = ResilienceConfig {
+        rate_limit,
+        ..Default::default()
+    };
     let stack = ClientStackLayer::try_new("rl-stack", Live::new(cfg)).unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
@@ -153,7 +156,7 @@ async fn client_stack_takes_its_decisions_from_redis() {
         }
         other => panic!("{other:?} from {e}"),
     }
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
     assert!(seen
         .iter()
