@@ -85,6 +85,9 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         balancer.clone(),
         TransportFactory {
             connect_timeout: cfg.project(|c| c.connect_timeout),
+            service: std::sync::Arc::from(service.as_str()),
+            breaker: cfg.project(|c| c.resilience().breaker.clone()),
+            balancer: balancer.clone(),
         },
     );
 

@@ -9,8 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use keel_balance::MakeInstanceService;
-use keel_core::{Instance, Live};
+use keel_balance::{Balancer, MakeInstanceService};
+use keel_core::{Instance, InstanceId, Live};
+use keel_resilience::{Breaker, BreakerConfig};
 use tower::Service;
 
 /// Errors cross the tower stack boxed, as tower's own middleware expects.
@@ -55,17 +56,31 @@ impl HttpTransport {
 /// Makes the transport of each instance the balancer routes to.
 pub(crate) struct TransportFactory {
     pub(crate) connect_timeout: Live<Duration>,
+    /// The service's name and breaker policy, for the per-instance breakers.
+    pub(crate) service: Arc<str>,
+    pub(crate) breaker: Live<BreakerConfig>,
+    /// Told when an instance's breaker opens.
+    pub(crate) balancer: Balancer,
 }
 
 impl MakeInstanceService for TransportFactory {
-    type Service = HttpTransport;
+    type Service = InstanceBreaker<HttpTransport>;
 
-    fn make_service(&self, instance: &Instance) -> Option<HttpTransport> {
+    fn make_service(&self, instance: &Instance) -> Option<Self::Service> {
         match build(**self.connect_timeout.load()) {
-            Ok(client) => Some(HttpTransport {
-                client: Arc::new(Mutex::new((self.connect_timeout.generation(), client))),
-                connect_timeout: self.connect_timeout.clone(),
-                base: format!("http://{}", instance.addr),
+            Ok(client) => Some(InstanceBreaker {
+                inner: HttpTransport {
+                    client: Arc::new(Mutex::new((self.connect_timeout.generation(), client))),
+                    connect_timeout: self.connect_timeout.clone(),
+                    base: format!("http://{}", instance.addr),
+                },
+                breaker: Breaker::new(
+                    self.service.clone(),
+                    instance.id.as_str(),
+                    self.breaker.clone(),
+                ),
+                balancer: self.balancer.clone(),
+                id: instance.id.clone(),
             }),
             Err(error) => {
                 tracing::error!(instance = %instance.id, %error, "cannot build an HTTP client; the instance stays unroutable");
@@ -110,6 +125,70 @@ impl Service<http::Request<Bytes>> for HttpTransport {
             }
             let body = response.bytes().await.map_err(normalize)?;
             Ok(builder.body(body)?)
+        })
+    }
+}
+
+/// One instance's circuit breaker, on when `breaker.per_instance` is (read per call): it fails
+/// fast while open, and takes the instance out of the balancer's rotation for the open duration
+/// (within `outlier.max_ejection_percent`), so calls go to the other instances instead of failing.
+/// Its breaker lives as long as the instance's transport: an instance that leaves and comes back
+/// starts closed.
+#[derive(Clone, Debug)]
+pub(crate) struct InstanceBreaker<S> {
+    inner: S,
+    breaker: Arc<Breaker>,
+    balancer: Balancer,
+    id: InstanceId,
+}
+
+/// An instance's own breaker refused the call, which was therefore not sent. It travels as the
+/// payload of an `io::Error` of kind `ConnectionRefused`, so it is classified as a connect
+/// failure: retried elsewhere when the request may be retried, never counted as keel refusing
+/// the whole call.
+#[derive(Debug, thiserror::Error)]
+#[error("circuit breaker of instance `{instance}` is open")]
+pub(crate) struct InstanceOpen {
+    instance: InstanceId,
+}
+
+impl Service<http::Request<Bytes>> for InstanceBreaker<HttpTransport> {
+    type Response = http::Response<Bytes>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
+        if !self.breaker.policy().load().per_instance {
+            return self.inner.call(request);
+        }
+        let permit = match self.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    InstanceOpen {
+                        instance: self.id.clone(),
+                    },
+                );
+                return Box::pin(async move { Err(Box::new(e) as BoxError) });
+            }
+        };
+        let fut = self.inner.call(request);
+        let (breaker, balancer, id) =
+            (self.breaker.clone(), self.balancer.clone(), self.id.clone());
+        Box::pin(async move {
+            let res = fut.await;
+            if permit.classify_and_record(&res, None).is_failure() {
+                if let Some(until) = breaker.open_until() {
+                    let open_for = until.saturating_duration_since(tokio::time::Instant::now());
+                    balancer.eject(&id, open_for, "circuit breaker open");
+                }
+            }
+            res
         })
     }
 }

@@ -143,3 +143,59 @@ async fn fallback_answers_when_the_breaker_is_open() {
     let err = degraded.get("/x").send().await.unwrap_err();
     assert!(matches!(err, ClientError::Upstream { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn per_instance_breakers_take_a_failing_instance_out_of_rotation() {
+    let good = HttpBackend::start("good").await;
+    let bad = HttpBackend::start("bad").await;
+    bad.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    // Outlier detection and passive health off: only the instance's own breaker may act. The
+    // service's breaker (same policy, 90%) sees half the calls fail and stays closed.
+    let keel = keel_with(
+        &dir,
+        &format!(
+            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 4\nsize = 4\n\
+             failure_rate_threshold = \"90%\"\nopen_duration = \"500ms\"\n\n\
+             [clients.pay.retry]\nmax_attempts = 1\n\n\
+             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
+             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
+             [clients.pay.balance.outlier]\nenabled = false\n\n\
+             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            good.addr, bad.addr
+        ),
+    )
+    .await;
+    let pay = keel.client("pay").unwrap();
+    let mut failed = 0;
+    for _ in 0..30 {
+        if pay.get("/x").send().await.unwrap().status() == 503 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 4,
+        "the bad instance's breaker opened after its 4th failure"
+    );
+    assert_eq!(bad.served(), 4);
+    let snap = pay.balancer().snapshot();
+    let out = snap.instances.iter().find(|i| i.addr == bad.addr).unwrap();
+    assert_eq!(
+        out.reason.as_deref(),
+        Some("circuit breaker open"),
+        "{out:?}"
+    );
+    // The service's own breaker (same policy, half the calls failed) is not affected.
+    assert_eq!(
+        format!("{:?}", pay.status()["breaker"]["state"]),
+        "String(\"Closed\")"
+    );
+    // Recovered, and the open duration over: back in rotation (its breaker half-open, then
+    // closed by the probes).
+    bad.set_status(200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..20 {
+        assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
+    }
+    assert!(bad.served() >= 4 + 8, "re-admitted: {}", bad.served());
+}

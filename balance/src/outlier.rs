@@ -174,6 +174,42 @@ fn eject(s: &Shared, r: &Roster, e: &Entry, now: u64, why: &'static str, detail:
         ejected_for_ms = d / 1_000_000, "outlier ejected");
 }
 
+/// Takes `e` out of rotation for `d` on another component's word (a per-instance circuit
+/// breaker), within `max_ejection_percent` like any ejection; the sweep re-admits it after `d`.
+/// Returns whether it is out.
+pub(crate) fn eject_for(
+    s: &Shared,
+    r: &Roster,
+    e: &Entry,
+    now: u64,
+    d: u64,
+    reason: String,
+) -> bool {
+    let st = &e.state;
+    let until = now.saturating_add(d.max(1));
+    if st.outlier_ejected(now) {
+        // Already out: extend to the later end.
+        if st.ejected_until.load(Relaxed) < until {
+            st.ejected_until.store(until, Relaxed);
+        }
+        return true;
+    }
+    if ejected_count(r, now) >= max_ejected(r) {
+        tracing::debug!(service = %s.service, instance = %e.instance.id, %reason, "not ejected: max_ejection_percent reached");
+        return false;
+    }
+    st.ejected_until.store(until, Relaxed);
+    st.ejections_total.fetch_add(1, Relaxed);
+    st.set_reason(Some(reason.clone()));
+    s.bump_epoch(until);
+    metrics::counter!(telemetry::EJECTIONS_TOTAL, "service" => s.service.to_string(),
+        "instance" => e.instance.id.to_string(), "outcome" => "external")
+    .increment(1);
+    tracing::warn!(service = %s.service, instance = %e.instance.id, %reason,
+        ejected_for_ms = d / 1_000_000, "instance ejected");
+    true
+}
+
 fn maybe_sweep(s: &Shared, r: &Roster, now: u64) {
     let interval = ns(r.config.outlier.interval);
     let Ok(mut last) = s.last_sweep.try_lock() else {

@@ -370,6 +370,26 @@ impl Balancer {
         }
     }
 
+    /// Takes instance `id` out of rotation for `duration` on another component's word (the
+    /// facade's per-instance circuit breakers use it), within `outlier.max_ejection_percent` as
+    /// any ejection; it comes back by itself after `duration`. `reason` shows in the snapshot.
+    /// Returns whether the instance is out (false: unknown, or too many are out already).
+    pub fn eject(&self, id: &InstanceId, duration: std::time::Duration, reason: &str) -> bool {
+        let r = self.roster();
+        let Some(e) = r.entries.iter().find(|e| &e.instance.id == id) else {
+            return false;
+        };
+        let now = self.shared.clock.now();
+        crate::outlier::eject_for(
+            &self.shared,
+            &r,
+            e,
+            now,
+            crate::state::ns(duration),
+            reason.to_owned(),
+        )
+    }
+
     /// The admin view: every instance with its state, health, load and ejections.
     pub fn snapshot(&self) -> BalancerSnapshot {
         BalancerSnapshot::of(self)

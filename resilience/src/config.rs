@@ -295,6 +295,11 @@ pub struct BreakerConfig {
     /// Status codes counted as failures besides 502, 503 and 504 (e.g. `[500]`); 429 is never a
     /// failure (it is the upstream asking to slow down).
     pub failure_codes: Vec<u16>,
+    /// Also one breaker per instance, with this same policy, below the balancer: an instance
+    /// whose breaker opens is taken out of rotation for the open duration (the facade wires it;
+    /// see [`BreakerRegistry`](crate::BreakerRegistry) to do it by hand). Read when a client is
+    /// built.
+    pub per_instance: bool,
 }
 
 impl Default for BreakerConfig {
@@ -317,6 +322,7 @@ impl Default for BreakerConfig {
             adaptive_k: 2.0,
             adaptive_window: Duration::from_secs(60),
             failure_codes: Vec::new(),
+            per_instance: false,
         }
     }
 }

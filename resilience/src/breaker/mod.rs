@@ -196,6 +196,14 @@ impl Breaker {
         }
     }
 
+    /// When an open breaker will let a probe through (`None` unless it is open).
+    pub fn open_until(&self) -> Option<Instant> {
+        match keel_core::lock(&self.inner).st {
+            St::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+
     /// Calls, failures and slow calls in the closed-state window now.
     pub fn window_counts(&self) -> (u32, u32, u32) {
         let now = self.now_sec();
