@@ -3,11 +3,12 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use keel_balance::{Balancer, MakeInstanceService};
 use keel_core::{Instance, InstanceId, Live};
@@ -25,7 +26,8 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct HttpTransport {
     /// Shared by every clone of this instance's transport: the client and the generation of
     /// `connect_timeout` it was built for. A change of the timeout rebuilds it on the next call.
-    client: Arc<Mutex<(u64, reqwest::Client)>>,
+    /// Read without a lock on every call.
+    client: Arc<ArcSwap<(u64, reqwest::Client)>>,
     connect_timeout: Live<Duration>,
     base: String,
 }
@@ -44,12 +46,15 @@ fn build(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
 
 impl HttpTransport {
     fn client(&self) -> Result<reqwest::Client, BoxError> {
-        let mut c = crate::lock(&self.client);
         let generation = self.connect_timeout.generation();
-        if c.0 != generation {
-            *c = (generation, build(**self.connect_timeout.load())?);
+        let current = self.client.load();
+        if current.0 == generation {
+            return Ok(current.1.clone());
         }
-        Ok(c.1.clone())
+        // Two callers may both rebuild after a change; either client is right.
+        let client = build(**self.connect_timeout.load())?;
+        self.client.store(Arc::new((generation, client.clone())));
+        Ok(client)
     }
 }
 
@@ -70,7 +75,10 @@ impl MakeInstanceService for TransportFactory {
         match build(**self.connect_timeout.load()) {
             Ok(client) => Some(InstanceBreaker {
                 inner: HttpTransport {
-                    client: Arc::new(Mutex::new((self.connect_timeout.generation(), client))),
+                    client: Arc::new(ArcSwap::from_pointee((
+                        self.connect_timeout.generation(),
+                        client,
+                    ))),
                     connect_timeout: self.connect_timeout.clone(),
                     base: format!("http://{}", instance.addr),
                 },
