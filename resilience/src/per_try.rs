@@ -290,6 +290,32 @@ where
     }
 }
 
+/// The per-try timer of a pending attempt, made on its first `Pending` (an answer ready at once
+/// needs no timer): `Ready(error)` once it fires — `DeadlineExceeded` past the total deadline
+/// (the call is over), `Timeout` before it (only this try is) — counted in the deadline metric.
+pub(crate) fn poll_timer(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    end: Option<Instant>,
+    deadline: Option<Instant>,
+    cx: &mut Context<'_>,
+) -> Poll<ResilienceError> {
+    if sleep.is_none() {
+        if let Some(end) = end {
+            *sleep = Some(Box::pin(tokio::time::sleep_until(end)));
+        }
+    }
+    let Some(s) = sleep.as_mut() else {
+        return Poll::Pending;
+    };
+    std::task::ready!(s.as_mut().poll(cx));
+    let e = match deadline {
+        Some(d) if d <= Instant::now() => ResilienceError::DeadlineExceeded,
+        _ => ResilienceError::Timeout,
+    };
+    deadline_metric(&e);
+    Poll::Ready(e)
+}
+
 pin_project! {
     /// The response future of [`PerTry`].
     pub struct PerTryFuture<F, T> {
@@ -345,21 +371,7 @@ where
                 let res = match fut.poll(cx) {
                     Poll::Ready(r) => r.map_err(Into::into),
                     Poll::Pending => {
-                        if sleep.is_none() {
-                            if let Some(end) = *end {
-                                *sleep = Some(Box::pin(tokio::time::sleep_until(end)));
-                            }
-                        }
-                        let Some(s) = sleep.as_mut() else {
-                            return Poll::Pending;
-                        };
-                        std::task::ready!(s.as_mut().poll(cx));
-                        // Past the total deadline the call is over; before it, only this try is.
-                        let e = match deadline {
-                            Some(d) if *d <= Instant::now() => ResilienceError::DeadlineExceeded,
-                            _ => ResilienceError::Timeout,
-                        };
-                        deadline_metric(&e);
+                        let e = std::task::ready!(poll_timer(sleep, *end, *deadline, cx));
                         Err(Box::new(e) as BoxError)
                     }
                 };

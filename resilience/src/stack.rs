@@ -495,21 +495,12 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                     Poll::Pending => {
                         let held = &mut *this.held;
-                        if held.sleep.is_none() {
-                            if let Some(end) = held.end {
-                                held.sleep = Some(Box::pin(tokio::time::sleep_until(end)));
-                            }
-                        }
-                        let Some(sleep) = held.sleep.as_mut() else {
-                            return Poll::Pending;
-                        };
-                        std::task::ready!(sleep.as_mut().poll(cx));
-                        // Past the total deadline the call is over; before it, only this try is.
-                        let e = match this.ctx.deadline {
-                            Some(d) if d <= Instant::now() => ResilienceError::DeadlineExceeded,
-                            _ => ResilienceError::Timeout,
-                        };
-                        crate::deadline::deadline_metric(&e);
+                        let e = std::task::ready!(crate::per_try::poll_timer(
+                            &mut held.sleep,
+                            held.end,
+                            this.ctx.deadline,
+                            cx
+                        ));
                         Err(Box::new(e) as BoxError)
                     }
                 };
