@@ -135,6 +135,12 @@ where
             }
         }
         let _rebuilding = keel_core::lock(&self.services.rebuild);
+        // Rebuilds are serialised and each reads the tables anew under the lock, so the stored
+        // set only moves forward (a caller holding older tables must not undo a newer rebuild).
+        let r = self.balancer.roster();
+        let stale = |s: &Services<F::Service>| {
+            s.generation != r.generation || id.is_some_and(|id| !s.by_id.contains_key(id))
+        };
         let mut current = self.services.current.load_full();
         // Another caller may have rebuilt while this one waited.
         if stale(&current) {
