@@ -42,18 +42,29 @@
 //!
 //! Key layouts of the Redis and etcd backends are documented on [`RedisDiscovery`] and
 //! [`EtcdDiscovery`].
+//!
+//! The DNS, Redis and etcd backends are behind the `dns`, `redis` and `etcd` features (default
+//! on); [`from_config`] refuses a backend left out of the build.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// Helpers shared by the Redis, etcd and DNS backends are unused in a build without them.
+#![cfg_attr(
+    not(all(feature = "redis", feature = "etcd", feature = "dns")),
+    allow(dead_code)
+)]
 
 mod config;
+#[cfg(feature = "dns")]
 mod dns;
 mod error;
+#[cfg(feature = "etcd")]
 mod etcd;
 mod file;
 mod health;
 mod memory;
 mod publish;
+#[cfg(feature = "redis")]
 mod redis;
 mod registration;
 mod setup;
@@ -67,17 +78,21 @@ pub use self::{
         Backend, CheckKind, DiscoveryConfig, DnsConfig, DnsRecord, HealthCheckConfig,
         StaticEndpoint,
     },
-    dns::DnsDiscovery,
     error::DiscoveryError,
-    etcd::EtcdDiscovery,
     file::{parse_file, FileDiscovery, FileSets},
     health::{HealthChecker, Probe},
     memory::MemoryDiscovery,
     publish::{GuardDecision, ShrinkGuard},
-    redis::RedisDiscovery,
     registration::Registration,
     setup::{from_config, watch_with_health},
     snapshot::{diff, Change, Changes, InstanceWatch, TowerDiscover},
     static_discovery::StaticDiscovery,
     traits::{BoxFuture, Discover, Discovery, Registry},
 };
+
+#[cfg(feature = "dns")]
+pub use self::dns::DnsDiscovery;
+#[cfg(feature = "etcd")]
+pub use self::etcd::EtcdDiscovery;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisDiscovery;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use keel_core::{HealthMap, Live, ServiceName, Shutdown};
 
 use crate::{
-    publish::SafetyOptions, Backend, Discovery, DiscoveryConfig, DiscoveryError, DnsDiscovery,
-    EtcdDiscovery, FileDiscovery, HealthChecker, MemoryDiscovery, RedisDiscovery, StaticDiscovery,
+    publish::SafetyOptions, Backend, Discovery, DiscoveryConfig, DiscoveryError, FileDiscovery,
+    HealthChecker, MemoryDiscovery, StaticDiscovery,
 };
 
 pub(crate) fn safety(cfg: &DiscoveryConfig) -> SafetyOptions {
@@ -36,10 +36,24 @@ pub async fn from_config(
                 shutdown,
             )?)
         }
-        Backend::Dns => Arc::new(DnsDiscovery::from_config(cfg, shutdown)?),
-        Backend::Redis => Arc::new(RedisDiscovery::from_config(cfg, shutdown)?),
-        Backend::Etcd => Arc::new(EtcdDiscovery::from_config(cfg, shutdown)?),
+        #[cfg(feature = "dns")]
+        Backend::Dns => Arc::new(crate::DnsDiscovery::from_config(cfg, shutdown)?),
+        #[cfg(feature = "redis")]
+        Backend::Redis => Arc::new(crate::RedisDiscovery::from_config(cfg, shutdown)?),
+        #[cfg(feature = "etcd")]
+        Backend::Etcd => Arc::new(crate::EtcdDiscovery::from_config(cfg, shutdown)?),
+        #[allow(unreachable_patterns)]
+        other => return Err(not_built(other)),
     })
+}
+
+/// The error for a backend this build left out.
+#[allow(dead_code)]
+fn not_built(backend: Backend) -> DiscoveryError {
+    let name = format!("{backend:?}").to_lowercase();
+    DiscoveryError::Config(format!(
+        "backend: `{name}` is not in this build (enable keel-discovery's `{name}` feature)"
+    ))
 }
 
 /// Watches `service` on `discovery` and, when `cfg.health.enabled`, starts active checks on its

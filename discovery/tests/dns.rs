@@ -1,5 +1,6 @@
 //! DNS backend against a small authoritative DNS server on 127.0.0.1, written here with
 //! hickory-proto: it serves A and SRV records from a table the test changes while it runs.
+#![cfg(feature = "dns")]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! etcd backend against a private etcd 3.4 on free ports.
+#![cfg(feature = "etcd")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! A Redis that stops answering (SIGSTOP): the last known set is served, staleness is exported,
 //! and everything resumes when it answers again. Runs in its own test binary because it installs
 //! a global metrics recorder.
+#![cfg(all(feature = "redis", feature = "etcd"))]
 
 mod common;
 

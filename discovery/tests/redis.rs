@@ -1,5 +1,6 @@
 //! Redis backend against real servers: the machine's Redis with a unique prefix, or a private
 //! `redis-server` for tests that stop or restart it.
+#![cfg(feature = "redis")]
 
 mod common;
 

@@ -69,6 +69,7 @@ impl IdempotencyError {
     }
 }
 
+#[cfg(feature = "redis")]
 impl From<redis::RedisError> for IdempotencyError {
     fn from(e: redis::RedisError) -> Self {
         Self::Unavailable(e.to_string())

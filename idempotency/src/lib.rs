@@ -76,6 +76,8 @@ mod service;
 mod store;
 pub mod telemetry;
 
+#[cfg(feature = "redis")]
+pub use self::store::RedisStore;
 pub use self::{
     config::{
         Durability, Fingerprint, IdempotencyConfig, OnCancel, OnConflict, OnStoreError, StoreKind,
@@ -90,6 +92,5 @@ pub use self::{
     service::{Idempotency, IdempotencyScope, REPLAYED_HEADER},
     store::{
         new_owner, store_from_config, BoxFuture, Claim, IdempotencyStore, MemoryStore, Ownership,
-        RedisStore,
     },
 };

@@ -43,6 +43,7 @@ pub(crate) fn complete(result: &'static str) {
     metrics::counter!(COMPLETES_TOTAL, "result" => result).increment(1);
 }
 
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
     metrics::histogram!(STORE_DURATION_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
 }

@@ -1,5 +1,6 @@
 //! One conformance suite, run against both stores: the memory store and Redis (the machine's
 //! shared Redis, with a unique key prefix per test).
+#![cfg(feature = "redis")]
 
 mod common;
 

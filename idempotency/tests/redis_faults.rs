@@ -1,5 +1,6 @@
 //! Redis failure modes on the test's own private Redis: paused, restarted, round trips counted,
 //! durability (`WAIT`) failing closed.
+#![cfg(feature = "redis")]
 
 mod common;
 

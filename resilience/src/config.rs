@@ -464,6 +464,12 @@ impl RateLimitConfig {
         if self.burst == 0 {
             return Err("burst: must be at least 1".into());
         }
+        if self.scope == RateLimitScope::Redis && !cfg!(feature = "redis") {
+            return Err(
+                "scope: \"redis\" is not in this build (enable keel-resilience's `redis` feature)"
+                    .into(),
+            );
+        }
         if self.scope == RateLimitScope::Redis && self.enabled && self.redis_url.is_none() {
             return Err("redis_url: required with scope = \"redis\"".into());
         }

@@ -84,6 +84,8 @@ mod scope;
 mod stack;
 mod util;
 
+#[cfg(feature = "redis")]
+pub use self::ratelimit::{RedisGcra, Source as DecisionSource};
 pub use self::{
     breaker::{
         AdaptiveThrottle, Breaker, BreakerPermit, BreakerRegistry, BreakerState, CircuitBreaker,
@@ -114,8 +116,7 @@ pub use self::{
     per_try::{PerTry, PerTryFuture, PerTryLayer},
     ratelimit::{
         request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
-        RateLimiter, RedisGcra, ResponseFuture as RateLimitFuture, ServerRateLimit,
-        ServerRateLimitLayer, Source as DecisionSource,
+        RateLimiter, ResponseFuture as RateLimitFuture, ServerRateLimit, ServerRateLimitLayer,
     },
     retry::{
         is_retry_safe, replay_request, served_by, BoxResponseFuture, ReplayBody,

@@ -1,4 +1,5 @@
 //! The distributed limiter against real Redis servers on loopback.
+#![cfg(feature = "redis")]
 
 use std::{sync::Arc, time::Duration};
 

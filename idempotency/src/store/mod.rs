@@ -21,9 +21,12 @@ use crate::{
 };
 
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 
-pub use self::{memory::MemoryStore, redis::RedisStore};
+pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 
 /// A boxed, `Send` future: what the object-safe [`IdempotencyStore`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -144,6 +147,14 @@ pub async fn store_from_config(
     cfg.validate().map_err(IdempotencyError::Config)?;
     Ok(match cfg.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(cfg.memory_capacity)),
+        #[cfg(feature = "redis")]
         StoreKind::Redis => Arc::new(RedisStore::connect(cfg).await?),
+        #[cfg(not(feature = "redis"))]
+        StoreKind::Redis => {
+            return Err(IdempotencyError::Config(
+                "idempotency.store: \"redis\" is not in this build (enable keel-idempotency's `redis` feature)"
+                    .to_owned(),
+            ))
+        }
     })
 }

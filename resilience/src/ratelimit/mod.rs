@@ -10,12 +10,13 @@
 //! arrival time) stays, so a reload neither resets limits nor grants a fresh burst.
 
 mod gcra;
+#[cfg(feature = "redis")]
 mod redis;
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -25,10 +26,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::{
-    gcra::{Decision, LocalGcra, Quota},
-    redis::{RedisGcra, Source},
-};
+pub use self::gcra::{Decision, LocalGcra, Quota};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisGcra, Source};
 use crate::{
     config::{KeySource, RateLimitConfig, RateLimitScope},
     error::{BoxError, ResilienceError},
@@ -40,9 +40,11 @@ use crate::{
 pub struct RateLimiter {
     policy: Live<RateLimitConfig>,
     local: Arc<LocalGcra>,
-    redis: Mutex<Option<Arc<RedisGcra>>>,
+    #[cfg(feature = "redis")]
+    redis: std::sync::Mutex<Option<Arc<RedisGcra>>>,
     allowed: metrics::Counter,
     limited: metrics::Counter,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fallback: metrics::Counter,
 }
 
@@ -66,7 +68,8 @@ impl RateLimiter {
         Arc::new(Self {
             policy,
             local: Arc::new(LocalGcra::new()),
-            redis: Mutex::new(None),
+            #[cfg(feature = "redis")]
+            redis: std::sync::Mutex::new(None),
             allowed: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "allowed"),
             limited: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "limited"),
             fallback: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "fallback"),
@@ -115,6 +118,7 @@ impl RateLimiter {
         }
     }
 
+    #[cfg(feature = "redis")]
     fn redis(&self, url: &str) -> Arc<RedisGcra> {
         let mut g = keel_core::lock(&self.redis);
         match &*g {
@@ -142,6 +146,14 @@ impl RateLimiter {
                 reset: std::time::Duration::ZERO,
             };
         }
+        #[cfg(not(feature = "redis"))]
+        return self.check_local(cfg, key);
+        #[cfg(feature = "redis")]
+        self.check_redis(cfg, key).await
+    }
+
+    #[cfg(feature = "redis")]
+    async fn check_redis(&self, cfg: &RateLimitConfig, key: &str) -> Decision {
         let Some(url) = cfg
             .redis_url
             .as_deref()
