@@ -297,8 +297,7 @@ pub struct BreakerConfig {
     pub failure_codes: Vec<u16>,
     /// Also one breaker per instance, with this same policy, below the balancer: an instance
     /// whose breaker opens is taken out of rotation for the open duration (the facade wires it;
-    /// see [`BreakerRegistry`](crate::BreakerRegistry) to do it by hand). Read when a client is
-    /// built.
+    /// see [`BreakerRegistry`](crate::BreakerRegistry) to do it by hand). Read on every call.
     pub per_instance: bool,
 }
 

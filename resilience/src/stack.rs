@@ -266,10 +266,14 @@ where
             deadline,
         );
         ctx.span = attempt_span(&parts.retry.service, 1, false);
+        // Counted in flight by `begin`: uncounted by the future's drop, or here if the attempt
+        // panics before there is a future.
+        let counted = EndCall(Some(&parts.retry));
         let started = {
             let _entered = ctx.span.enter();
             attempt(&mut self.inner, parts, cfg, req, now, deadline)
         };
+        counted.defuse();
         let (fast, held, other) = match started {
             Ok((fut, held)) => (Some(fut), held, None),
             Err(other) => (None, Held::default(), Some(other)),
@@ -329,10 +333,15 @@ where
         // Waits for a slot: the layered path takes its own permits.
         return Err(layered(parts.per_try.clone(), req, call));
     };
-    let mut held = Held {
-        breaker: Some(breaker),
-        slot: Some(slot),
-        ..Held::default()
+    // Given back if anything below panics (the inner service's `call`, say): a lost half-open
+    // permit would keep the breaker refusing every call.
+    let mut held = Releasing {
+        gate,
+        held: Held {
+            breaker: Some(breaker),
+            slot: Some(slot),
+            ..Held::default()
+        },
     };
     let rl = &cfg.rate_limit;
     if rl.enabled {
@@ -340,7 +349,6 @@ where
             .rate
             .check_local_at(rl, request_key(&rl.key, &req), now);
         if !d.allowed {
-            held.release(gate);
             return Err(Other::Failed(Some(ResilienceError::RateLimited {
                 retry_after: d.retry_after,
             })));
@@ -348,12 +356,45 @@ where
     }
     match crate::per_try::prepare(&mut req, now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
-            held.end = end;
-            Ok((svc.call(req), held))
+            held.held.end = end;
+            let fut = svc.call(req);
+            Ok((fut, held.keep()))
         }
-        Err(e) => {
-            held.release(gate);
-            Err(Other::Failed(Some(e)))
+        Err(e) => Err(Other::Failed(Some(e))),
+    }
+}
+
+/// Gives the permits of an attempt that is being started back unless it is kept.
+struct Releasing<'a> {
+    gate: &'a Gate,
+    held: Held,
+}
+
+impl Releasing<'_> {
+    fn keep(mut self) -> Held {
+        std::mem::take(&mut self.held)
+    }
+}
+
+impl Drop for Releasing<'_> {
+    fn drop(&mut self) {
+        self.held.release(self.gate);
+    }
+}
+
+/// Uncounts a call in flight unless defused.
+struct EndCall<'a>(Option<&'a RetryShared>);
+
+impl EndCall<'_> {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for EndCall<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.0 {
+            r.end_call();
         }
     }
 }
@@ -789,6 +830,32 @@ mod tests {
         // The slot is usable again, and the breaker saw nothing.
         assert!(client.oneshot(http::Request::new(())).await.is_ok());
         assert_eq!(stack.breaker().window_counts().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_gives_its_permits_back() {
+        let mut cfg = ResilienceConfig::default();
+        cfg.bulkhead.max_concurrent = 1;
+        cfg.bulkhead.min_limit = 1;
+        cfg.bulkhead.initial_limit = 1;
+        let stack = ClientStackLayer::try_new("panics", Live::new(cfg)).unwrap();
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut client = stack.layer(service_fn(move |_req: http::Request<()>| {
+            assert!(
+                !first.swap(false, Ordering::SeqCst),
+                "the inner call panics once"
+            );
+            async { Ok::<_, BoxError>(http::Response::new(())) }
+        }));
+        std::future::poll_fn(|cx| client.poll_ready(cx))
+            .await
+            .unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = client.call(http::Request::new(()));
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(stack.bulkhead().in_flight(), 0, "the slot came back");
+        assert!(client.oneshot(http::Request::new(())).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
