@@ -851,7 +851,7 @@ mod tests {
             .await
             .unwrap();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = client.call(http::Request::new(()));
+            drop(client.call(http::Request::new(())));
         }));
         assert!(panicked.is_err());
         assert_eq!(stack.bulkhead().in_flight(), 0, "the slot came back");
