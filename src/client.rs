@@ -496,6 +496,15 @@ impl ClientError {
         if crate::find_in_chain::<keel_balance::BalanceError>(&*source).is_some() {
             return ClientError::NoInstance { service, source };
         }
+        if keel_core::request::not_sent(&*source) {
+            // Refused below the balancer (an instance's own breaker), on every instance tried.
+            return ClientError::Refused {
+                service,
+                source,
+                retry_after: None,
+                retryable: true,
+            };
+        }
         ClientError::Upstream { service, source }
     }
 

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use keel_balance::{Balancer, MakeInstanceService};
 use keel_core::{Instance, InstanceId, Live};
-use keel_resilience::{Breaker, BreakerConfig};
+use keel_resilience::{Breaker, BreakerConfig, BreakerPermit, FailureClass, Outcome};
 use tower::Service;
 
 /// Errors cross the tower stack boxed, as tower's own middleware expects.
@@ -150,16 +150,6 @@ pub(crate) struct InstanceBreaker<S> {
     id: InstanceId,
 }
 
-/// An instance's own breaker refused the call, which was therefore not sent. It travels as the
-/// payload of an `io::Error` of kind `ConnectionRefused`, so it is classified as a connect
-/// failure: retried elsewhere when the request may be retried, never counted as keel refusing
-/// the whole call.
-#[derive(Debug, thiserror::Error)]
-#[error("circuit breaker of instance `{instance}` is open")]
-pub(crate) struct InstanceOpen {
-    instance: InstanceId,
-}
-
 impl Service<http::Request<Bytes>> for InstanceBreaker<HttpTransport> {
     type Response = http::Response<Bytes>;
     type Error = BoxError;
@@ -173,31 +163,73 @@ impl Service<http::Request<Bytes>> for InstanceBreaker<HttpTransport> {
         if !self.breaker.policy().load().per_instance {
             return self.inner.call(request);
         }
-        let permit = match self.breaker.try_acquire() {
-            Ok(p) => p,
-            Err(_) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    InstanceOpen {
-                        instance: self.id.clone(),
-                    },
-                );
-                return Box::pin(async move { Err(Box::new(e) as BoxError) });
-            }
+        let Ok(permit) = self.breaker.try_acquire() else {
+            // Not sent: the stack above retries it elsewhere (if it may be retried) and does
+            // not count it against the service.
+            let e = keel_core::request::NotSent {
+                reason: format!("circuit breaker of instance `{}` is open", self.id),
+            };
+            return Box::pin(async move { Err(Box::new(e) as BoxError) });
         };
+        // The attempt's own bound, as the per-try timeout above set it: if the attempt is dropped
+        // at that time, it timed out, and this instance's breaker counts it.
+        let bound = keel_resilience::remaining_from_header(request.headers())
+            .map(|left| tokio::time::Instant::now() + left);
         let fut = self.inner.call(request);
-        let (breaker, balancer, id) =
-            (self.breaker.clone(), self.balancer.clone(), self.id.clone());
+        let mut attempt = Attempt {
+            permit: Some(permit),
+            bound,
+            breaker: self.breaker.clone(),
+            balancer: self.balancer.clone(),
+            id: self.id.clone(),
+        };
         Box::pin(async move {
             let res = fut.await;
-            if permit.classify_and_record(&res, None).is_failure() {
-                if let Some(until) = breaker.open_until() {
-                    let open_for = until.saturating_duration_since(tokio::time::Instant::now());
-                    balancer.eject(&id, open_for, "circuit breaker open");
-                }
+            if let Some(p) = attempt.permit.take() {
+                let failed = p.classify_and_record(&res, None).is_failure();
+                attempt.eject_if_open(failed);
             }
             res
         })
+    }
+}
+
+/// An attempt through an instance's breaker: records a timeout if it is dropped at its bound.
+struct Attempt {
+    permit: Option<BreakerPermit>,
+    bound: Option<tokio::time::Instant>,
+    breaker: Arc<Breaker>,
+    balancer: Balancer,
+    id: InstanceId,
+}
+
+impl Attempt {
+    fn eject_if_open(&self, failed: bool) {
+        if !failed {
+            return;
+        }
+        if let Some(until) = self.breaker.open_until() {
+            let open_for = until.saturating_duration_since(tokio::time::Instant::now());
+            self.balancer
+                .eject(&self.id, open_for, "circuit breaker open");
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        // The per-try timer fires at the bound (the header is in whole milliseconds, so allow
+        // one); dropped earlier, the caller gave up (a hedge won, say): nothing to count.
+        let timed_out = self
+            .bound
+            .is_some_and(|b| tokio::time::Instant::now() + Duration::from_millis(2) >= b);
+        if timed_out {
+            permit.record(Outcome::Failure(FailureClass::Timeout));
+            self.eject_if_open(true);
+        }
     }
 }
 

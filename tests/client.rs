@@ -199,3 +199,101 @@ async fn per_instance_breakers_take_a_failing_instance_out_of_rotation() {
     }
     assert!(bad.served() >= 4 + 8, "re-admitted: {}", bad.served());
 }
+
+#[tokio::test]
+async fn an_open_instance_left_in_rotation_is_skipped_without_sending() {
+    let good = HttpBackend::start("good").await;
+    let bad1 = HttpBackend::start("bad1").await;
+    let bad2 = HttpBackend::start("bad2").await;
+    bad1.set_status(503);
+    bad2.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    // Three instances: only one may be ejected at a time (max_ejection_percent), so when both
+    // bad instances' breakers open, one stays in rotation with its breaker open. Calls picked to
+    // it are refused before they are sent and retried on another instance. The service's own
+    // breaker (a 4-call window at 90%) never sees four failures in a row.
+    let keel = keel_with(
+        &dir,
+        &format!(
+            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 4\nsize = 4\n\
+             failure_rate_threshold = \"90%\"\nopen_duration = \"10s\"\n\n\
+             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
+             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
+             [clients.pay.balance.outlier]\nenabled = false\n\n\
+             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n\n\
+             [[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            good.addr, bad1.addr, bad2.addr
+        ),
+    )
+    .await;
+    let pay = keel.client("pay").unwrap();
+    for _ in 0..40 {
+        let _ = pay.get("/x").send().await;
+    }
+    let sent = (bad1.served(), bad2.served());
+    assert_eq!(
+        sent,
+        (4, 4),
+        "each bad instance took 4 calls before its breaker opened"
+    );
+    for _ in 0..20 {
+        assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        (bad1.served(), bad2.served()),
+        sent,
+        "nothing more reached them"
+    );
+    let snap = pay.balancer().snapshot();
+    let ejected = snap
+        .instances
+        .iter()
+        .filter(|i| i.reason.as_deref() == Some("circuit breaker open"))
+        .count();
+    assert_eq!(
+        ejected, 1,
+        "one ejected, the other refused by max_ejection_percent"
+    );
+    assert_eq!(
+        format!("{:?}", pay.status()["breaker"]["state"]),
+        "String(\"Closed\")"
+    );
+}
+
+#[tokio::test]
+async fn an_instance_breaker_counts_per_try_timeouts() {
+    let good = HttpBackend::start("good").await;
+    let hung = HttpBackend::start("hung").await;
+    hung.set_latency(Duration::from_secs(5));
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!(
+            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 3\nsize = 3\n\
+             failure_rate_threshold = \"90%\"\nopen_duration = \"10s\"\n\n\
+             [clients.pay.timeout]\nper_try = \"50ms\"\n\n\
+             [clients.pay.retry]\nmax_attempts = 1\n\n\
+             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
+             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
+             [clients.pay.balance.outlier]\nenabled = false\n\n\
+             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            good.addr, hung.addr
+        ),
+    )
+    .await;
+    let pay = keel.client("pay").unwrap();
+    let mut timed_out = 0;
+    for _ in 0..20 {
+        if pay.get("/x").send().await.is_err() {
+            timed_out += 1;
+        }
+    }
+    assert_eq!(timed_out, 3, "ejected after its third per-try timeout");
+    let snap = pay.balancer().snapshot();
+    let out = snap.instances.iter().find(|i| i.addr == hung.addr).unwrap();
+    assert_eq!(
+        out.reason.as_deref(),
+        Some("circuit breaker open"),
+        "{out:?}"
+    );
+}

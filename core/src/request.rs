@@ -53,6 +53,22 @@ pub struct InstanceFailure {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// The request was not sent: something below the balancer (an instance's own circuit breaker)
+/// refused it before it left the process. A retry elsewhere is safe whatever the method, and it
+/// says nothing about the upstream service as a whole, so service-wide breakers and limits do
+/// not count it.
+#[derive(Debug, thiserror::Error)]
+#[error("not sent: {reason}")]
+pub struct NotSent {
+    /// Why.
+    pub reason: String,
+}
+
+/// Whether an error (or any error in its source chain) is a [`NotSent`].
+pub fn not_sent(err: &(dyn std::error::Error + 'static)) -> bool {
+    crate::find_in_chain::<NotSent>(err).is_some()
+}
+
 /// Request extension: a log the balancer appends each picked instance to, at pick time. Copies
 /// of a request share it (extensions clone the `Arc`), so a hedge can send its attempt to
 /// another instance while the first attempt is still running — before any answer says where

@@ -139,13 +139,17 @@ pub fn retry_after_header(h: &http::HeaderMap) -> Option<Duration> {
     )
 }
 
-/// Walks an error chain: a [`ResilienceError`] is `Rejected` (but a per-try
+/// Walks an error chain: a [`ResilienceError`] or a [`keel_core::request::NotSent`] is
+/// `Rejected` (but a per-try
 /// [`ResilienceError::Timeout`] is an upstream `Timeout` failure); an `io::Error` is `Connect`,
 /// `Reset` or `Timeout` by its kind; a tokio `Elapsed` is `Timeout`; anything else is `Other`.
 pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Outcome {
     use std::io::ErrorKind as K;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
+        if e.is::<keel_core::request::NotSent>() {
+            return Outcome::Rejected;
+        }
         if let Some(r) = e.downcast_ref::<ResilienceError>() {
             return match r {
                 ResilienceError::Timeout => Outcome::Failure(FailureClass::Timeout),

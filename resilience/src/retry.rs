@@ -167,6 +167,11 @@ impl<B: ReplayBody> Replay<B> {
     }
 }
 
+/// Whether an attempt failed without its request being sent.
+pub(crate) fn not_sent<T>(res: &Result<http::Response<T>, BoxError>) -> bool {
+    matches!(res, Err(e) if keel_core::request::not_sent(e.as_ref()))
+}
+
 /// The instance that served (or failed) an attempt, if the balancer said.
 pub fn served_by<T>(res: &Result<http::Response<T>, BoxError>) -> Option<InstanceId> {
     match res {
@@ -442,7 +447,9 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     {
         self.retrying = None;
         let outcome = self.classifier.classify(res);
-        if self.attempt >= cfg.max_attempts || !wants_retry(&cfg.retry_on, &outcome) {
+        // A request that never left (an instance's own breaker refused it) may go elsewhere.
+        let wanted = wants_retry(&cfg.retry_on, &outcome) || not_sent(res);
+        if self.attempt >= cfg.max_attempts || !wanted {
             return None;
         }
         if !self.safe {
@@ -480,22 +487,27 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             shared.count("deadline");
             return None;
         }
-        let active = shared.active.load(Ordering::Relaxed);
-        let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
-            .max(cfg.concurrent_min as usize);
-        if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
-            shared.active_retries.fetch_sub(1, Ordering::AcqRel);
-            shared.count("concurrency_capped");
-            self.stopped = Some(ResilienceError::BudgetExhausted);
-            return None;
+        // A request that was never sent adds no load when sent elsewhere: it costs no budget
+        // and no retry slot (amplification counts attempts that reached an upstream).
+        let sent = !not_sent(res);
+        if sent {
+            let active = shared.active.load(Ordering::Relaxed);
+            let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
+                .max(cfg.concurrent_min as usize);
+            if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
+                shared.active_retries.fetch_sub(1, Ordering::AcqRel);
+                shared.count("concurrency_capped");
+                self.stopped = Some(ResilienceError::BudgetExhausted);
+                return None;
+            }
+            let retrying = Retrying(shared.clone());
+            if shared.budget.try_withdraw().is_err() {
+                shared.count("budget_exhausted");
+                self.stopped = Some(ResilienceError::BudgetExhausted);
+                return None;
+            }
+            self.retrying = Some(retrying);
         }
-        let retrying = Retrying(shared.clone());
-        if shared.budget.try_withdraw().is_err() {
-            shared.count("budget_exhausted");
-            self.stopped = Some(ResilienceError::BudgetExhausted);
-            return None;
-        }
-        self.retrying = Some(retrying);
         if let Some(id) = served_by(res) {
             if !self.avoid.contains(&id) {
                 self.avoid.push(id);
@@ -504,7 +516,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         self.attempt += 1;
         self.pending = true;
         self.last = self.attempt >= cfg.max_attempts;
-        shared.count("retry");
+        shared.count(if sent { "retry" } else { "not_sent" });
         Some(wait)
     }
 

@@ -568,11 +568,12 @@ where
                 }
             };
             if let Some(res) = res {
-                if matches!(
-                    this.ctx.classify(&res),
-                    Outcome::Success | Outcome::Rejected
-                ) {
-                    return Poll::Ready(res); // never retried
+                match this.ctx.classify(&res) {
+                    Outcome::Success => return Poll::Ready(res),
+                    Outcome::Rejected if !crate::retry::not_sent(&res) => {
+                        return Poll::Ready(res); // keel refused the call: never retried
+                    }
+                    _ => {}
                 }
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
