@@ -94,7 +94,12 @@ where
                 })
                 .await;
                 match next {
-                    Some(Some(change)) => apply(change?, &mut keys),
+                    Some(Some(Ok(change))) => apply(change, &mut keys),
+                    Some(Some(Err(e))) => {
+                        // Publish what was applied before giving up on the stream.
+                        l.store(keys.values().cloned().collect());
+                        return Err(e);
+                    }
                     Some(None) => break,
                     None => {
                         ended = true;

@@ -212,7 +212,9 @@ impl ConcurrencyLimiter {
             });
         }
         let limit = self.limit_for(cfg);
-        let mut cur = self.in_flight.load(Ordering::Relaxed);
+        // SeqCst, as the release's decrement and its read of `waiting`: with a waiter's
+        // increment of `waiting` before this re-check, one of the two sees the other.
+        let mut cur = self.in_flight.load(Ordering::SeqCst);
         loop {
             if cur >= limit {
                 return None;
@@ -296,6 +298,25 @@ impl ConcurrencyLimiter {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 self.rejected.increment(1);
                 return Err(ResilienceError::Shed);
+            }
+        }
+    }
+
+    /// As [`acquire`](Self::acquire), giving up at `deadline` (the call's total deadline) if
+    /// that comes before `max_wait` ends: [`ResilienceError::DeadlineExceeded`].
+    pub async fn acquire_before(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+    ) -> Result<ConcurrencyPermit, ResilienceError> {
+        let Some(d) = deadline else {
+            return self.acquire().await;
+        };
+        match tokio::time::timeout_at(d, self.acquire()).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = ResilienceError::DeadlineExceeded;
+                crate::deadline::deadline_metric(&e);
+                Err(e)
             }
         }
     }
@@ -462,13 +483,16 @@ where
         }
         let limiter = self.limiter.clone();
         let classifier = self.classifier.clone();
+        let ctx = crate::scope::peek();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             state: State::Boxed {
                 fut: Box::pin(async move {
-                    let mut permit = limiter.acquire().await?;
-                    let r = svc.call(req).await.map_err(Into::into);
+                    let mut permit = limiter.acquire_before(ctx.and_then(|c| c.deadline)).await?;
+                    let r = crate::scope::resume(ctx, || svc.call(req))
+                        .await
+                        .map_err(Into::into);
                     let o = classifier.classify(&r);
                     permit.record(&o);
                     r

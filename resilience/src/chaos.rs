@@ -120,6 +120,7 @@ where
         if latency.is_zero() {
             return Either::left(self.inner.call(req));
         }
+        let ctx = crate::scope::peek();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         Either::right(Box::pin(async move {
@@ -127,7 +128,9 @@ where
             std::future::poll_fn(|cx| svc.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            svc.call(req).await.map_err(Into::into)
+            crate::scope::resume(ctx, || svc.call(req))
+                .await
+                .map_err(Into::into)
         }))
     }
 }

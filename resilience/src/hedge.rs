@@ -237,7 +237,7 @@ where
             return futures_either::Either::left(self.inner.call(req));
         };
         // The retry layer's deadline, for the second attempt too (see `crate::scope`).
-        let deadline = crate::scope::peek().map(|c| c.deadline);
+        let ctx = crate::scope::peek();
         // The balancer below records where the first attempt goes; the hedge avoids it.
         let tried = Tried::new();
         let mut req = req;
@@ -294,15 +294,7 @@ where
             }
             m::counter(m::HEDGE_TOTAL, &shared.service, "sent").increment(1);
             m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "hedge").increment(1);
-            let hedge = match deadline {
-                Some(deadline) => {
-                    let now = Instant::now();
-                    crate::scope::enter(crate::scope::CallContext { now, deadline }, || {
-                        second.call(replay)
-                    })
-                }
-                None => second.call(replay),
-            }
+            let hedge = crate::scope::resume(ctx, || second.call(replay))
                     .instrument(tracing::debug_span!("keel.attempt", service = %shared.service, attempt = 2u32, hedge = true));
             tokio::pin!(hedge);
             let good = |r: &Result<http::Response<T>, BoxError>| match r {

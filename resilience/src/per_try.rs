@@ -195,7 +195,7 @@ impl<S> PerTry<S> {
                 fut: Box::pin(async move {
                     let bulkhead = match bulkhead {
                         Some(p) => p,
-                        None => gate.bulkhead.acquire().await?,
+                        None => gate.bulkhead.acquire_before(deadline).await?,
                     };
                     let rl = gate.rate.policy().get();
                     if rl.enabled {

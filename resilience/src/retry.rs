@@ -542,6 +542,12 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         }
     }
 
+    /// Gives up the attempt [`decide`](Self::decide) chose (its service failed), so a poll after
+    /// the error sends nothing.
+    pub(crate) fn abandon(&mut self) {
+        self.pending = false;
+    }
+
     /// Whether [`decide`](Self::decide) chose another attempt that has not been sent yet.
     pub(crate) fn pending(&self) -> bool {
         self.pending
@@ -640,6 +646,7 @@ where
                 return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
             };
             if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
+                this.ctx.abandon();
                 return Poll::Ready(Err(e.into()));
             }
             {

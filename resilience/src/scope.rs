@@ -51,6 +51,22 @@ pub(crate) fn peek() -> Option<CallContext> {
     CURRENT.with(Cell::get)
 }
 
+/// For a layer that calls its inner service later (after waiting for a slot, a Redis decision,
+/// or a delay): runs that later `call` in the context this attempt was started with (the same
+/// deadline, the clock read anew), so the per-try layer below still finds it.
+pub(crate) fn resume<R>(ctx: Option<CallContext>, f: impl FnOnce() -> R) -> R {
+    match ctx {
+        Some(c) => enter(
+            CallContext {
+                now: Instant::now(),
+                deadline: c.deadline,
+            },
+            f,
+        ),
+        None => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

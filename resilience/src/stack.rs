@@ -597,6 +597,7 @@ where
             let parts = this.parts.clone();
             let svc = this.svc.get_or_insert_with(|| parts.svc.clone());
             if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
+                this.ctx.abandon();
                 return Poll::Ready(Err(e.into()));
             }
             let ctx = &mut *this.ctx;
@@ -857,6 +858,43 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(stack.bulkhead().in_flight(), 0, "the slot came back");
         assert!(client.oneshot(http::Request::new(())).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn layers_that_wait_keep_the_deadline_for_the_per_try_layer() {
+        use crate::{BulkheadLayer, RetryLayer, TimeoutLayer};
+        let timeout = Live::new(crate::TimeoutConfig {
+            total: Duration::from_millis(200),
+            per_try: Duration::ZERO,
+        });
+        let bulkhead = Live::new(BulkheadConfig {
+            max_concurrent: 1,
+            min_limit: 1,
+            initial_limit: 1,
+            max_wait: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let retry = Live::new(crate::RetryConfig {
+            max_attempts: 1,
+            ..Default::default()
+        });
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inner = slow_backend(Duration::from_millis(150), seen.clone());
+        let svc = RetryLayer::with_deadline("w", retry, timeout.clone()).layer(
+            BulkheadLayer::new("w", bulkhead).layer(TimeoutLayer::new(timeout).layer(inner)),
+        );
+        let t0 = tokio::time::Instant::now();
+        let first = tokio::spawn(svc.clone().oneshot(http::Request::new(())));
+        tokio::task::yield_now().await;
+        // Waits 150 ms for the slot, then has 50 ms of its deadline left: told so, held to it.
+        let e = svc.oneshot(http::Request::new(())).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::DeadlineExceeded)
+        );
+        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_millis(200));
+        assert!(first.await.unwrap().is_ok());
+        assert_eq!(*seen.lock().unwrap(), vec![200, 50]);
     }
 
     #[tokio::test(start_paused = true)]

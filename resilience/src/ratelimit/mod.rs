@@ -302,6 +302,7 @@ where
         let key = request_key(&cfg.key, &req).to_owned();
         drop(cfg);
         let limiter = self.limiter.clone();
+        let ctx = crate::scope::peek();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
@@ -313,7 +314,9 @@ where
                             retry_after: d.retry_after,
                         }) as BoxError);
                     }
-                    svc.call(req).await.map_err(Into::into)
+                    crate::scope::resume(ctx, || svc.call(req))
+                        .await
+                        .map_err(Into::into)
                 }),
             },
         }
