@@ -61,6 +61,13 @@ fn client_request() -> http::Request<()> {
     r
 }
 
+/// A client-shaped POST without an `Idempotency-Key`.
+fn client_post() -> http::Request<()> {
+    let mut r = client_request();
+    *r.method_mut() = http::Method::POST;
+    r
+}
+
 fn run_with<S, F>(
     rt: &tokio::runtime::Runtime,
     svc: S,
@@ -199,6 +206,13 @@ fn main() {
     let with = count(&|n| run_with(&rt, stack.clone(), n, client_request));
     println!(
         "allocations/call whole_stack, client-shaped request {:.2}",
+        with - base
+    );
+    // The same POST without an Idempotency-Key: never retried, so no copy is kept.
+    let base = count(&|n| run_with(&rt, noop(), n, client_post));
+    let with = count(&|n| run_with(&rt, stack.clone(), n, client_post));
+    println!(
+        "allocations/call whole_stack, client-shaped POST (not retryable) {:.2}",
         with - base
     );
 }
