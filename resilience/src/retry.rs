@@ -381,6 +381,9 @@ pub(crate) struct Ctx<C, B> {
     replay: Option<Replay<B>>,
     pub(crate) deadline: Option<tokio::time::Instant>,
     retrying: Option<Retrying>,
+    /// The wait before the attempt `decide` chose (boxed: only a retry waits, and the future
+    /// this sits in moves up the stack on every return).
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     pending: bool,
     last: bool,
     /// Set when a wanted retry was refused by the budget: the result then says so.
@@ -414,6 +417,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             replay,
             deadline,
             retrying: None,
+            backoff: None,
             pending: false,
             last: false,
             stopped: None,
@@ -436,7 +440,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
 
     /// After an attempt: `None` to return its result, or the wait before the next attempt (then
     /// [`next_request`](Self::next_request) makes its request).
-    pub(crate) fn decide<T>(
+    fn decide<T>(
         &mut self,
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
@@ -522,7 +526,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
 
     /// The call's result, once [`decide`](Self::decide) chose no further attempt: as it came,
     /// or, if a wanted retry was refused, marked with why (see [`RetriesStopped`]).
-    pub(crate) fn conclude<T>(
+    fn conclude<T>(
         &mut self,
         res: Result<http::Response<T>, BoxError>,
     ) -> Result<http::Response<T>, BoxError> {
@@ -542,21 +546,66 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         }
     }
 
-    /// Gives up the attempt [`decide`](Self::decide) chose (its service failed), so a poll after
-    /// the error sends nothing.
-    pub(crate) fn abandon(&mut self) {
-        self.pending = false;
+    /// After an attempt: the call's result if it is over (see [`conclude`](Self::conclude)), or
+    /// `None` when another attempt follows (after its backoff, kept here).
+    pub(crate) fn after<T>(
+        &mut self,
+        shared: &Arc<RetryShared>,
+        cfg: &RetryConfig,
+        res: Result<http::Response<T>, BoxError>,
+    ) -> Option<Result<http::Response<T>, BoxError>>
+    where
+        C: Classifier<http::Response<T>>,
+    {
+        match self.decide(shared, cfg, &res) {
+            None => Some(self.conclude(res)),
+            Some(wait) => {
+                if !wait.is_zero() {
+                    self.backoff = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+                None
+            }
+        }
     }
 
-    /// Whether [`decide`](Self::decide) chose another attempt that has not been sent yet.
-    pub(crate) fn pending(&self) -> bool {
-        self.pending
+    /// Waits out the backoff, readies `svc` and makes the next attempt's request and span
+    /// (`service` names it). An error ends the call: polled after completion, or the service
+    /// failed (then nothing is sent if polled again).
+    pub(crate) fn poll_next<S>(
+        &mut self,
+        svc: &mut S,
+        service: &str,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<http::Request<B>, BoxError>>
+    where
+        S: Service<http::Request<B>>,
+        S::Error: Into<BoxError>,
+    {
+        if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
+            self.pending = false;
+            return Poll::Ready(Err(e.into()));
+        }
+        let req = self.next_request().map_err(|e| Box::new(e) as BoxError)?;
+        self.span = attempt_span(service, self.attempt, false);
+        Poll::Ready(Ok(req))
+    }
+
+    /// Waits out the backoff; `Err` if no attempt is pending (polled after completion).
+    pub(crate) fn poll_backoff(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if let Some(sleep) = self.backoff.as_mut() {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            self.backoff = None;
+        }
+        if !self.pending {
+            return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// The request of the attempt [`decide`](Self::decide) chose, made only once it is sent (the
     /// last one takes the kept copy itself). It carries an [`Attempt`] extension naming the
     /// instances to avoid.
-    pub(crate) fn next_request(&mut self) -> Result<http::Request<B>, ResilienceError> {
+    fn next_request(&mut self) -> Result<http::Request<B>, ResilienceError> {
         self.pending = false;
         let next = if self.last {
             self.replay.take().map(Replay::into_request)
@@ -584,9 +633,6 @@ pin_project! {
     {
         #[pin]
         fut: Option<S::Future>,
-        // Boxed: only a retry waits, and an inline `Sleep` would make every call's future
-        // (moved on each return up the stack) larger.
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         // The service for retries: cloned from the template when the first retry is sent.
         template: Option<Arc<S>>,
         cfg: Arc<RetryConfig>,
@@ -622,40 +668,20 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                match this.ctx.decide(&this.active.0, this.cfg, &res) {
-                    None => return Poll::Ready(this.ctx.conclude(res)),
-                    Some(wait) => {
-                        if !wait.is_zero() {
-                            *this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
-                        }
-                    }
+                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res) {
+                    return Poll::Ready(done);
                 }
             }
-            if let Some(sleep) = this.sleep.as_mut() {
-                std::task::ready!(sleep.as_mut().poll(cx));
-                *this.sleep = None;
-            }
-            if !this.ctx.pending() {
-                // Polled after completion: nothing left to do.
-                return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
-            }
+            std::task::ready!(this.ctx.poll_backoff(cx))?;
             if this.svc.is_none() {
                 *this.svc = this.template.as_deref().cloned();
             }
             let Some(svc) = this.svc.as_mut() else {
                 return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
             };
-            if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
-                this.ctx.abandon();
-                return Poll::Ready(Err(e.into()));
-            }
             {
+                let req = std::task::ready!(this.ctx.poll_next(svc, &this.active.0.service, cx))?;
                 let ctx = &mut *this.ctx;
-                let req = match ctx.next_request() {
-                    Ok(r) => r,
-                    Err(e) => return Poll::Ready(Err(Box::new(e))),
-                };
-                ctx.span = attempt_span(&this.active.0.service, ctx.attempt, false);
                 let call = CallContext {
                     now: tokio::time::Instant::now(),
                     deadline: ctx.deadline,
@@ -719,7 +745,6 @@ where
         };
         ResponseFuture {
             fut,
-            sleep: None,
             template: ctx.may_retry().then(|| self.template.clone()),
             cfg,
             active: Active(shared.clone()),

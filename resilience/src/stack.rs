@@ -282,7 +282,6 @@ where
             fast,
             held,
             other,
-            backoff: None,
             parts: self.parts.clone(),
             svc: None,
             ctx,
@@ -478,8 +477,6 @@ pin_project! {
         fast: Option<S::Future>,
         held: Held,
         other: Option<Other<T>>,
-        // Boxed: only a retry waits.
-        backoff: Option<Pin<Box<tokio::time::Sleep>>>,
         parts: Arc<Parts<S>>,
         svc: Option<S>,
         ctx: Ctx<HttpClassifier, B>,
@@ -577,35 +574,15 @@ where
                 }
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
-                match this.ctx.decide(&this.parts.retry, &cfg.retry, &res) {
-                    None => return Poll::Ready(this.ctx.conclude(res)),
-                    Some(wait) => {
-                        if !wait.is_zero() {
-                            *this.backoff = Some(Box::pin(tokio::time::sleep(wait)));
-                        }
-                    }
+                if let Some(done) = this.ctx.after(&this.parts.retry, &cfg.retry, res) {
+                    return Poll::Ready(done);
                 }
             }
-            if let Some(sleep) = this.backoff.as_mut() {
-                std::task::ready!(sleep.as_mut().poll(cx));
-                *this.backoff = None;
-            }
-            if !this.ctx.pending() {
-                // Polled after completion.
-                return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
-            }
+            std::task::ready!(this.ctx.poll_backoff(cx))?;
             let parts = this.parts.clone();
             let svc = this.svc.get_or_insert_with(|| parts.svc.clone());
-            if let Err(e) = std::task::ready!(svc.poll_ready(cx)) {
-                this.ctx.abandon();
-                return Poll::Ready(Err(e.into()));
-            }
+            let req = std::task::ready!(this.ctx.poll_next(svc, &parts.retry.service, cx))?;
             let ctx = &mut *this.ctx;
-            let req = match ctx.next_request() {
-                Ok(r) => r,
-                Err(e) => return Poll::Ready(Err(Box::new(e))),
-            };
-            ctx.span = attempt_span(&parts.retry.service, ctx.attempt, false);
             // A reload between attempts applies to the next one.
             let cfg = parts.config.load();
             let started = {
