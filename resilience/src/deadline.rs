@@ -95,19 +95,14 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let total = self.policy.load().total;
         let now = Instant::now();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
-        let deadline = match (inherited, total.is_zero()) {
-            (Some(d), true) => Some(d),
-            (None, true) => None,
-            (Some(d), false) if d <= now + total => Some(d),
-            (_, false) => {
-                let d = now + total;
+        let deadline = total_deadline(inherited, now, self.policy.load().total);
+        if deadline != inherited {
+            if let Some(d) = deadline {
                 req.extensions_mut().insert(DeadlineExt(d));
-                Some(d)
             }
-        };
+        }
         if let Some(d) = deadline {
             if d <= now {
                 return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
@@ -167,29 +162,52 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let per_try = self.policy.load().per_try;
-        let (now, deadline) = match crate::scope::take() {
-            Some(c) => (c.now, c.deadline),
-            None => (
-                Instant::now(),
-                req.extensions().get::<DeadlineExt>().map(|d| d.0),
-            ),
-        };
-        let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
-        let end = match (deadline, per_try_end) {
-            (Some(d), Some(p)) => Some(d.min(p)),
-            (a, b) => a.or(b),
-        };
-        let Some(end) = end else {
-            return ResponseFuture::new(self.inner.call(req), None, None, true);
-        };
+        let (now, deadline) = crate::scope::take_for(&req);
+        match attempt_end(&mut req, now, deadline, self.policy.load().per_try) {
+            Ok(end) => ResponseFuture::new(self.inner.call(req), end, deadline, true),
+            // Counted when the future is polled.
+            Err(e) => ResponseFuture::failed(e),
+        }
+    }
+}
+
+/// A call's total deadline: the earlier of one it inherited (the request's
+/// [`Deadline`](keel_core::request::Deadline)) and `now + total` (`total` zero: none of its own).
+pub(crate) fn total_deadline(
+    inherited: Option<Instant>,
+    now: Instant,
+    total: Duration,
+) -> Option<Instant> {
+    let own = (!total.is_zero()).then(|| now + total);
+    match (inherited, own) {
+        (Some(i), Some(o)) => Some(i.min(o)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The end of an attempt starting `now`: `min(now + per_try, deadline)` (`None`: no bound),
+/// written into the `keel-deadline-ms` header; `DeadlineExceeded` if it has already passed
+/// (not counted here: the caller's future counts what it returns).
+#[inline]
+pub(crate) fn attempt_end<B>(
+    req: &mut http::Request<B>,
+    now: Instant,
+    deadline: Option<Instant>,
+    per_try: Duration,
+) -> Result<Option<Instant>, ResilienceError> {
+    let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
+    let end = match (deadline, per_try_end) {
+        (Some(d), Some(p)) => Some(d.min(p)),
+        (a, b) => a.or(b),
+    };
+    if let Some(end) = end {
         if end <= now {
-            return ResponseFuture::failed(ResilienceError::DeadlineExceeded);
+            return Err(ResilienceError::DeadlineExceeded);
         }
         let ms = (end - now).as_millis().max(1) as u64;
         req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
-        ResponseFuture::new(self.inner.call(req), Some(end), deadline, true)
     }
+    Ok(end)
 }
 
 thread_local! {
@@ -198,7 +216,7 @@ thread_local! {
     static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
 }
 
-pub(crate) fn header_value(ms: u64) -> HeaderValue {
+fn header_value(ms: u64) -> HeaderValue {
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         match &*last {

@@ -17,7 +17,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use keel_core::{request::Deadline as DeadlineExt, Live};
+use keel_core::Live;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
@@ -27,7 +27,7 @@ use crate::{
     breaker::{Breaker, BreakerPermit},
     bulkhead::{ConcurrencyLimiter, ConcurrencyPermit},
     config::TimeoutConfig,
-    deadline::{deadline_metric, header_value, DEADLINE_HEADER},
+    deadline::{attempt_end, deadline_metric},
     error::{BoxError, ResilienceError},
     ratelimit::{request_key, RateLimiter},
     retry::BoxResponseFuture,
@@ -121,13 +121,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (now, deadline) = match crate::scope::take() {
-            Some(c) => (c.now, c.deadline),
-            None => (
-                Instant::now(),
-                req.extensions().get::<DeadlineExt>().map(|d| d.0),
-            ),
-        };
+        let (now, deadline) = crate::scope::take_for(&req);
         let gate = &self.gate;
         let breaker = match gate.breaker.try_acquire_at(now) {
             Ok(p) => p,
@@ -232,32 +226,6 @@ impl<S> PerTry<S> {
     }
 }
 
-/// The end of an attempt starting `now`: `min(now + per_try, deadline)` (`None`: no bound),
-/// written into the `keel-deadline-ms` header; `DeadlineExceeded` if it has already passed.
-#[inline]
-pub(crate) fn prepare<B>(
-    req: &mut http::Request<B>,
-    now: Instant,
-    deadline: Option<Instant>,
-    per_try: std::time::Duration,
-) -> Result<Option<Instant>, ResilienceError> {
-    let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
-    let end = match (deadline, per_try_end) {
-        (Some(d), Some(p)) => Some(d.min(p)),
-        (a, b) => a.or(b),
-    };
-    if let Some(end) = end {
-        if end <= now {
-            let e = ResilienceError::DeadlineExceeded;
-            deadline_metric(&e);
-            return Err(e);
-        }
-        let ms = (end - now).as_millis().max(1) as u64;
-        req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
-    }
-    Ok(end)
-}
-
 /// Sets the per-try timeout (`min(per_try, deadline)`) and the `keel-deadline-ms` header, and
 /// calls `inner`, which must be ready.
 #[allow(clippy::too_many_arguments)]
@@ -274,9 +242,12 @@ pub(crate) fn start<S, B, T>(
 where
     S: Service<http::Request<B>, Response = http::Response<T>>,
 {
-    let end = match prepare(&mut req, now, deadline, per_try) {
+    let end = match attempt_end(&mut req, now, deadline, per_try) {
         Ok(end) => end,
-        Err(e) => return PerTryFuture::failed(e),
+        Err(e) => {
+            deadline_metric(&e);
+            return PerTryFuture::failed(e);
+        }
     };
     PerTryFuture {
         state: State::Called {

@@ -714,24 +714,15 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let shared = &self.shared;
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
-        let mut set_deadline = None;
-        let mut failed = None;
         let now = tokio::time::Instant::now();
-        if let Some(t) = &shared.deadline {
-            let total = t.load().total;
-            if !total.is_zero() {
-                let d = now + total;
-                match inherited {
-                    Some(i) if i <= d => {
-                        if i <= now {
-                            failed = Some(ResilienceError::DeadlineExceeded);
-                        }
-                    }
-                    _ => set_deadline = Some(d),
-                }
-            }
-        }
-        let deadline = set_deadline.or(inherited);
+        let total = shared
+            .deadline
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.load().total);
+        let deadline = crate::deadline::total_deadline(inherited, now, total);
+        // With a deadline of its own, an inherited one already spent ends the call here.
+        let failed = (!total.is_zero() && deadline.is_some_and(|d| d <= now))
+            .then_some(ResilienceError::DeadlineExceeded);
         let cfg = shared.policy.get();
         let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
         ctx.span = attempt_span(&shared.service, 1, false);

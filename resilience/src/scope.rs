@@ -46,6 +46,20 @@ pub(crate) fn take() -> Option<CallContext> {
     CURRENT.with(Cell::take)
 }
 
+/// The attempt's start and total deadline: the context set for it, taken, or else the clock now
+/// and the request's [`Deadline`](keel_core::request::Deadline) extension.
+pub(crate) fn take_for<B>(req: &http::Request<B>) -> (Instant, Option<Instant>) {
+    match take() {
+        Some(c) => (c.now, c.deadline),
+        None => (
+            Instant::now(),
+            req.extensions()
+                .get::<keel_core::request::Deadline>()
+                .map(|d| d.0),
+        ),
+    }
+}
+
 /// The context set for this attempt, if any, without taking it.
 pub(crate) fn peek() -> Option<CallContext> {
     CURRENT.with(Cell::get)

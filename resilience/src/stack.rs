@@ -251,12 +251,7 @@ where
         let parts = &*self.parts;
         let now = Instant::now();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
-        let total = cfg.timeout.total;
-        let own = (!total.is_zero()).then(|| now + total);
-        let deadline = match (inherited, own) {
-            (Some(i), Some(o)) => Some(i.min(o)),
-            (a, b) => a.or(b),
-        };
+        let deadline = crate::deadline::total_deadline(inherited, now, cfg.timeout.total);
         let mut ctx = Ctx::begin(
             &parts.retry,
             &cfg.retry,
@@ -353,13 +348,16 @@ where
             })));
         }
     }
-    match crate::per_try::prepare(&mut req, now, deadline, cfg.timeout.per_try) {
+    match crate::deadline::attempt_end(&mut req, now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
             held.held.end = end;
             let fut = svc.call(req);
             Ok((fut, held.keep()))
         }
-        Err(e) => Err(Other::Failed(Some(e))),
+        Err(e) => {
+            crate::deadline::deadline_metric(&e);
+            Err(Other::Failed(Some(e)))
+        }
     }
 }
 
