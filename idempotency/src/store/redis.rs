@@ -371,6 +371,19 @@ fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
     }
 }
 
+/// `fut`, boxed, with its duration recorded as the store operation `op`.
+fn timed<'a, T>(
+    op: &'static str,
+    fut: impl std::future::Future<Output = T> + Send + 'a,
+) -> BoxFuture<'a, T> {
+    Box::pin(async move {
+        let t = tokio::time::Instant::now();
+        let r = fut.await;
+        telemetry::store_latency(op, t);
+        r
+    })
+}
+
 impl IdempotencyStore for RedisStore {
     fn claim<'a>(
         &'a self,
@@ -379,11 +392,8 @@ impl IdempotencyStore for RedisStore {
         fingerprint: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, IdempotencyError>> {
-        Box::pin(async move {
-            let t = tokio::time::Instant::now();
-            let r = self.claim_inner(key, owner, fingerprint, lease).await;
-            telemetry::store_latency("claim", t);
-            r
+        timed("claim", async move {
+            self.claim_inner(key, owner, fingerprint, lease).await
         })
     }
 
@@ -393,14 +403,10 @@ impl IdempotencyStore for RedisStore {
         owner: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        Box::pin(async move {
-            let t = tokio::time::Instant::now();
+        timed("renew", async move {
             let lease_ms = ms(lease).to_string();
-            let r = self
-                .owner_checked(1, key, &[owner.as_bytes(), lease_ms.as_bytes()])
-                .await;
-            telemetry::store_latency("renew", t);
-            r
+            self.owner_checked(1, key, &[owner.as_bytes(), lease_ms.as_bytes()])
+                .await
         })
     }
 
@@ -411,14 +417,10 @@ impl IdempotencyStore for RedisStore {
         record: Bytes,
         retention: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        Box::pin(async move {
-            let t = tokio::time::Instant::now();
+        timed("complete", async move {
             let ret = ms(retention).to_string();
-            let r = self
-                .owner_checked(2, key, &[owner.as_bytes(), &record, ret.as_bytes()])
-                .await;
-            telemetry::store_latency("complete", t);
-            r
+            self.owner_checked(2, key, &[owner.as_bytes(), &record, ret.as_bytes()])
+                .await
         })
     }
 
@@ -427,11 +429,8 @@ impl IdempotencyStore for RedisStore {
         key: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        Box::pin(async move {
-            let t = tokio::time::Instant::now();
-            let r = self.owner_checked(3, key, &[owner.as_bytes()]).await;
-            telemetry::store_latency("release", t);
-            r
+        timed("release", async move {
+            self.owner_checked(3, key, &[owner.as_bytes()]).await
         })
     }
 }
