@@ -230,7 +230,7 @@ impl<S> PerTry<S> {
 /// calls `inner`, which must be ready.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) fn start<S, B, T>(
+fn start<S, B, T>(
     inner: &mut S,
     mut req: http::Request<B>,
     breaker: BreakerPermit,
