@@ -118,9 +118,12 @@ impl Service<http::Request<Bytes>> for HttpTransport {
             Ok(c) => c,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
+        let mut headers = parts.headers;
+        // The time left of this attempt, as the per-try timeout above bounded it.
+        keel_resilience::write_deadline_header(&mut headers);
         let send = client
             .request(parts.method, format!("{}{path}", self.base))
-            .headers(parts.headers)
+            .headers(headers)
             .body(body)
             .send();
         Box::pin(async move {
@@ -173,8 +176,7 @@ impl Service<http::Request<Bytes>> for InstanceBreaker<HttpTransport> {
         };
         // The attempt's own bound, as the per-try timeout above set it: if the attempt is dropped
         // at that time, it timed out, and this instance's breaker counts it.
-        let bound = keel_resilience::remaining_from_header(request.headers())
-            .map(|left| tokio::time::Instant::now() + left);
+        let bound = keel_core::request::attempt_end();
         let fut = self.inner.call(request);
         let mut attempt = Attempt {
             permit: Some(permit),

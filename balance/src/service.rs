@@ -21,7 +21,7 @@ use keel_core::{
     request::{InstanceFailure, ServedBy, Tried},
     Instance, InstanceId,
 };
-use tower::{util::ServiceExt, BoxError};
+use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -211,8 +211,19 @@ where
         };
         let classifier = self.classifier.clone();
         tracing::trace!(instance = %served_by.id, "routed");
+        // The attempt's end, set around this `call` by a per-try timeout above: the instance's
+        // service is called later, once ready, and its transport reads the end there.
+        let end = keel_core::request::attempt_end();
         Box::pin(async move {
-            match svc.oneshot(req).await {
+            let mut svc = svc;
+            let ready = std::future::poll_fn(|cx| svc.poll_ready(cx).map_err(Into::into)).await;
+            let called = match ready {
+                Ok(()) => keel_core::request::with_attempt_end(end, || svc.call(req))
+                    .await
+                    .map_err(Into::into),
+                Err(e) => Err(e),
+            };
+            match called {
                 Ok(mut res) => {
                     let outcome = classifier.classify_response(&res, picked.elapsed());
                     picked.complete(outcome);
@@ -220,7 +231,6 @@ where
                     Ok(res)
                 }
                 Err(e) => {
-                    let e: BoxError = e.into();
                     let outcome = classifier.classify_error(&*e);
                     picked.complete(if outcome == Outcome::Cancelled {
                         Outcome::GatewayFailure

@@ -95,3 +95,58 @@ impl Tried {
         crate::lock(&self.0).clone()
     }
 }
+
+thread_local! {
+    static ATTEMPT_END: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a synchronous `Service::call` of the layers below a per-try timeout) with `end` as
+/// the end of the attempt being started, for the transport to read with [`attempt_end`] and send
+/// downstream as the remaining budget. The effective end is the earlier of `end` and an end
+/// already set around this call, so an attempt never claims more time than the one it is part
+/// of. The previous value is restored when `f` returns or panics.
+///
+/// The bound travels on the thread rather than in the request: `call` is synchronous, so every
+/// layer that builds its future in `call` runs inside this scope, and a layer that calls its
+/// inner service later (a balancer waiting for an instance to be ready) keeps the value it read
+/// here and runs that later `call` inside `with_attempt_end` again. Writing a header into a
+/// request with no headers yet would allocate its map; the transport writes it instead, into
+/// the map it builds anyway, with the time left when the request actually leaves.
+///
+/// ```
+/// use keel_core::request::{attempt_end, with_attempt_end};
+/// use tokio::time::{Duration, Instant};
+///
+/// let end = Instant::now() + Duration::from_millis(300);
+/// assert_eq!(attempt_end(), None);
+/// with_attempt_end(Some(end), || {
+///     assert_eq!(attempt_end(), Some(end));
+///     // A nested bound can only shorten the attempt.
+///     with_attempt_end(Some(end + Duration::from_secs(1)), || assert_eq!(attempt_end(), Some(end)));
+/// });
+/// assert_eq!(attempt_end(), None);
+/// ```
+pub fn with_attempt_end<R>(end: Option<Instant>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ATTEMPT_END.with(|c| c.set(self.0));
+        }
+    }
+    let Some(end) = end else {
+        return f();
+    };
+    let outer = ATTEMPT_END.with(|c| {
+        let outer = c.get();
+        c.set(Some(outer.map_or(end, |o| o.min(end))));
+        outer
+    });
+    let _restore = Restore(outer);
+    f()
+}
+
+/// The end of the attempt being started on this thread, as set by [`with_attempt_end`] (by
+/// keel-resilience's per-try timeout); `None` outside such a call or when it has no bound.
+pub fn attempt_end() -> Option<Instant> {
+    ATTEMPT_END.with(std::cell::Cell::get)
+}

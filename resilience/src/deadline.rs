@@ -8,8 +8,12 @@
 //! server refuse work whose caller is already gone ([`DeadlineCheck`], 504).
 //!
 //! The deadline itself travels inside the process as the [`keel_core::request::Deadline`]
-//! request extension, so the retry layer caps its backoff and the per-try timeout caps each
-//! attempt without knowing about each other.
+//! request extension (or, between the retry layer and the per-try timeout, the call context), so
+//! the retry layer caps its backoff and the per-try timeout caps each attempt without knowing
+//! about each other. The per-try timeout hands the attempt's end to the transport through
+//! [`keel_core::request::with_attempt_end`]; the transport writes the header
+//! ([`write_deadline_header`], or [`PropagateDeadline`] over any HTTP client) with the time left
+//! when the request actually leaves, after any wait in the balancer.
 
 use std::{
     future::Future,
@@ -113,8 +117,8 @@ where
     }
 }
 
-/// Caps each attempt at `min(per_try, remaining deadline)`, and writes that budget into the
-/// `keel-deadline-ms` header for the next hop. The deadline comes from a [`Retry`](crate::Retry)
+/// Caps each attempt at `min(per_try, remaining deadline)`, and hands that bound to the transport
+/// below (which sends the time left as `keel-deadline-ms`, see [`write_deadline_header`]). The deadline comes from a [`Retry`](crate::Retry)
 /// directly above (see [`RetryLayer::with_deadline`](crate::RetryLayer::with_deadline)) or from the
 /// request's [`Deadline`](keel_core::request::Deadline) extension. Expiry is [`ResilienceError::Timeout`] (retryable,
 /// an upstream failure) or, once the total deadline has passed,
@@ -161,10 +165,14 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (now, deadline) = crate::scope::take_for(&req);
-        match attempt_end(&mut req, now, deadline, self.policy.load().per_try) {
-            Ok(end) => ResponseFuture::new(self.inner.call(req), end, deadline, true),
+        match attempt_end(now, deadline, self.policy.load().per_try) {
+            Ok(end) => {
+                let inner = &mut self.inner;
+                let fut = keel_core::request::with_attempt_end(end, || inner.call(req));
+                ResponseFuture::new(fut, end, deadline, true)
+            }
             // Counted when the future is polled.
             Err(e) => ResponseFuture::failed(e),
         }
@@ -185,12 +193,12 @@ pub(crate) fn total_deadline(
     }
 }
 
-/// The end of an attempt starting `now`: `min(now + per_try, deadline)` (`None`: no bound),
-/// written into the `keel-deadline-ms` header; `DeadlineExceeded` if it has already passed
-/// (not counted here: the caller's future counts what it returns).
-#[inline]
-pub(crate) fn attempt_end<B>(
-    req: &mut http::Request<B>,
+/// The end of an attempt starting `now`: `min(now + per_try, deadline)` (`None`: no bound);
+/// `DeadlineExceeded` if it has already passed (not counted here: the caller's future counts
+/// what it returns). The caller runs the inner `call` inside
+/// [`with_attempt_end`](keel_core::request::with_attempt_end), so the transport sends the
+/// time left downstream ([`write_deadline_header`]).
+pub(crate) fn attempt_end(
     now: Instant,
     deadline: Option<Instant>,
     per_try: Duration,
@@ -200,14 +208,37 @@ pub(crate) fn attempt_end<B>(
         (Some(d), Some(p)) => Some(d.min(p)),
         (a, b) => a.or(b),
     };
-    if let Some(end) = end {
-        if end <= now {
-            return Err(ResilienceError::DeadlineExceeded);
-        }
-        let ms = (end - now).as_millis().max(1) as u64;
-        req.headers_mut().insert(DEADLINE_HEADER, header_value(ms));
+    match end {
+        Some(end) if end <= now => Err(ResilienceError::DeadlineExceeded),
+        _ => Ok(end),
     }
-    Ok(end)
+}
+
+/// For a transport: writes the time left of the attempt being sent into the `keel-deadline-ms`
+/// header (whole milliseconds, at least 1), reading the attempt's end that a per-try timeout
+/// above set around this `call` ([`keel_core::request::attempt_end`]). Returns whether there
+/// was one. keel's own HTTP transport calls it; [`PropagateDeadline`] does it for any other.
+///
+/// ```
+/// use keel_core::request::with_attempt_end;
+/// use keel_resilience::{remaining_from_header, write_deadline_header};
+/// use tokio::time::{Duration, Instant};
+///
+/// let mut headers = http::HeaderMap::new();
+/// assert!(!write_deadline_header(&mut headers)); // no attempt bound: nothing written
+/// let end = Instant::now() + Duration::from_secs(2);
+/// with_attempt_end(Some(end), || write_deadline_header(&mut headers));
+/// let left = remaining_from_header(&headers).unwrap();
+/// assert!(left <= Duration::from_secs(2) && left > Duration::from_secs(1));
+/// ```
+pub fn write_deadline_header(headers: &mut http::HeaderMap) -> bool {
+    let Some(end) = keel_core::request::attempt_end() else {
+        return false;
+    };
+    let left = end.saturating_duration_since(Instant::now());
+    let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    headers.insert(DEADLINE_HEADER, header_value(ms));
+    true
 }
 
 thread_local! {
@@ -228,6 +259,43 @@ fn header_value(ms: u64) -> HeaderValue {
             }
         }
     })
+}
+
+/// Writes `keel-deadline-ms` ([`write_deadline_header`]) into each request before calling the
+/// transport it wraps: put it directly above an HTTP client that is not keel's own, below the
+/// per-try timeout (or the balancer), so the next hop learns the time left.
+#[derive(Debug, Clone)]
+pub struct PropagateDeadline<S> {
+    inner: S,
+}
+
+/// Builds [`PropagateDeadline`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PropagateDeadlineLayer;
+
+impl<S> Layer<S> for PropagateDeadlineLayer {
+    type Service = PropagateDeadline<S>;
+    fn layer(&self, inner: S) -> PropagateDeadline<S> {
+        PropagateDeadline { inner }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for PropagateDeadline<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
+        write_deadline_header(req.headers_mut());
+        self.inner.call(req)
+    }
 }
 
 pin_project! {
@@ -400,7 +468,7 @@ mod tests {
     async fn per_try_is_min_of_per_try_and_remaining_and_travels_in_header() {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let inner = service_fn(move |req: http::Request<()>| {
+        let inner = PropagateDeadlineLayer.layer(service_fn(move |req: http::Request<()>| {
             s2.lock()
                 .unwrap()
                 .push(remaining_from_header(req.headers()).unwrap());
@@ -408,7 +476,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 Ok::<_, BoxError>(())
             }
-        });
+        }));
         let svc = DeadlineLayer::new(policy(1000, 300))
             .layer(TimeoutLayer::new(policy(1000, 300)).layer(inner));
         let t0 = Instant::now();

@@ -6,7 +6,7 @@
 //!
 //! | layer | what | why |
 //! |---|---|---|
-//! | [`Deadline`] / [`Timeout`] | total deadline, per-try `min(per_try, remaining)`, `keel-deadline-ms` header | a call that cannot finish in time should stop consuming anyone's resources |
+//! | [`Deadline`] / [`Timeout`] / [`PropagateDeadline`] | total deadline, per-try `min(per_try, remaining)`, time left sent as `keel-deadline-ms` by the transport | a call that cannot finish in time should stop consuming anyone's resources |
 //! | [`Retry`] | classes, full-jitter backoff, retry budget, concurrent-retry cap, idempotent only | retries without a budget multiply load exactly when the upstream is weakest |
 //! | [`CircuitBreaker`] / [`AdaptiveThrottle`] | Resilience4j breaker; SRE adaptive throttling | fail fast and give the upstream room |
 //! | [`Bulkhead`] / [`AdaptiveConcurrency`] | fixed or Gradient2/AIMD concurrency limit | one slow dependency must not take every thread |
@@ -107,8 +107,9 @@ pub use self::{
         TimeoutConfig, WindowKind,
     },
     deadline::{
-        remaining_from_header, Deadline, DeadlineCheck, DeadlineCheckLayer, DeadlineLayer,
-        ResponseFuture as DeadlineFuture, Timeout, TimeoutLayer, DEADLINE_HEADER,
+        remaining_from_header, write_deadline_header, Deadline, DeadlineCheck, DeadlineCheckLayer,
+        DeadlineLayer, PropagateDeadline, PropagateDeadlineLayer, ResponseFuture as DeadlineFuture,
+        Timeout, TimeoutLayer, DEADLINE_HEADER,
     },
     error::{BoxError, InvalidConfig, ResilienceError, RetriesStopped, RetryStopped},
     fallback::{triggers_fallback, Fallback, FallbackLayer, ResponseFuture as FallbackFuture},

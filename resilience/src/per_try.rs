@@ -226,13 +226,14 @@ impl<S> PerTry<S> {
     }
 }
 
-/// Sets the per-try timeout (`min(per_try, deadline)`) and the `keel-deadline-ms` header, and
-/// calls `inner`, which must be ready.
+/// Sets the per-try timeout (`min(per_try, deadline)`), hands it to the transport below
+/// ([`with_attempt_end`](keel_core::request::with_attempt_end)), and calls `inner`, which must
+/// be ready.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn start<S, B, T>(
     inner: &mut S,
-    mut req: http::Request<B>,
+    req: http::Request<B>,
     breaker: BreakerPermit,
     bulkhead: Option<ConcurrencyPermit>,
     now: Instant,
@@ -242,7 +243,7 @@ fn start<S, B, T>(
 where
     S: Service<http::Request<B>, Response = http::Response<T>>,
 {
-    let end = match attempt_end(&mut req, now, deadline, per_try) {
+    let end = match attempt_end(now, deadline, per_try) {
         Ok(end) => end,
         Err(e) => {
             deadline_metric(&e);
@@ -251,7 +252,7 @@ where
     };
     PerTryFuture {
         state: State::Called {
-            fut: inner.call(req),
+            fut: keel_core::request::with_attempt_end(end, || inner.call(req)),
             sleep: None,
             end,
             deadline,

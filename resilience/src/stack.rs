@@ -10,7 +10,8 @@
 //!   -> CircuitBreaker / AdaptiveThrottle   per service; sees every attempt, fails fast
 //!   -> Bulkhead      bounds attempts in flight (fixed, Gradient2 or AIMD)
 //!   -> RateLimit     GCRA, local or Redis
-//!   -> Timeout       each attempt: min(per_try, remaining); keel-deadline-ms header
+//!   -> Timeout       each attempt: min(per_try, remaining), handed to the transport, which
+//!                    sends the time left as keel-deadline-ms
 //!   -> Chaos         injected faults look like upstream faults to everything above
 //!   -> inner         the balancer (per-instance breakers, outlier ejection), then the client
 //! ```
@@ -291,7 +292,7 @@ fn attempt<S, B, T>(
     svc: &mut S,
     parts: &Parts<S>,
     cfg: &ResilienceConfig,
-    mut req: http::Request<B>,
+    req: http::Request<B>,
     now: Instant,
     deadline: Option<Instant>,
 ) -> Result<(S::Future, Held), Other<T>>
@@ -348,10 +349,10 @@ where
             })));
         }
     }
-    match crate::deadline::attempt_end(&mut req, now, deadline, cfg.timeout.per_try) {
+    match crate::deadline::attempt_end(now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
             held.held.end = end;
-            let fut = svc.call(req);
+            let fut = keel_core::request::with_attempt_end(end, || svc.call(req));
             Ok((fut, held.keep()))
         }
         Err(e) => {
@@ -647,20 +648,23 @@ mod tests {
         let stack = ClientStackLayer::try_new("payments", config.clone()).unwrap();
         let calls = Arc::new(AtomicU32::new(0));
         let c2 = calls.clone();
-        let client = stack.layer(service_fn(move |req: http::Request<()>| {
-            c2.fetch_add(1, Ordering::SeqCst);
-            assert!(req.headers().contains_key("keel-deadline-ms"));
-            // The deadline reaches the attempt through the call context, not an extension map.
-            assert!(req
-                .extensions()
-                .get::<keel_core::request::Deadline>()
-                .is_none());
-            async {
-                let mut r = http::Response::new(());
-                *r.status_mut() = http::StatusCode::BAD_GATEWAY;
-                Ok::<_, BoxError>(r)
-            }
-        }));
+        // The transport writes the header (here the layer for other transports does).
+        let client = stack.layer(crate::PropagateDeadlineLayer.layer(service_fn(
+            move |req: http::Request<()>| {
+                c2.fetch_add(1, Ordering::SeqCst);
+                assert!(req.headers().contains_key("keel-deadline-ms"));
+                // The deadline reaches the attempt through the call context, not an extension map.
+                assert!(req
+                    .extensions()
+                    .get::<keel_core::request::Deadline>()
+                    .is_none());
+                async {
+                    let mut r = http::Response::new(());
+                    *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+                    Ok::<_, BoxError>(r)
+                }
+            },
+        )));
         let mut next = config.load().as_ref().clone();
         next.breaker.minimum_calls = 4;
         next.breaker.size = 4;
@@ -706,14 +710,14 @@ mod tests {
     > + Clone
            + Send
            + 'static {
-        service_fn(move |req: http::Request<()>| {
+        crate::PropagateDeadlineLayer.layer(service_fn(move |req: http::Request<()>| {
             let ms = crate::remaining_from_header(req.headers()).map(|d| d.as_millis() as u64);
             seen.lock().unwrap().push(ms.unwrap_or(0));
             async move {
                 tokio::time::sleep(delay).await;
                 Ok::<_, BoxError>(http::Response::new(()))
             }
-        })
+        }))
     }
 
     #[tokio::test(start_paused = true)]

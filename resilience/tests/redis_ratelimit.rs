@@ -136,12 +136,16 @@ async fn client_stack_takes_its_decisions_from_redis() {
     let stack = ClientStackLayer::try_new("rl-stack", Live::new(cfg)).unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    let client = stack.layer(tower::service_fn(move |req: http::Request<()>| {
-        s2.lock()
-            .unwrap()
-            .push(keel_resilience::remaining_from_header(req.headers()));
-        async { Ok::<_, BoxError>(http::Response::new(())) }
-    }));
+    let client = stack.layer(
+        keel_resilience::PropagateDeadlineLayer.layer(tower::service_fn(
+            move |req: http::Request<()>| {
+                s2.lock()
+                    .unwrap()
+                    .push(keel_resilience::remaining_from_header(req.headers()));
+                async { Ok::<_, BoxError>(http::Response::new(())) }
+            },
+        )),
+    );
     let call = || {
         client
             .clone()
