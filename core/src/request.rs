@@ -126,6 +126,7 @@ thread_local! {
 /// });
 /// assert_eq!(attempt_end(), None);
 /// ```
+#[inline]
 pub fn with_attempt_end<R>(end: Option<Instant>, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<Instant>);
     impl Drop for Restore {
@@ -147,6 +148,7 @@ pub fn with_attempt_end<R>(end: Option<Instant>, f: impl FnOnce() -> R) -> R {
 
 /// The end of the attempt being started on this thread, as set by [`with_attempt_end`] (by
 /// keel-resilience's per-try timeout); `None` outside such a call or when it has no bound.
+#[inline]
 pub fn attempt_end() -> Option<Instant> {
     ATTEMPT_END.with(std::cell::Cell::get)
 }

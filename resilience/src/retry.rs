@@ -376,25 +376,34 @@ impl Drop for Retrying {
 pub(crate) struct Ctx<C, B> {
     classifier: C,
     pub(crate) attempt: u32,
-    avoid: Vec<InstanceId>,
     safe: bool,
     replay: Option<Replay<B>>,
     pub(crate) deadline: Option<tokio::time::Instant>,
-    retrying: Option<Retrying>,
-    /// The wait before the attempt `decide` chose (boxed: only a retry waits, and the future
-    /// this sits in moves up the stack on every return).
-    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     pending: bool,
     last: bool,
+    /// What only a call whose attempt failed needs, made then: a call that succeeds at once
+    /// never allocates it, and the future this sits in (moved on every return up the stack)
+    /// stays small.
+    later: Option<Box<Later>>,
+    pub(crate) span: tracing::Span,
+}
+
+/// The retry state of a call after its first failed attempt.
+#[derive(Debug, Default)]
+struct Later {
+    /// Instances earlier attempts went to.
+    avoid: Vec<InstanceId>,
+    retrying: Option<Retrying>,
+    /// The wait before the attempt `decide` chose.
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Set when a wanted retry was refused by the budget: the result then says so.
     stopped: Option<ResilienceError>,
-    pub(crate) span: tracing::Span,
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
     /// The bookkeeping of a new call: deposits in the budget, counts it in flight (the caller
-    /// calls [`RetryShared::end_call`] when it ends), and keeps a copy of the request if it may
-    /// be retried.
+    /// calls [`RetryShared::end_call`] when it ends), keeps a copy of the request if it may be
+    /// retried, and makes the first attempt's span.
     #[inline]
     pub(crate) fn begin(
         shared: &Arc<RetryShared>,
@@ -412,15 +421,12 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         Self {
             classifier,
             attempt: 1,
-            avoid: Vec::new(),
             safe,
             replay,
             deadline,
-            retrying: None,
-            backoff: None,
             pending: false,
             last: false,
-            stopped: None,
+            later: None,
             span: tracing::Span::none(),
         }
     }
@@ -449,7 +455,8 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     where
         C: Classifier<http::Response<T>>,
     {
-        self.retrying = None;
+        let later = self.later.get_or_insert_with(Box::default);
+        later.retrying = None;
         let outcome = self.classifier.classify(res);
         // A request that never left (an instance's own breaker refused it) may go elsewhere.
         let wanted = wants_retry(&cfg.retry_on, &outcome) || not_sent(res);
@@ -501,20 +508,20 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
                 shared.active_retries.fetch_sub(1, Ordering::AcqRel);
                 shared.count("concurrency_capped");
-                self.stopped = Some(ResilienceError::BudgetExhausted);
+                later.stopped = Some(ResilienceError::BudgetExhausted);
                 return None;
             }
             let retrying = Retrying(shared.clone());
             if shared.budget.try_withdraw().is_err() {
                 shared.count("budget_exhausted");
-                self.stopped = Some(ResilienceError::BudgetExhausted);
+                later.stopped = Some(ResilienceError::BudgetExhausted);
                 return None;
             }
-            self.retrying = Some(retrying);
+            later.retrying = Some(retrying);
         }
         if let Some(id) = served_by(res) {
-            if !self.avoid.contains(&id) {
-                self.avoid.push(id);
+            if !later.avoid.contains(&id) {
+                later.avoid.push(id);
             }
         }
         self.attempt += 1;
@@ -530,7 +537,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         &mut self,
         res: Result<http::Response<T>, BoxError>,
     ) -> Result<http::Response<T>, BoxError> {
-        let Some(reason) = self.stopped.take() else {
+        let Some(reason) = self.later.as_mut().and_then(|l| l.stopped.take()) else {
             return res;
         };
         match res {
@@ -561,7 +568,8 @@ impl<C, B: ReplayBody> Ctx<C, B> {
             None => Some(self.conclude(res)),
             Some(wait) => {
                 if !wait.is_zero() {
-                    self.backoff = Some(Box::pin(tokio::time::sleep(wait)));
+                    self.later.get_or_insert_with(Box::default).backoff =
+                        Some(Box::pin(tokio::time::sleep(wait)));
                 }
                 None
             }
@@ -592,9 +600,11 @@ impl<C, B: ReplayBody> Ctx<C, B> {
 
     /// Waits out the backoff; `Err` if no attempt is pending (polled after completion).
     pub(crate) fn poll_backoff(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if let Some(sleep) = self.backoff.as_mut() {
-            std::task::ready!(sleep.as_mut().poll(cx));
-            self.backoff = None;
+        if let Some(later) = self.later.as_mut() {
+            if let Some(sleep) = later.backoff.as_mut() {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                later.backoff = None;
+            }
         }
         if !self.pending {
             return Poll::Ready(Err(Box::new(ResilienceError::BudgetExhausted)));
@@ -618,7 +628,11 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         next.extensions_mut().insert(Attempt {
             number: self.attempt,
             hedge: false,
-            avoid: self.avoid.clone(),
+            avoid: self
+                .later
+                .as_ref()
+                .map(|l| l.avoid.clone())
+                .unwrap_or_default(),
         });
         Ok(next)
     }
@@ -724,8 +738,7 @@ where
         let failed = (!total.is_zero() && deadline.is_some_and(|d| d <= now))
             .then_some(ResilienceError::DeadlineExceeded);
         let cfg = shared.policy.get();
-        let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
-        ctx.span = attempt_span(&shared.service, 1, false);
+        let ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
         let fut = if failed.is_none() {
             let _entered = ctx.span.enter();
             let call = CallContext { now, deadline };

@@ -58,7 +58,7 @@ use crate::{
     per_try::{Gate, PerTry, PerTryLayer},
     ratelimit::{request_key, RateLimiter, ServerRateLimit, ServerRateLimitLayer},
     retry::BoxResponseFuture,
-    retry::{attempt_span, is_retry_safe, Ctx, ReplayBody, RetryLayer, RetryShared},
+    retry::{is_retry_safe, Ctx, ReplayBody, RetryLayer, RetryShared},
     scope::{self, CallContext},
 };
 
@@ -247,47 +247,56 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline(always)]
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let cfg = self.config.load();
         let parts = &*self.parts;
         let now = Instant::now();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let deadline = crate::deadline::total_deadline(inherited, now, cfg.timeout.total);
-        let mut ctx = Ctx::begin(
-            &parts.retry,
-            &cfg.retry,
-            HttpClassifier::default(),
-            &req,
-            now,
-            deadline,
-        );
-        ctx.span = attempt_span(&parts.retry.service, 1, false);
-        // Counted in flight by `begin`: uncounted by the future's drop, or here if the attempt
-        // panics before there is a future.
-        let counted = EndCall(Some(&parts.retry));
-        let started = {
-            let _entered = ctx.span.enter();
-            attempt(&mut self.inner, parts, cfg, req, now, deadline)
-        };
-        counted.defuse();
-        let (fast, held, other) = match started {
-            Ok((fut, held)) => (Some(fut), held, None),
-            Err(other) => (None, Held::default(), Some(other)),
-        };
-        ClientFuture {
-            fast,
-            held,
-            other,
+        // Built first and filled in place: the future is what `call` returns, so the attempt's
+        // state is written where it will live instead of being moved there. From here on its
+        // drop gives back whatever the attempt holds and uncounts the call (counted in flight
+        // by `begin`), also if the inner `call` panics.
+        let mut fut = ClientFuture {
+            fast: None,
+            held: Held::default(),
+            other: None,
             parts: self.parts.clone(),
             svc: None,
-            ctx,
+            ctx: Ctx::begin(
+                &parts.retry,
+                &cfg.retry,
+                HttpClassifier::default(),
+                &req,
+                now,
+                deadline,
+            ),
+        };
+        fut.ctx.span = crate::retry::attempt_span(&parts.retry.service, 1, false);
+        let started = {
+            let _entered = fut.ctx.span.enter();
+            attempt(
+                &mut self.inner,
+                parts,
+                cfg,
+                req,
+                now,
+                deadline,
+                &mut fut.held,
+            )
+        };
+        match started {
+            Ok(f) => fut.fast = Some(f),
+            Err(other) => fut.other = Some(other),
         }
+        fut
     }
 }
 
-/// Starts one attempt on `svc` (ready): fused when it can be (its future and what it holds),
-/// else through the layered path or refused.
-#[inline]
+/// Starts one attempt on `svc` (ready): fused when it can be (its future, with the permits it
+/// holds written into `held`), else through the layered path or refused (nothing held).
+#[inline(always)]
 fn attempt<S, B, T>(
     svc: &mut S,
     parts: &Parts<S>,
@@ -295,7 +304,8 @@ fn attempt<S, B, T>(
     req: http::Request<B>,
     now: Instant,
     deadline: Option<Instant>,
-) -> Result<(S::Future, Held), Other<T>>
+    held: &mut Held,
+) -> Result<S::Future, Other<T>>
 where
     S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -328,22 +338,17 @@ where
         // Waits for a slot: the layered path takes its own permits.
         return Err(layered(parts.per_try.clone(), req, call));
     };
-    // Given back if anything below panics (the inner service's `call`, say): a lost half-open
-    // permit would keep the breaker refusing every call.
-    let mut held = Releasing {
-        gate,
-        held: Held {
-            breaker: Some(breaker),
-            slot: Some(slot),
-            ..Held::default()
-        },
-    };
+    // Held from here, so given back by the future's drop if anything below panics (the inner
+    // service's `call`, say): a lost half-open permit would keep the breaker refusing calls.
+    held.breaker = Some(breaker);
+    held.slot = Some(slot);
     let rl = &cfg.rate_limit;
     if rl.enabled {
         let d = gate
             .rate
             .check_local_at(rl, request_key(&rl.key, &req), now);
         if !d.allowed {
+            held.release(gate);
             return Err(Other::Failed(Some(ResilienceError::RateLimited {
                 retry_after: d.retry_after,
             })));
@@ -351,48 +356,13 @@ where
     }
     match crate::deadline::attempt_end(now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
-            held.held.end = end;
-            let fut = keel_core::request::with_attempt_end(end, || svc.call(req));
-            Ok((fut, held.keep()))
+            held.end = end;
+            Ok(keel_core::request::with_attempt_end(end, || svc.call(req)))
         }
         Err(e) => {
+            held.release(gate);
             crate::deadline::deadline_metric(&e);
             Err(Other::Failed(Some(e)))
-        }
-    }
-}
-
-/// Gives the permits of an attempt that is being started back unless it is kept.
-struct Releasing<'a> {
-    gate: &'a Gate,
-    held: Held,
-}
-
-impl Releasing<'_> {
-    fn keep(mut self) -> Held {
-        std::mem::take(&mut self.held)
-    }
-}
-
-impl Drop for Releasing<'_> {
-    fn drop(&mut self) {
-        self.held.release(self.gate);
-    }
-}
-
-/// Uncounts a call in flight unless defused.
-struct EndCall<'a>(Option<&'a RetryShared>);
-
-impl EndCall<'_> {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for EndCall<'_> {
-    fn drop(&mut self) {
-        if let Some(r) = self.0 {
-            r.end_call();
         }
     }
 }
@@ -494,22 +464,6 @@ pin_project! {
     }
 }
 
-impl<S, B, T> ClientFuture<S, B, T>
-where
-    S: Service<http::Request<B>>,
-{
-    fn set_attempt(mut self: Pin<&mut Self>, started: Result<(S::Future, Held), Other<T>>) {
-        let mut this = self.as_mut().project();
-        match started {
-            Ok((fut, held)) => {
-                this.fast.set(Some(fut));
-                *this.held = held;
-            }
-            Err(other) => *this.other = Some(other),
-        }
-    }
-}
-
 impl<S, B, T> Future for ClientFuture<S, B, T>
 where
     S: Service<http::Request<B>, Response = http::Response<T>> + Clone + Send + Sync + 'static,
@@ -586,9 +540,20 @@ where
             let cfg = parts.config.load();
             let started = {
                 let _entered = ctx.span.enter();
-                attempt(svc, &parts, &cfg, req, Instant::now(), ctx.deadline)
+                attempt(
+                    svc,
+                    &parts,
+                    &cfg,
+                    req,
+                    Instant::now(),
+                    ctx.deadline,
+                    this.held,
+                )
             };
-            self.as_mut().set_attempt(started);
+            match started {
+                Ok(fut) => this.fast.set(Some(fut)),
+                Err(other) => *this.other = Some(other),
+            }
         }
     }
 }

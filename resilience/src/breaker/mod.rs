@@ -81,6 +81,14 @@ enum St {
     },
 }
 
+/// What the breaker's lock guards: its state, and its own cached view of the policy (a pointer
+/// comparison per call while the policy has not changed, instead of a shared load).
+#[derive(Debug)]
+struct Locked {
+    cfg: keel_core::LiveCache<BreakerConfig>,
+    s: Inner,
+}
+
 #[derive(Debug)]
 struct Inner {
     st: St,
@@ -95,7 +103,7 @@ pub struct Breaker {
     policy: Live<BreakerConfig>,
     hint: AtomicU8,
     epoch: AtomicU64,
-    inner: Mutex<Inner>,
+    inner: Mutex<Locked>,
     throttle: AdaptiveThrottle,
     base: Instant,
     gauge: metrics::Gauge,
@@ -153,20 +161,23 @@ impl Breaker {
         let gauge = m::gauge(m::BREAKER_STATE, &service, instance);
         gauge.set(0.0);
         Arc::new(Self {
-            policy,
             hint: AtomicU8::new(CLOSED),
             epoch: AtomicU64::new(0),
-            inner: Mutex::new(Inner {
-                st: St::Closed,
-                window,
-                consecutive_opens: 0,
-                rng: SmallRng::seed_from_u64(seed),
+            inner: Mutex::new(Locked {
+                cfg: policy.cache(),
+                s: Inner {
+                    st: St::Closed,
+                    window,
+                    consecutive_opens: 0,
+                    rng: SmallRng::seed_from_u64(seed),
+                },
             }),
             throttle,
             base: Instant::now(),
             gauge,
             service,
             instance: Arc::from(instance),
+            policy,
         })
     }
 
@@ -189,7 +200,7 @@ impl Breaker {
         if cfg.forced_open {
             return BreakerState::ForcedOpen;
         }
-        match keel_core::lock(&self.inner).st {
+        match keel_core::lock(&self.inner).s.st {
             St::Closed => BreakerState::Closed,
             St::Open { .. } => BreakerState::Open,
             St::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -198,7 +209,7 @@ impl Breaker {
 
     /// When an open breaker will let a probe through (`None` unless it is open).
     pub fn open_until(&self) -> Option<Instant> {
-        match keel_core::lock(&self.inner).st {
+        match keel_core::lock(&self.inner).s.st {
             St::Open { until } => Some(until),
             _ => None,
         }
@@ -207,7 +218,7 @@ impl Breaker {
     /// Calls, failures and slow calls in the closed-state window now.
     pub fn window_counts(&self) -> (u32, u32, u32) {
         let now = self.now_sec();
-        let t = keel_core::lock(&self.inner).window.totals(now);
+        let t = keel_core::lock(&self.inner).s.window.totals(now);
         (t.calls, t.failures, t.slow)
     }
 
@@ -277,7 +288,8 @@ impl Breaker {
                 self.epoch.load(Ordering::Acquire),
             ));
         }
-        let mut g = keel_core::lock(&self.inner);
+        let mut guard = keel_core::lock(&self.inner);
+        let g = &mut guard.s;
         match &mut g.st {
             St::Closed => Ok(permit(
                 PermitKind::Closed,
@@ -295,7 +307,7 @@ impl Breaker {
             }
             St::Open { until } => {
                 let retry_after = Some(*until - now);
-                drop(g);
+                drop(guard);
                 Err(self.reject(ResilienceError::BreakerOpen { retry_after }))
             }
             St::HalfOpen { issued, .. } if *issued < cfg.permitted_in_half_open => {
@@ -306,7 +318,7 @@ impl Breaker {
                 ))
             }
             St::HalfOpen { .. } => {
-                drop(g);
+                drop(guard);
                 Err(self.reject(ResilienceError::BreakerOpen { retry_after: None }))
             }
         }
@@ -345,14 +357,31 @@ impl Breaker {
         self.transition(BreakerState::Open);
     }
 
-    fn record(&self, cfg: &BreakerConfig, raw: RawPermit, end: End, outcome: Outcome) {
+    /// Records a call's outcome against `raw`; `classify` makes the outcome under the policy in
+    /// force (read here, under the breaker's lock, from its cached view).
+    fn record(
+        &self,
+        raw: RawPermit,
+        end: End,
+        classify: impl FnOnce(&BreakerConfig) -> Outcome,
+    ) -> Outcome {
         let RawPermit { kind, epoch, start } = raw;
-        if kind == PermitKind::Done {
-            return;
+        match kind {
+            PermitKind::Done => return classify(&self.policy.load()),
+            PermitKind::Adaptive => {
+                let cfg = self.policy.load();
+                let outcome = classify(&cfg);
+                self.throttle.record(&cfg, !outcome.is_failure());
+                return outcome;
+            }
+            PermitKind::Closed | PermitKind::HalfOpen => {}
         }
-        if kind == PermitKind::Adaptive {
-            self.throttle.record(cfg, !outcome.is_failure());
-            return;
+        let mut guard = keel_core::lock(&self.inner);
+        let Locked { cfg, s: g } = &mut *guard;
+        let cfg: &BreakerConfig = cfg.load();
+        let outcome = classify(cfg);
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return outcome; // a call from an earlier state: it says nothing about this one
         }
         let (at, elapsed) = match end {
             End::At(at) => (at, at.saturating_duration_since(start)),
@@ -373,10 +402,6 @@ impl Breaker {
         let failure = outcome.is_failure();
         let slow = elapsed >= cfg.slow_call_duration;
         let now = at.saturating_duration_since(self.base).as_secs();
-        let mut g = keel_core::lock(&self.inner);
-        if self.epoch.load(Ordering::Acquire) != epoch {
-            return; // a call from an earlier state: it says nothing about this one
-        }
         if !g.window.matches(cfg.window, cfg.size) {
             g.window = g.window.resized(cfg.window, cfg.size, now);
         }
@@ -393,7 +418,7 @@ impl Breaker {
                     if fr >= cfg.failure_rate_threshold.get()
                         || sr >= cfg.slow_call_rate_threshold.get()
                     {
-                        self.open(&mut g, cfg);
+                        self.open(g, cfg);
                     }
                 }
             }
@@ -405,7 +430,7 @@ impl Breaker {
             } => {
                 if !counted {
                     *issued = issued.saturating_sub(1);
-                    return;
+                    return outcome;
                 }
                 *done += 1;
                 *failures += failure as u32;
@@ -417,7 +442,7 @@ impl Breaker {
                     if fr >= cfg.failure_rate_threshold.get()
                         || sr >= cfg.slow_call_rate_threshold.get()
                     {
-                        self.open(&mut g, cfg);
+                        self.open(g, cfg);
                     } else {
                         g.st = St::Closed;
                         g.consecutive_opens = 0;
@@ -428,6 +453,7 @@ impl Breaker {
             }
             _ => {}
         }
+        outcome
     }
 
     /// Classifies an HTTP result as [`PolicyClassifier`](crate::PolicyClassifier) does (the
@@ -440,19 +466,16 @@ impl Breaker {
         res: &Result<http::Response<T>, crate::error::BoxError>,
         cap: Option<Instant>,
     ) -> Outcome {
-        let cfg = self.policy.load();
-        let outcome = match res {
-            Ok(r) if cfg.failure_codes.contains(&r.status().as_u16()) && r.status() != 429 => {
-                Outcome::Failure(crate::classify::FailureClass::Status(r.status().as_u16()))
-            }
-            _ => HttpClassifier::default().classify(res),
-        };
         let end = match cap {
             Some(cap) => End::Before(cap),
             None => End::At(Instant::now()),
         };
-        self.record(&cfg, raw, end, outcome);
-        outcome
+        self.record(raw, end, |cfg| match res {
+            Ok(r) if cfg.failure_codes.contains(&r.status().as_u16()) && r.status() != 429 => {
+                Outcome::Failure(crate::classify::FailureClass::Status(r.status().as_u16()))
+            }
+            _ => HttpClassifier::default().classify(res),
+        })
     }
 
     /// Gives back a permit whose call did not happen (or was cancelled).
@@ -467,7 +490,7 @@ impl Breaker {
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
-        if let St::HalfOpen { issued, .. } = &mut g.st {
+        if let St::HalfOpen { issued, .. } = &mut g.s.st {
             *issued = issued.saturating_sub(1);
         }
     }
@@ -505,8 +528,7 @@ impl BreakerPermit {
 
     fn finish(mut self, outcome: Outcome, end: End) {
         let raw = self.take_raw();
-        let cfg = self.breaker.policy.load();
-        self.breaker.record(&cfg, raw, end, outcome);
+        self.breaker.record(raw, end, |_| outcome);
     }
 
     /// The permit's state, leaving this one settled (its drop then does nothing).
