@@ -128,22 +128,52 @@ thread_local! {
 /// ```
 #[inline]
 pub fn with_attempt_end<R>(end: Option<Instant>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Instant>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ATTEMPT_END.with(|c| c.set(self.0));
+    let _scope = AttemptScope::enter(end);
+    f()
+}
+
+/// The guard form of [`with_attempt_end`]: the bound applies until it is dropped. It cannot be
+/// sent to another thread, so a `Send` future cannot hold it across an `.await` (where the
+/// bound would leak into whatever else runs on the thread).
+#[derive(Debug)]
+#[must_use = "the bound applies only while the scope is alive"]
+pub struct AttemptScope {
+    outer: Option<Instant>,
+    set: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl AttemptScope {
+    /// Sets `end` (the earlier of it and any end already set) until the scope is dropped.
+    #[inline]
+    pub fn enter(end: Option<Instant>) -> Self {
+        let Some(end) = end else {
+            return Self {
+                outer: None,
+                set: false,
+                _not_send: std::marker::PhantomData,
+            };
+        };
+        let outer = ATTEMPT_END.with(|c| {
+            let outer = c.get();
+            c.set(Some(outer.map_or(end, |o| o.min(end))));
+            outer
+        });
+        Self {
+            outer,
+            set: true,
+            _not_send: std::marker::PhantomData,
         }
     }
-    let Some(end) = end else {
-        return f();
-    };
-    let outer = ATTEMPT_END.with(|c| {
-        let outer = c.get();
-        c.set(Some(outer.map_or(end, |o| o.min(end))));
-        outer
-    });
-    let _restore = Restore(outer);
-    f()
+}
+
+impl Drop for AttemptScope {
+    #[inline]
+    fn drop(&mut self) {
+        if self.set {
+            ATTEMPT_END.with(|c| c.set(self.outer));
+        }
+    }
 }
 
 /// The end of the attempt being started on this thread, as set by [`with_attempt_end`] (by

@@ -353,6 +353,11 @@ impl RetryShared {
     pub(crate) fn end_call(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
     }
+
+    /// Calls in flight, as `begin_call` and `end_call` count them.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Active {
@@ -401,9 +406,10 @@ struct Later {
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
-    /// The bookkeeping of a new call: deposits in the budget, counts it in flight (the caller
-    /// calls [`RetryShared::end_call`] when it ends), keeps a copy of the request if it may be
-    /// retried, and makes the first attempt's span.
+    /// The bookkeeping of a new call: deposits in the budget, counts it in flight if
+    /// `count_active` (the caller then calls [`RetryShared::end_call`] when it ends; a caller
+    /// whose attempts a bulkhead counts passes that count to [`after`](Self::after) instead),
+    /// keeps a copy of the request if it may be retried, and makes the first attempt's span.
     #[inline]
     pub(crate) fn begin(
         shared: &Arc<RetryShared>,
@@ -412,10 +418,13 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         req: &http::Request<B>,
         now: tokio::time::Instant,
         deadline: Option<tokio::time::Instant>,
+        count_active: bool,
     ) -> Self {
         shared.budget.deposit_at(now);
         shared.first.increment(1);
-        shared.begin_call();
+        if count_active {
+            shared.begin_call();
+        }
         let safe = cfg.max_attempts > 1 && is_retry_safe(req);
         let replay = if safe { Replay::capture(req) } else { None };
         Self {
@@ -451,6 +460,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         res: &Result<http::Response<T>, BoxError>,
+        active: usize,
     ) -> Option<Duration>
     where
         C: Classifier<http::Response<T>>,
@@ -502,7 +512,6 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         // and no retry slot (amplification counts attempts that reached an upstream).
         let sent = !not_sent(res);
         if sent {
-            let active = shared.active.load(Ordering::Relaxed);
             let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
                 .max(cfg.concurrent_min as usize);
             if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
@@ -554,17 +563,20 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     }
 
     /// After an attempt: the call's result if it is over (see [`conclude`](Self::conclude)), or
-    /// `None` when another attempt follows (after its backoff, kept here).
+    /// `None` when another attempt follows (after its backoff, kept here). `active` is the load
+    /// that caps concurrent retries: the calls [`RetryShared::active`] counts, or the attempts
+    /// in flight through a bulkhead that counts them.
     pub(crate) fn after<T>(
         &mut self,
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         res: Result<http::Response<T>, BoxError>,
+        active: usize,
     ) -> Option<Result<http::Response<T>, BoxError>>
     where
         C: Classifier<http::Response<T>>,
     {
-        match self.decide(shared, cfg, &res) {
+        match self.decide(shared, cfg, &res, active) {
             None => Some(self.conclude(res)),
             Some(wait) => {
                 if !wait.is_zero() {
@@ -682,7 +694,8 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res) {
+                let active = this.active.0.active();
+                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res, active) {
                     return Poll::Ready(done);
                 }
             }
@@ -738,7 +751,15 @@ where
         let failed = (!total.is_zero() && deadline.is_some_and(|d| d <= now))
             .then_some(ResilienceError::DeadlineExceeded);
         let cfg = shared.policy.get();
-        let ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, now, deadline);
+        let ctx = Ctx::begin(
+            shared,
+            &cfg,
+            self.classifier.clone(),
+            &req,
+            now,
+            deadline,
+            true,
+        );
         let fut = if failed.is_none() {
             let _entered = ctx.span.enter();
             let call = CallContext { now, deadline };

@@ -254,16 +254,21 @@ where
         let now = Instant::now();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let deadline = crate::deadline::total_deadline(inherited, now, cfg.timeout.total);
+        // The load that caps concurrent retries: the attempts in flight the bulkhead counts
+        // anyway (as Envoy's retry budget counts active upstream requests), else calls counted
+        // here.
+        let own_count = !cfg.bulkhead.enabled;
         // Built first and filled in place: the future is what `call` returns, so the attempt's
         // state is written where it will live instead of being moved there. From here on its
-        // drop gives back whatever the attempt holds and uncounts the call (counted in flight
-        // by `begin`), also if the inner `call` panics.
+        // drop gives back whatever the attempt holds and uncounts the call (if `begin` counted
+        // it), also if the inner `call` panics.
         let mut fut = ClientFuture {
             fast: None,
             held: Held::default(),
             other: None,
             parts: self.parts.clone(),
             svc: None,
+            own_count,
             ctx: Ctx::begin(
                 &parts.retry,
                 &cfg.retry,
@@ -271,6 +276,7 @@ where
                 &req,
                 now,
                 deadline,
+                own_count,
             ),
         };
         fut.ctx.span = crate::retry::attempt_span(&parts.retry.service, 1, false);
@@ -357,7 +363,8 @@ where
     match crate::deadline::attempt_end(now, deadline, cfg.timeout.per_try) {
         Ok(end) => {
             held.end = end;
-            Ok(keel_core::request::with_attempt_end(end, || svc.call(req)))
+            let _scope = keel_core::request::AttemptScope::enter(end);
+            Ok(svc.call(req))
         }
         Err(e) => {
             held.release(gate);
@@ -448,6 +455,8 @@ pin_project! {
         other: Option<Other<T>>,
         parts: Arc<Parts<S>>,
         svc: Option<S>,
+        // Whether this call is counted in `RetryShared::active` (the bulkhead was off).
+        own_count: bool,
         ctx: Ctx<HttpClassifier, B>,
     }
 
@@ -459,7 +468,9 @@ pin_project! {
             // A call dropped mid-attempt (its caller gave up): give the permits back.
             let this = this.project();
             this.held.release(&this.parts.gate);
-            this.parts.retry.end_call();
+            if *this.own_count {
+                this.parts.retry.end_call();
+            }
         }
     }
 }
@@ -527,7 +538,13 @@ where
                 }
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
-                if let Some(done) = this.ctx.after(&this.parts.retry, &cfg.retry, res) {
+                let active = if *this.own_count {
+                    this.parts.retry.active()
+                } else {
+                    // This call's own attempt has ended: count it as still active.
+                    this.parts.gate.bulkhead.in_flight() + 1
+                };
+                if let Some(done) = this.ctx.after(&this.parts.retry, &cfg.retry, res, active) {
                     return Poll::Ready(done);
                 }
             }
