@@ -55,16 +55,18 @@ async fn admin_routes_metrics_status_and_trace_propagation() {
         .build()
         .await
         .unwrap();
-    let b_app = Router::new().route(
-        "/echo",
-        get(|headers: HeaderMap| async move {
+    let echo = |name: &'static str| {
+        move |headers: HeaderMap| async move {
             headers
-                .get("traceparent")
+                .get(name)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned()
-        }),
-    );
+        }
+    };
+    let b_app = Router::new()
+        .route("/echo", get(echo("traceparent")))
+        .route("/deadline", get(echo("keel-deadline-ms")));
     let (b_addr, b_task) = start(&b, b_app).await;
 
     // Service A calls B through keel's client (static endpoint) from inside its handler.
@@ -87,6 +89,16 @@ async fn admin_routes_metrics_status_and_trace_propagation() {
             "/call",
             get(|State(c): State<keel::Client>| async move {
                 c.get("/echo")
+                    .send()
+                    .await
+                    .map(|r| r.text())
+                    .unwrap_or_default()
+            }),
+        )
+        .route(
+            "/deadline",
+            get(|State(c): State<keel::Client>| async move {
+                c.get("/deadline")
                     .send()
                     .await
                     .map(|r| r.text())
@@ -118,6 +130,23 @@ async fn admin_routes_metrics_status_and_trace_propagation() {
     let metrics = get("/metrics").await.unwrap().text().await.unwrap();
     assert_prometheus_text(&metrics);
     assert!(metrics.contains("keel_config_generation"), "{metrics}");
+    // Sampled when /metrics renders: the one call A made to B so far.
+    assert!(
+        metrics.contains(r#"keel_retry_attempts_total{service="trace-b",outcome="first"} 1"#),
+        "{metrics}"
+    );
+    // The transport sent B the time left of the attempt (per_try 3s by default).
+    let left: u64 = http
+        .get(format!("http://{a_addr}/deadline"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .parse()
+        .expect("B received keel-deadline-ms");
+    assert!(left > 0 && left <= 3_000, "{left}");
     let status: serde_json::Value = get("/keel/status").await.unwrap().json().await.unwrap();
     assert_eq!(status["service"], "trace-a");
     assert_eq!(status["ready"], true);

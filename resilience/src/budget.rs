@@ -42,6 +42,8 @@ pub struct RetryBudget {
     /// atomic add on the hot path; the lock is taken once per second, or when paying a retry.
     pending: AtomicU64,
     pending_sec: AtomicU64,
+    /// Deposits folded into the buckets since the start (changed under the buckets' lock).
+    folded: AtomicU64,
 }
 
 impl RetryBudget {
@@ -53,6 +55,7 @@ impl RetryBudget {
             base: Instant::now(),
             pending: AtomicU64::new(0),
             pending_sec: AtomicU64::new(0),
+            folded: AtomicU64::new(0),
         }
     }
 
@@ -77,6 +80,7 @@ impl RetryBudget {
         let psec = self.pending_sec.swap(now, Ordering::AcqRel);
         let n = self.pending.swap(0, Ordering::AcqRel);
         if n > 0 {
+            self.folded.fetch_add(n, Ordering::Relaxed);
             match b.back_mut() {
                 Some(l) if l.sec >= psec => l.deposits += n,
                 _ => b.push_back(Bucket {
@@ -96,6 +100,13 @@ impl RetryBudget {
             });
         }
         f(&mut b, &cfg)
+    }
+
+    /// Requests deposited since the budget was made. Never decreases: the count folded under
+    /// the lock plus this second's, which only grows until the next fold (under the same lock).
+    pub fn requests(&self) -> u64 {
+        let _folding = keel_core::lock(&self.buckets);
+        self.folded.load(Ordering::Relaxed) + self.pending.load(Ordering::Acquire)
     }
 
     /// Counts one request.

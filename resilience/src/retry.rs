@@ -226,6 +226,13 @@ impl RetryShared {
     fn count(&self, outcome: &'static str) {
         m::counter(m::RETRY_ATTEMPTS_TOTAL, &self.service, outcome).increment(1);
     }
+
+    /// Sets `keel_retry_attempts_total{outcome="first"}` to the requests the budget has counted,
+    /// for a caller that does not count first attempts per call (the client stack: the budget
+    /// already counts every call, so a second count would be the same number again).
+    pub(crate) fn publish_first(&self) {
+        self.first.absolute(self.budget.requests());
+    }
 }
 
 /// Retries failed attempts of `S` within a budget.
@@ -421,7 +428,6 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         count_active: bool,
     ) -> Self {
         shared.budget.deposit_at(now);
-        shared.first.increment(1);
         if count_active {
             shared.begin_call();
         }
@@ -751,6 +757,7 @@ where
         let failed = (!total.is_zero() && deadline.is_some_and(|d| d <= now))
             .then_some(ResilienceError::DeadlineExceeded);
         let cfg = shared.policy.get();
+        shared.first.increment(1);
         let ctx = Ctx::begin(
             shared,
             &cfg,

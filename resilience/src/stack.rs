@@ -165,9 +165,13 @@ impl ClientStackLayer {
         self.per_try.rate_limiter()
     }
 
-    /// Sets the gauges sampled rather than updated per call (the bulkhead's calls in flight).
+    /// Sets the metrics sampled rather than updated per call: the bulkhead's calls in flight,
+    /// and the stack's first attempts (`keel_retry_attempts_total{outcome="first"}`, the calls
+    /// its retry budget has counted). Call it before metrics are exported; the facade does, on
+    /// each `/metrics` request.
     pub fn publish_gauges(&self) {
         self.per_try.bulkhead().publish();
+        self.retry.shared().publish_first();
     }
 }
 

@@ -401,8 +401,14 @@ impl Breaker {
         let counted = matches!(outcome, Outcome::Success | Outcome::Failure(_));
         let failure = outcome.is_failure();
         let slow = elapsed >= cfg.slow_call_duration;
-        let now = at.saturating_duration_since(self.base).as_secs();
-        if !g.window.matches(cfg.window, cfg.size) {
+        let matches = g.window.matches(cfg.window, cfg.size);
+        // The second only places a call in a time window: a count window has no use for it.
+        let now = if cfg.window == crate::config::WindowKind::Time || !matches {
+            at.saturating_duration_since(self.base).as_secs()
+        } else {
+            0
+        };
+        if !matches {
             g.window = g.window.resized(cfg.window, cfg.size, now);
         }
         match &mut g.st {
