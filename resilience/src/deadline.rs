@@ -214,6 +214,21 @@ pub(crate) fn attempt_end(
     }
 }
 
+/// The longest an attempt may take: `min(per_try, left)` (`left`: the time left to the call's
+/// deadline; `None`: no bound); `DeadlineExceeded` if nothing is left. As
+/// [`attempt_end`], without clock arithmetic.
+pub(crate) fn attempt_bound(
+    left: Option<Duration>,
+    per_try: Duration,
+) -> Result<Option<Duration>, ResilienceError> {
+    let per_try = (!per_try.is_zero()).then_some(per_try);
+    match (left, per_try) {
+        (Some(l), _) if l.is_zero() => Err(ResilienceError::DeadlineExceeded),
+        (Some(l), Some(p)) => Ok(Some(l.min(p))),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// For a transport: writes the time left of the attempt being sent into the `keel-deadline-ms`
 /// header (whole milliseconds, at least 1), reading the attempt's end that a per-try timeout
 /// above set around this `call` ([`keel_core::request::attempt_end`]). Returns whether there

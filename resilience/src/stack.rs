@@ -44,7 +44,7 @@ use tower_service::Service;
 
 use crate::{
     breaker::Breaker,
-    breaker::RawPermit,
+    breaker::{End, RawPermit},
     budget::RetryBudget,
     bulkhead::Slot,
     bulkhead::{ConcurrencyLimiter, LoadShed, LoadShedLayer},
@@ -258,6 +258,11 @@ where
         let now = Instant::now();
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let deadline = crate::deadline::total_deadline(inherited, now, cfg.timeout.total);
+        // The time left, known without clock arithmetic when the call sets its own deadline.
+        let left = match inherited {
+            None => (!cfg.timeout.total.is_zero()).then_some(cfg.timeout.total),
+            Some(_) => deadline.map(|d| d.saturating_duration_since(now)),
+        };
         // The load that caps concurrent retries: the attempts in flight the bulkhead counts
         // anyway (as Envoy's retry budget counts active upstream requests), else calls counted
         // here.
@@ -286,21 +291,38 @@ where
         fut.ctx.span = crate::retry::attempt_span(&parts.retry.service, 1, false);
         let started = {
             let _entered = fut.ctx.span.enter();
-            attempt(
-                &mut self.inner,
-                parts,
-                cfg,
-                req,
+            let at = At {
                 now,
                 deadline,
-                &mut fut.held,
-            )
+                left,
+            };
+            attempt(&mut self.inner, parts, cfg, req, at, &mut fut.held)
         };
         match started {
             Ok(f) => fut.fast = Some(f),
             Err(other) => fut.other = Some(other),
         }
         fut
+    }
+}
+
+/// When an attempt starts: the clock reading, the call's total deadline and the time left to it.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    now: Instant,
+    deadline: Option<Instant>,
+    left: Option<std::time::Duration>,
+}
+
+impl At {
+    /// A later attempt of a call with this `deadline`, starting now.
+    fn later(deadline: Option<Instant>) -> Self {
+        let now = Instant::now();
+        Self {
+            now,
+            deadline,
+            left: deadline.map(|d| d.saturating_duration_since(now)),
+        }
     }
 }
 
@@ -312,8 +334,7 @@ fn attempt<S, B, T>(
     parts: &Parts<S>,
     cfg: &ResilienceConfig,
     req: http::Request<B>,
-    now: Instant,
-    deadline: Option<Instant>,
+    at: At,
     held: &mut Held,
 ) -> Result<S::Future, Other<T>>
 where
@@ -323,7 +344,12 @@ where
     B: ReplayBody + Send + 'static,
     T: Default + Send + 'static,
 {
-    if deadline.is_some_and(|d| d <= now) {
+    let At {
+        now,
+        deadline,
+        left,
+    } = at;
+    if left.is_some_and(|l| l.is_zero()) {
         let e = ResilienceError::DeadlineExceeded;
         crate::deadline::deadline_metric(&e);
         return Err(Other::Failed(Some(e)));
@@ -364,9 +390,11 @@ where
             })));
         }
     }
-    match crate::deadline::attempt_end(now, deadline, cfg.timeout.per_try) {
-        Ok(end) => {
+    match crate::deadline::attempt_bound(left, cfg.timeout.per_try) {
+        Ok(bound) => {
+            let end = bound.map(|b| now + b);
             held.end = end;
+            held.bound = bound;
             let _scope = keel_core::request::AttemptScope::enter(end);
             Ok(svc.call(req))
         }
@@ -404,6 +432,9 @@ struct Held {
     // Created on the first `Pending` only: an answer that is ready at once needs no timer.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     end: Option<Instant>,
+    /// The longest the attempt may take (`end` less its start), for the breaker's slow-call
+    /// check without clock arithmetic.
+    bound: Option<std::time::Duration>,
 }
 
 impl Held {
@@ -421,7 +452,9 @@ impl Held {
     /// Records the attempt's result with the breaker and the bulkhead.
     fn settle<T>(&mut self, gate: &Gate, res: &Result<http::Response<T>, BoxError>) {
         let outcome = match self.breaker.take() {
-            Some(p) => gate.breaker.settle(p, res, self.end),
+            Some(p) => gate
+                .breaker
+                .settle(p, res, self.bound.map_or_else(End::now, End::Within)),
             None => HttpClassifier::default().classify(res),
         };
         if let Some(s) = self.slot.take() {
@@ -561,15 +594,7 @@ where
             let cfg = parts.config.load();
             let started = {
                 let _entered = ctx.span.enter();
-                attempt(
-                    svc,
-                    &parts,
-                    &cfg,
-                    req,
-                    Instant::now(),
-                    ctx.deadline,
-                    this.held,
-                )
+                attempt(svc, &parts, &cfg, req, At::later(ctx.deadline), this.held)
             };
             match started {
                 Ok(fut) => this.fast.set(Some(fut)),

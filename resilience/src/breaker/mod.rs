@@ -393,7 +393,13 @@ impl Breaker {
             {
                 (start, Duration::ZERO)
             }
-            End::Before(_) => {
+            End::Within(max)
+                if cfg.window == crate::config::WindowKind::Count
+                    && max < cfg.slow_call_duration =>
+            {
+                (start, Duration::ZERO)
+            }
+            End::Before(_) | End::Within(_) => {
                 let at = Instant::now();
                 (at, at.saturating_duration_since(start))
             }
@@ -470,12 +476,8 @@ impl Breaker {
         &self,
         raw: RawPermit,
         res: &Result<http::Response<T>, crate::error::BoxError>,
-        cap: Option<Instant>,
+        end: End,
     ) -> Outcome {
-        let end = match cap {
-            Some(cap) => End::Before(cap),
-            None => End::At(Instant::now()),
-        };
         self.record(raw, end, |cfg| match res {
             Ok(r) if cfg.failure_codes.contains(&r.status().as_u16()) && r.status() != 429 => {
                 Outcome::Failure(crate::classify::FailureClass::Status(r.status().as_u16()))
@@ -529,7 +531,11 @@ impl BreakerPermit {
         cap: Option<Instant>,
     ) -> Outcome {
         let raw = self.take_raw();
-        self.breaker.settle(raw, res, cap)
+        let end = match cap {
+            Some(cap) => End::Before(cap),
+            None => End::At(Instant::now()),
+        };
+        self.breaker.settle(raw, res, end)
     }
 
     fn finish(mut self, outcome: Outcome, end: End) {
@@ -554,11 +560,20 @@ impl Drop for BreakerPermit {
     }
 }
 
-/// When a call ended: read, or only known to be before a bound.
+/// When a call ended: read, or only known to be before a bound (an instant, or a duration from
+/// the permit's start).
 #[derive(Debug, Clone, Copy)]
-enum End {
+pub(crate) enum End {
     At(Instant),
     Before(Instant),
+    Within(Duration),
+}
+
+impl End {
+    /// Ended now (reads the clock).
+    pub(crate) fn now() -> Self {
+        End::At(Instant::now())
+    }
 }
 
 /// Per-instance breakers sharing one policy, for use below the balancer.
