@@ -471,8 +471,9 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     where
         C: Classifier<http::Response<T>>,
     {
-        let later = self.later.get_or_insert_with(Box::default);
-        later.retrying = None;
+        if let Some(later) = self.later.as_mut() {
+            later.retrying = None;
+        }
         let outcome = self.classifier.classify(res);
         // A request that never left (an instance's own breaker refused it) may go elsewhere.
         let wanted = wants_retry(&cfg.retry_on, &outcome) || not_sent(res);
@@ -517,6 +518,8 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         // A request that was never sent adds no load when sent elsewhere: it costs no budget
         // and no retry slot (amplification counts attempts that reached an upstream).
         let sent = !not_sent(res);
+        // From here on the call has failed and wants a retry: it needs its retry state.
+        let later = self.later.get_or_insert_with(Box::default);
         if sent {
             let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
                 .max(cfg.concurrent_min as usize);
