@@ -102,6 +102,51 @@ async fn a_burst_of_changes_is_one_update() {
     assert!(stores <= 6, "{stores} stores for 600 changes");
 }
 
+/// The instance's service is called later, from the balancer's future, yet inside the attempt's
+/// end that a per-try timeout set around `Balance::call` (its transport sends the time left).
+#[tokio::test]
+async fn the_instance_is_called_inside_the_attempt_end_set_around_the_balancer() {
+    let (tx, rx) =
+        tokio::sync::mpsc::unbounded_channel::<Result<Change<SocketAddr, _>, Infallible>>();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let probe = tower::service_fn(move |_req: http::Request<()>| {
+        s2.lock().unwrap().push(keel_core::request::attempt_end());
+        std::future::ready(Ok::<_, Infallible>(http::Response::new(())))
+    });
+    tx.send(Ok(Change::Insert("127.0.0.1:1003".parse().unwrap(), probe)))
+        .unwrap();
+    let (live, services, drive) = from_discover(tokio_stream_like(rx), |addr: &SocketAddr, _| {
+        Instance::new(svc(), *addr)
+    });
+    let task = tokio::spawn(drive);
+    while live.load().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let balancer = Balancer::new(svc(), live, Live::new(BalanceConfig::default())).unwrap();
+    let mut s = Balance::new(balancer, services);
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    s.ready().await.unwrap();
+    let fut = keel_core::request::with_attempt_end(Some(end), || s.call(http::Request::new(())));
+    assert_eq!(
+        keel_core::request::attempt_end(),
+        None,
+        "the scope ended with call"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "not called yet");
+    fut.await.unwrap();
+    // Without a bound around the call, none reaches the instance.
+    s.ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![Some(end), None]);
+    drop(tx);
+    task.await.unwrap().unwrap();
+}
+
 /// An mpsc receiver as a `Stream` (tower's `Discover` is any `TryStream` of `Change`s).
 fn tokio_stream_like<T>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,

@@ -936,4 +936,52 @@ mod tests {
             429
         );
     }
+
+    /// The cap on concurrent retries holds in the fused stack, counted against the attempts in
+    /// flight through the bulkhead when it is on, and against the stack's own count when it is
+    /// off; either way nothing stays counted after the calls end.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_retries_are_capped_with_or_without_the_bulkhead() {
+        for bulkhead in [true, false] {
+            let mut cfg: ResilienceConfig = toml::from_str(
+                r#"
+                retry = { concurrent_ratio = "0%", concurrent_min = 1, backoff_base = "0s" }
+            "#,
+            )
+            .unwrap();
+            cfg.bulkhead.enabled = bulkhead;
+            let stack = ClientStackLayer::try_new("cap", Live::new(cfg)).unwrap();
+            // A first attempt fails at once; a retry takes a second.
+            let client = stack.layer(service_fn(|req: http::Request<()>| async move {
+                let retry = req
+                    .extensions()
+                    .get::<keel_core::request::Attempt>()
+                    .is_some_and(|a| a.number > 1);
+                let mut r = http::Response::new(());
+                if retry {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                Ok::<_, BoxError>(r)
+            }));
+            let first = tokio::spawn(client.clone().oneshot(http::Request::new(())));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            // One retry is in flight: the cap (at least 1) is reached, so this one is not retried.
+            let second = client
+                .clone()
+                .oneshot(http::Request::new(()))
+                .await
+                .unwrap();
+            assert_eq!(second.status(), 503, "bulkhead {bulkhead}");
+            assert_eq!(
+                second.extensions().get::<crate::RetryStopped>(),
+                Some(&crate::RetryStopped(ResilienceError::BudgetExhausted)),
+                "bulkhead {bulkhead}"
+            );
+            assert_eq!(first.await.unwrap().unwrap().status(), 200);
+            assert_eq!(stack.bulkhead().in_flight(), 0);
+            assert_eq!(stack.retry.shared().active(), 0, "bulkhead {bulkhead}");
+        }
+    }
 }
