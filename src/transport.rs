@@ -223,11 +223,12 @@ impl Drop for Attempt {
         let Some(permit) = self.permit.take() else {
             return;
         };
-        // The per-try timer fires at the bound (the header is in whole milliseconds, so allow
-        // one); dropped earlier, the caller gave up (a hedge won, say): nothing to count.
+        // The per-try timer fires at the bound (the attempt's end, exact; timers run on
+        // millisecond ticks, so allow one); dropped earlier, the caller gave up (a hedge won,
+        // say): nothing to count.
         let timed_out = self
             .bound
-            .is_some_and(|b| tokio::time::Instant::now() + Duration::from_millis(2) >= b);
+            .is_some_and(|b| tokio::time::Instant::now() + Duration::from_millis(1) >= b);
         if timed_out {
             permit.record(Outcome::Failure(FailureClass::Timeout));
             self.eject_if_open(true);

@@ -49,10 +49,16 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A budget following `policy`'s `budget_ratio`, `min_per_second` and `budget_window`.
     pub fn new(policy: Live<RetryConfig>) -> Self {
+        Self::with_base(policy, Instant::now())
+    }
+
+    /// As [`new`](Self::new), with its seconds counted from `base` (shared with the caller, which
+    /// can then pass [`deposit_since`](Self::deposit_since) a reading relative to it).
+    pub(crate) fn with_base(policy: Live<RetryConfig>, base: Instant) -> Self {
         Self {
             policy,
             buckets: Mutex::new(VecDeque::new()),
-            base: Instant::now(),
+            base,
             pending: AtomicU64::new(0),
             pending_sec: AtomicU64::new(0),
             folded: AtomicU64::new(0),
@@ -116,13 +122,20 @@ impl RetryBudget {
 
     /// Counts one request made at `at` (saves a clock read when the caller has one).
     pub fn deposit_at(&self, at: Instant) {
-        if self.pending_sec.load(Ordering::Acquire) == self.sec(at) {
+        self.deposit_since(at.saturating_duration_since(self.base));
+    }
+
+    /// As [`deposit_at`](Self::deposit_at), with the time since this budget's base.
+    pub(crate) fn deposit_since(&self, since: std::time::Duration) {
+        if self.pending_sec.load(Ordering::Acquire) == since.as_secs() {
             self.pending.fetch_add(1, Ordering::AcqRel);
             return;
         }
-        self.with_at(at, |b, _| {
+        self.with_at(self.base + since, |b, _| {
             if let Some(l) = b.back_mut() {
                 l.deposits += 1;
+                // Straight into its bucket, under the lock: counted as folded.
+                self.folded.fetch_add(1, Ordering::Relaxed);
             }
         });
     }
@@ -168,6 +181,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::time::Duration;
+
+    /// Every deposit is counted, whether it lands in this second's fast path or starts a new
+    /// second (and whether retries were paid in between).
+    #[tokio::test(start_paused = true)]
+    async fn requests_counts_every_deposit() {
+        let b = RetryBudget::new(Live::new(RetryConfig::default()));
+        for i in 0..5u64 {
+            b.deposit();
+            assert_eq!(b.requests(), 3 * i + 1);
+            b.deposit();
+            b.deposit();
+            if i % 2 == 0 {
+                let _ = b.try_withdraw();
+            }
+            assert_eq!(b.requests(), 3 * i + 3);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
 
     proptest! {
         #[test]

@@ -483,13 +483,13 @@ where
         }
         let limiter = self.limiter.clone();
         let classifier = self.classifier.clone();
-        let ctx = crate::scope::peek();
+        let ctx = crate::scope::handoff();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             state: State::Boxed {
                 fut: Box::pin(async move {
-                    let mut permit = limiter.acquire_before(ctx.and_then(|c| c.deadline)).await?;
+                    let mut permit = limiter.acquire_before(ctx.deadline()).await?;
                     let r = crate::scope::resume(ctx, || svc.call(req))
                         .await
                         .map_err(Into::into);

@@ -120,7 +120,9 @@ where
         if latency.is_zero() {
             return Either::left(self.inner.call(req));
         }
-        let ctx = crate::scope::peek();
+        // The inner service is called after the delay: take what the layers above handed to
+        // this call along (the call context and the attempt's end, which the transport sends).
+        let ctx = crate::scope::handoff();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         Either::right(Box::pin(async move {
@@ -140,6 +142,31 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tower::{service_fn, ServiceExt};
+
+    /// A delayed call still reaches the inner service inside the attempt's end set around the
+    /// chaos layer's `call`, so the transport below still sends the time left.
+    #[tokio::test(start_paused = true)]
+    async fn injected_latency_keeps_the_attempt_end() {
+        let policy = Live::new(ChaosConfig {
+            enabled: true,
+            latency: Duration::from_millis(50),
+            latency_rate: keel_core::Ratio::new(1.0).unwrap(),
+            ..Default::default()
+        });
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let mut svc =
+            ChaosLayer::with_seed(policy, 5).layer(service_fn(move |_: http::Request<()>| {
+                s2.lock().unwrap().push(keel_core::request::attempt_end());
+                async { Ok::<_, BoxError>(http::Response::new(String::new())) }
+            }));
+        let end = tokio::time::Instant::now() + Duration::from_secs(1);
+        svc.ready().await.unwrap();
+        let fut =
+            keel_core::request::with_attempt_end(Some(end), || svc.call(http::Request::new(())));
+        fut.await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![Some(end)]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn injects_at_the_configured_rate_when_switched_on() {

@@ -183,9 +183,7 @@ pub struct RetryConfig {
     /// The window the budget is counted over.
     #[serde(with = "serde_duration")]
     pub budget_window: Duration,
-    /// Concurrent retries allowed, as a share of calls in flight (in the client stack with its
-    /// bulkhead on: of attempts in flight through the bulkhead, as Envoy counts active
-    /// requests) ...
+    /// Concurrent retries allowed, as a share of calls in flight ...
     pub concurrent_ratio: Ratio,
     /// ... but never fewer than this.
     pub concurrent_min: u32,

@@ -237,7 +237,7 @@ where
             return futures_either::Either::left(self.inner.call(req));
         };
         // The retry layer's deadline, for the second attempt too (see `crate::scope`).
-        let ctx = crate::scope::peek();
+        let ctx = crate::scope::handoff();
         // The balancer below records where the first attempt goes; the hedge avoids it.
         let tried = Tried::new();
         let mut req = req;

@@ -261,7 +261,13 @@ impl RetryLayer {
 
     /// As [`new`](Self::new), with a fixed seed for the backoff jitter.
     pub fn with_seed(service: impl Into<Arc<str>>, policy: Live<RetryConfig>, seed: u64) -> Self {
-        Self::build(service.into(), policy, seed, None)
+        Self::build(
+            service.into(),
+            policy,
+            seed,
+            None,
+            tokio::time::Instant::now(),
+        )
     }
 
     /// A retry layer that also sets the total deadline (`timeout.total`, or an earlier one the
@@ -274,7 +280,24 @@ impl RetryLayer {
         policy: Live<RetryConfig>,
         timeout: Live<TimeoutConfig>,
     ) -> Self {
-        Self::build(service.into(), policy, rand::random(), Some(timeout))
+        Self::build(
+            service.into(),
+            policy,
+            rand::random(),
+            Some(timeout),
+            tokio::time::Instant::now(),
+        )
+    }
+
+    /// As [`with_deadline`](Self::with_deadline), with the budget's seconds counted from `base`
+    /// (the client stack's clock origin, shared with its rate limiter).
+    pub(crate) fn for_stack(
+        service: Arc<str>,
+        policy: Live<RetryConfig>,
+        timeout: Live<TimeoutConfig>,
+        base: tokio::time::Instant,
+    ) -> Self {
+        Self::build(service, policy, rand::random(), Some(timeout), base)
     }
 
     fn build(
@@ -282,8 +305,9 @@ impl RetryLayer {
         policy: Live<RetryConfig>,
         seed: u64,
         deadline: Option<Live<TimeoutConfig>>,
+        base: tokio::time::Instant,
     ) -> Self {
-        let budget = Arc::new(RetryBudget::new(policy.clone()));
+        let budget = Arc::new(RetryBudget::with_base(policy.clone(), base));
         Self {
             shared: Arc::new(RetryShared {
                 first: m::counter(m::RETRY_ATTEMPTS_TOTAL, &service, "first"),
@@ -362,6 +386,7 @@ impl RetryShared {
     }
 
     /// Calls in flight, as `begin_call` and `end_call` count them.
+    #[cfg(test)]
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -413,24 +438,18 @@ struct Later {
 }
 
 impl<C, B: ReplayBody> Ctx<C, B> {
-    /// The bookkeeping of a new call: deposits in the budget, counts it in flight if
-    /// `count_active` (the caller then calls [`RetryShared::end_call`] when it ends; a caller
-    /// whose attempts a bulkhead counts passes that count to [`after`](Self::after) instead),
-    /// keeps a copy of the request if it may be retried, and makes the first attempt's span.
+    /// The bookkeeping of a new call, which the caller has deposited in the budget: counts it
+    /// in flight (the caller calls [`RetryShared::end_call`] when it ends) and keeps a copy of
+    /// the request if it may be retried. The caller sets the first attempt's span.
     #[inline]
     pub(crate) fn begin(
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         classifier: C,
         req: &http::Request<B>,
-        now: tokio::time::Instant,
         deadline: Option<tokio::time::Instant>,
-        count_active: bool,
     ) -> Self {
-        shared.budget.deposit_at(now);
-        if count_active {
-            shared.begin_call();
-        }
+        shared.begin_call();
         let safe = cfg.max_attempts > 1 && is_retry_safe(req);
         let replay = if safe { Replay::capture(req) } else { None };
         Self {
@@ -466,7 +485,6 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         res: &Result<http::Response<T>, BoxError>,
-        active: usize,
     ) -> Option<Duration>
     where
         C: Classifier<http::Response<T>>,
@@ -521,6 +539,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         // From here on the call has failed and wants a retry: it needs its retry state.
         let later = self.later.get_or_insert_with(Box::default);
         if sent {
+            let active = shared.active.load(Ordering::Relaxed);
             let cap = ((active as f64 * cfg.concurrent_ratio.get()) as usize)
                 .max(cfg.concurrent_min as usize);
             if shared.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
@@ -572,20 +591,17 @@ impl<C, B: ReplayBody> Ctx<C, B> {
     }
 
     /// After an attempt: the call's result if it is over (see [`conclude`](Self::conclude)), or
-    /// `None` when another attempt follows (after its backoff, kept here). `active` is the load
-    /// that caps concurrent retries: the calls [`RetryShared::active`] counts, or the attempts
-    /// in flight through a bulkhead that counts them.
+    /// `None` when another attempt follows (after its backoff, kept here).
     pub(crate) fn after<T>(
         &mut self,
         shared: &Arc<RetryShared>,
         cfg: &RetryConfig,
         res: Result<http::Response<T>, BoxError>,
-        active: usize,
     ) -> Option<Result<http::Response<T>, BoxError>>
     where
         C: Classifier<http::Response<T>>,
     {
-        match self.decide(shared, cfg, &res, active) {
+        match self.decide(shared, cfg, &res) {
             None => Some(self.conclude(res)),
             Some(wait) => {
                 if !wait.is_zero() {
@@ -703,8 +719,7 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                let active = this.active.0.active();
-                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res, active) {
+                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res) {
                     return Poll::Ready(done);
                 }
             }
@@ -761,15 +776,9 @@ where
             .then_some(ResilienceError::DeadlineExceeded);
         let cfg = shared.policy.get();
         shared.first.increment(1);
-        let ctx = Ctx::begin(
-            shared,
-            &cfg,
-            self.classifier.clone(),
-            &req,
-            now,
-            deadline,
-            true,
-        );
+        shared.budget.deposit_at(now);
+        let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, deadline);
+        ctx.span = attempt_span(&shared.service, 1, false);
         let fut = if failed.is_none() {
             let _entered = ctx.span.enter();
             let call = CallContext { now, deadline };

@@ -61,15 +61,40 @@ pub(crate) fn take_for<B>(req: &http::Request<B>) -> (Instant, Option<Instant>) 
 }
 
 /// The context set for this attempt, if any, without taking it.
+#[cfg(test)]
 pub(crate) fn peek() -> Option<CallContext> {
     CURRENT.with(Cell::get)
 }
 
-/// For a layer that calls its inner service later (after waiting for a slot, a Redis decision,
-/// or a delay): runs that later `call` in the context this attempt was started with (the same
-/// deadline, the clock read anew), so the per-try layer below still finds it.
-pub(crate) fn resume<R>(ctx: Option<CallContext>, f: impl FnOnce() -> R) -> R {
-    match ctx {
+/// What a layer that calls its inner service later (after waiting for a slot, a Redis
+/// decision, or a delay) takes along from its own `call`: the call context set above it, and
+/// the attempt's end ([`keel_core::request::attempt_end`]) that the transport below sends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handoff {
+    call: Option<CallContext>,
+    end: Option<Instant>,
+}
+
+impl Handoff {
+    /// The call's total deadline, if a layer above set one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.call.and_then(|c| c.deadline)
+    }
+}
+
+/// The handoff of the `call` being made now (see [`Handoff`]).
+pub(crate) fn handoff() -> Handoff {
+    Handoff {
+        call: CURRENT.with(Cell::get),
+        end: keel_core::request::attempt_end(),
+    }
+}
+
+/// Runs that later `call` as it would have run in the original one: in the same call context
+/// (the same deadline, the clock read anew), so the per-try layer below still finds it, and
+/// inside the same attempt end.
+pub(crate) fn resume<R>(h: Handoff, f: impl FnOnce() -> R) -> R {
+    keel_core::request::with_attempt_end(h.end, || match h.call {
         Some(c) => enter(
             CallContext {
                 now: Instant::now(),
@@ -78,7 +103,7 @@ pub(crate) fn resume<R>(ctx: Option<CallContext>, f: impl FnOnce() -> R) -> R {
             f,
         ),
         None => f(),
-    }
+    })
 }
 
 #[cfg(test)]

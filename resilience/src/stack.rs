@@ -95,6 +95,9 @@ pub struct ClientStackLayer {
     hedge: HedgeLayer,
     per_try: PerTryLayer,
     chaos: ChaosLayer,
+    /// The clock origin of the retry budget and the rate limiter: a call's time since it is
+    /// computed once and serves both.
+    base: Instant,
 }
 
 impl ClientStackLayer {
@@ -104,7 +107,8 @@ impl ClientStackLayer {
         let service: Arc<str> = service.into();
         let timeout = config.project(|c| c.timeout.clone());
         let retry_cfg = config.project(|c| c.retry.clone());
-        let retry = RetryLayer::with_deadline(service.clone(), retry_cfg, timeout.clone());
+        let base = Instant::now();
+        let retry = RetryLayer::for_stack(service.clone(), retry_cfg, timeout.clone(), base);
         let hedge = HedgeLayer::new(
             service.clone(),
             config.project(|c| c.hedge.clone()),
@@ -113,7 +117,11 @@ impl ClientStackLayer {
         let per_try = PerTryLayer::new(
             Breaker::new(service.clone(), "", config.project(|c| c.breaker.clone())),
             ConcurrencyLimiter::new(service.clone(), config.project(|c| c.bulkhead.clone())),
-            RateLimiter::new(service.clone(), config.project(|c| c.rate_limit.clone())),
+            RateLimiter::with_base(
+                service.clone(),
+                config.project(|c| c.rate_limit.clone()),
+                base,
+            ),
             timeout,
         );
         Self {
@@ -123,6 +131,7 @@ impl ClientStackLayer {
             chaos: ChaosLayer::new(config.project(|c| c.chaos.clone())),
             service,
             config,
+            base,
         }
     }
 
@@ -188,6 +197,7 @@ impl<S: Clone> Layer<S> for ClientStackLayer {
                 per_try,
                 svc: inner.clone(),
                 config: self.config.clone(),
+                base: self.base,
             }),
             inner,
         }
@@ -206,6 +216,8 @@ struct Parts<S> {
     /// An unpolled copy of the inner service, cloned for retries.
     svc: S,
     config: Live<ResilienceConfig>,
+    /// The clock origin of the retry budget and the rate limiter.
+    base: Instant,
 }
 
 /// The client stack over `S`: deadline → retry → hedge → breaker → bulkhead → rate limit →
@@ -256,6 +268,8 @@ where
         let cfg = self.config.load();
         let parts = &*self.parts;
         let now = Instant::now();
+        let since = now.saturating_duration_since(parts.base);
+        parts.retry.budget.deposit_since(since);
         let inherited = req.extensions().get::<DeadlineExt>().map(|d| d.0);
         let deadline = crate::deadline::total_deadline(inherited, now, cfg.timeout.total);
         // The time left, known without clock arithmetic when the call sets its own deadline.
@@ -263,29 +277,22 @@ where
             None => (!cfg.timeout.total.is_zero()).then_some(cfg.timeout.total),
             Some(_) => deadline.map(|d| d.saturating_duration_since(now)),
         };
-        // The load that caps concurrent retries: the attempts in flight the bulkhead counts
-        // anyway (as Envoy's retry budget counts active upstream requests), else calls counted
-        // here.
-        let own_count = !cfg.bulkhead.enabled;
         // Built first and filled in place: the future is what `call` returns, so the attempt's
         // state is written where it will live instead of being moved there. From here on its
-        // drop gives back whatever the attempt holds and uncounts the call (if `begin` counted
-        // it), also if the inner `call` panics.
+        // drop gives back whatever the attempt holds and uncounts the call (counted in flight
+        // by `begin`), also if the inner `call` panics.
         let mut fut = ClientFuture {
             fast: None,
             held: Held::default(),
             other: None,
             parts: self.parts.clone(),
             svc: None,
-            own_count,
             ctx: Ctx::begin(
                 &parts.retry,
                 &cfg.retry,
                 HttpClassifier::default(),
                 &req,
-                now,
                 deadline,
-                own_count,
             ),
         };
         fut.ctx.span = crate::retry::attempt_span(&parts.retry.service, 1, false);
@@ -293,6 +300,7 @@ where
             let _entered = fut.ctx.span.enter();
             let at = At {
                 now,
+                since,
                 deadline,
                 left,
             };
@@ -310,16 +318,19 @@ where
 #[derive(Debug, Clone, Copy)]
 struct At {
     now: Instant,
+    /// `now` less the stack's clock origin (for the rate limiter).
+    since: std::time::Duration,
     deadline: Option<Instant>,
     left: Option<std::time::Duration>,
 }
 
 impl At {
     /// A later attempt of a call with this `deadline`, starting now.
-    fn later(deadline: Option<Instant>) -> Self {
+    fn later<S>(parts: &Parts<S>, deadline: Option<Instant>) -> Self {
         let now = Instant::now();
         Self {
             now,
+            since: now.saturating_duration_since(parts.base),
             deadline,
             left: deadline.map(|d| d.saturating_duration_since(now)),
         }
@@ -346,6 +357,7 @@ where
 {
     let At {
         now,
+        since,
         deadline,
         left,
     } = at;
@@ -382,7 +394,7 @@ where
     if rl.enabled {
         let d = gate
             .rate
-            .check_local_at(rl, request_key(&rl.key, &req), now);
+            .check_local_since(rl, request_key(&rl.key, &req), since);
         if !d.allowed {
             held.release(gate);
             return Err(Other::Failed(Some(ResilienceError::RateLimited {
@@ -492,8 +504,6 @@ pin_project! {
         other: Option<Other<T>>,
         parts: Arc<Parts<S>>,
         svc: Option<S>,
-        // Whether this call is counted in `RetryShared::active` (the bulkhead was off).
-        own_count: bool,
         ctx: Ctx<HttpClassifier, B>,
     }
 
@@ -505,9 +515,7 @@ pin_project! {
             // A call dropped mid-attempt (its caller gave up): give the permits back.
             let this = this.project();
             this.held.release(&this.parts.gate);
-            if *this.own_count {
-                this.parts.retry.end_call();
-            }
+            this.parts.retry.end_call();
         }
     }
 }
@@ -575,13 +583,7 @@ where
                 }
                 // Only a failure needs the policy: read it now, as a reload may have changed it.
                 let cfg = this.parts.config.load();
-                let active = if *this.own_count {
-                    this.parts.retry.active()
-                } else {
-                    // This call's own attempt has ended: count it as still active.
-                    this.parts.gate.bulkhead.in_flight() + 1
-                };
-                if let Some(done) = this.ctx.after(&this.parts.retry, &cfg.retry, res, active) {
+                if let Some(done) = this.ctx.after(&this.parts.retry, &cfg.retry, res) {
                     return Poll::Ready(done);
                 }
             }
@@ -594,7 +596,14 @@ where
             let cfg = parts.config.load();
             let started = {
                 let _entered = ctx.span.enter();
-                attempt(svc, &parts, &cfg, req, At::later(ctx.deadline), this.held)
+                attempt(
+                    svc,
+                    &parts,
+                    &cfg,
+                    req,
+                    At::later(&parts, ctx.deadline),
+                    this.held,
+                )
             };
             match started {
                 Ok(fut) => this.fast.set(Some(fut)),
@@ -937,9 +946,8 @@ mod tests {
         );
     }
 
-    /// The cap on concurrent retries holds in the fused stack, counted against the attempts in
-    /// flight through the bulkhead when it is on, and against the stack's own count when it is
-    /// off; either way nothing stays counted after the calls end.
+    /// The cap on concurrent retries holds in the fused stack, whether its bulkhead is on or
+    /// off, and nothing stays counted after the calls end.
     #[tokio::test(start_paused = true)]
     async fn concurrent_retries_are_capped_with_or_without_the_bulkhead() {
         for bulkhead in [true, false] {
@@ -983,5 +991,82 @@ mod tests {
             assert_eq!(stack.bulkhead().in_flight(), 0);
             assert_eq!(stack.retry.shared().active(), 0, "bulkhead {bulkhead}");
         }
+    }
+
+    /// Records the `attempt` field of every `keel.attempt` span made while it is the default.
+    #[derive(Default, Clone)]
+    struct Attempts(Arc<std::sync::Mutex<Vec<u64>>>);
+
+    impl tracing::Subscriber for Attempts {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(tracing::level_filters::LevelFilter::TRACE)
+        }
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            struct Field(Option<u64>);
+            impl tracing::field::Visit for Field {
+                fn record_u64(&mut self, f: &tracing::field::Field, v: u64) {
+                    if f.name() == "attempt" {
+                        self.0 = Some(v);
+                    }
+                }
+                fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+            }
+            if span.metadata().name() == "keel.attempt" {
+                let mut f = Field(None);
+                span.record(&mut f);
+                self.0.lock().unwrap().push(f.0.unwrap_or(0));
+            }
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A service that fails its first call with 503 and answers the rest.
+    fn fails_once() -> impl Service<
+        http::Request<()>,
+        Response = http::Response<()>,
+        Error = BoxError,
+        Future = std::future::Ready<Result<http::Response<()>, BoxError>>,
+    > + Clone {
+        let calls = Arc::new(AtomicU32::new(0));
+        service_fn(move |_req: http::Request<()>| {
+            let mut r = http::Response::new(());
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            std::future::ready(Ok(r))
+        })
+    }
+
+    /// Every attempt has its span, numbered, through the fused stack and the retry layer alone.
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_has_a_numbered_span() {
+        let seen = Attempts::default();
+        let _default = tracing::subscriber::set_default(seen.clone());
+        let mut cfg = ResilienceConfig::default();
+        cfg.retry.backoff_base = Duration::ZERO;
+        let stack = ClientStackLayer::try_new("spans", Live::new(cfg.clone())).unwrap();
+        let r = stack
+            .layer(fails_once())
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(std::mem::take(&mut *seen.0.lock().unwrap()), vec![1, 2]);
+        let retry = crate::RetryLayer::new("spans", Live::new(cfg.retry));
+        let r = retry
+            .layer(fails_once())
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(*seen.0.lock().unwrap(), vec![1, 2]);
     }
 }

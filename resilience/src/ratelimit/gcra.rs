@@ -107,8 +107,14 @@ impl Default for LocalGcra {
 impl LocalGcra {
     /// An empty limiter.
     pub fn new() -> Self {
+        Self::with_base(Instant::now())
+    }
+
+    /// An empty limiter whose clock starts at `base` (shared with the caller, which can then
+    /// pass [`check_since`](Self::check_since) a reading it already made relative to it).
+    pub(crate) fn with_base(base: Instant) -> Self {
         Self {
-            base: Instant::now(),
+            base,
             global: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
             keys: RwLock::new(HashMap::new()),
@@ -122,7 +128,18 @@ impl LocalGcra {
 
     /// As [`check`](Self::check), with the caller's clock reading (`at`).
     pub fn check_at(&self, key: &str, q: Quota, max_keys: usize, at: Instant) -> Decision {
-        let now = at.saturating_duration_since(self.base).as_nanos() as u64;
+        self.check_since(key, q, max_keys, at.saturating_duration_since(self.base))
+    }
+
+    /// As [`check_at`](Self::check_at), with the time since this limiter's base.
+    pub(crate) fn check_since(
+        &self,
+        key: &str,
+        q: Quota,
+        max_keys: usize,
+        since: std::time::Duration,
+    ) -> Decision {
+        let now = since.as_nanos() as u64;
         if key.is_empty() {
             return decide(&self.global, now, q);
         }

@@ -64,10 +64,19 @@ pub fn request_key<'a, B>(key: &KeySource, req: &'a http::Request<B>) -> &'a str
 impl RateLimiter {
     /// A limiter for `service`.
     pub fn new(service: impl Into<Arc<str>>, policy: Live<RateLimitConfig>) -> Arc<Self> {
+        Self::with_base(service, policy, tokio::time::Instant::now())
+    }
+
+    /// As [`new`](Self::new), with its local limiter's clock starting at `base`.
+    pub(crate) fn with_base(
+        service: impl Into<Arc<str>>,
+        policy: Live<RateLimitConfig>,
+        base: tokio::time::Instant,
+    ) -> Arc<Self> {
         let service = service.into();
         Arc::new(Self {
             policy,
-            local: Arc::new(LocalGcra::new()),
+            local: Arc::new(LocalGcra::with_base(base)),
             #[cfg(feature = "redis")]
             redis: std::sync::Mutex::new(None),
             allowed: m::counter(m::RATELIMIT_DECISIONS_TOTAL, &service, "allowed"),
@@ -106,6 +115,21 @@ impl RateLimiter {
         let d = self
             .local
             .check_at(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys, now);
+        self.count(&d);
+        d
+    }
+
+    /// As [`check_local_at`](Self::check_local_at), with the time since the base this limiter
+    /// was made with ([`with_base`](Self::with_base)).
+    pub(crate) fn check_local_since(
+        &self,
+        cfg: &RateLimitConfig,
+        key: &str,
+        since: std::time::Duration,
+    ) -> Decision {
+        let d = self
+            .local
+            .check_since(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys, since);
         self.count(&d);
         d
     }
@@ -302,7 +326,7 @@ where
         let key = request_key(&cfg.key, &req).to_owned();
         drop(cfg);
         let limiter = self.limiter.clone();
-        let ctx = crate::scope::peek();
+        let ctx = crate::scope::handoff();
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
