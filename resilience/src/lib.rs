@@ -61,7 +61,10 @@
 //! Layers talk to each other and to the balancer through `keel_core::request` extensions:
 //! `Deadline` (set by the deadline, read by the per-try timeout and retry), `Attempt` (set on
 //! retries and hedges, with `avoid` = instances already tried) and `ServedBy` / `InstanceFailure`
-//! (set by the balancer, read by the retry).
+//! (set by the balancer, read by the retry). The per-try timeout hands the attempt's end to the
+//! transport on the thread ([`keel_core::request::with_attempt_end`]); the transport writes
+//! `keel-deadline-ms` with the time left ([`write_deadline_header`], or [`PropagateDeadline`]
+//! over an HTTP client that is not keel's).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
