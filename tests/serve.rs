@@ -84,27 +84,19 @@ async fn admin_routes_metrics_status_and_trace_propagation() {
         .await
         .unwrap();
     let client = a.client("trace-b").unwrap();
+    // A's routes relay to B's.
+    let relay = |path: &'static str| {
+        move |State(c): State<keel::Client>| async move {
+            c.get(path)
+                .send()
+                .await
+                .map(|r| r.text())
+                .unwrap_or_default()
+        }
+    };
     let a_app = Router::new()
-        .route(
-            "/call",
-            get(|State(c): State<keel::Client>| async move {
-                c.get("/echo")
-                    .send()
-                    .await
-                    .map(|r| r.text())
-                    .unwrap_or_default()
-            }),
-        )
-        .route(
-            "/deadline",
-            get(|State(c): State<keel::Client>| async move {
-                c.get("/deadline")
-                    .send()
-                    .await
-                    .map(|r| r.text())
-                    .unwrap_or_default()
-            }),
-        )
+        .route("/call", get(relay("/echo")))
+        .route("/deadline", get(relay("/deadline")))
         .with_state(client);
     let (a_addr, a_task) = start(&a, a_app).await;
 

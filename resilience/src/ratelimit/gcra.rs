@@ -128,7 +128,12 @@ impl LocalGcra {
 
     /// As [`check`](Self::check), with the caller's clock reading (`at`).
     pub fn check_at(&self, key: &str, q: Quota, max_keys: usize, at: Instant) -> Decision {
-        self.check_since(key, q, max_keys, at.saturating_duration_since(self.base))
+        self.check_since(key, q, max_keys, self.since(at))
+    }
+
+    /// The time from this limiter's base to `at`.
+    pub(crate) fn since(&self, at: Instant) -> std::time::Duration {
+        at.saturating_duration_since(self.base)
     }
 
     /// As [`check_at`](Self::check_at), with the time since this limiter's base.

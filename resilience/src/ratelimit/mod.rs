@@ -112,11 +112,7 @@ impl RateLimiter {
         key: &str,
         now: tokio::time::Instant,
     ) -> Decision {
-        let d = self
-            .local
-            .check_at(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys, now);
-        self.count(&d);
-        d
+        self.check_local_since(cfg, key, self.local.since(now))
     }
 
     /// As [`check_local_at`](Self::check_local_at), with the time since the base this limiter
