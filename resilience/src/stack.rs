@@ -392,13 +392,13 @@ where
     held.slot = Some(slot);
     let rl = &cfg.rate_limit;
     if rl.enabled {
-        let d = gate
+        let admitted = gate
             .rate
-            .check_local_since(rl, request_key(&rl.key, &req), since);
-        if !d.allowed {
+            .admit_local_since(rl, request_key(&rl.key, &req), since);
+        if let Err(retry_after) = admitted {
             held.release(gate);
             return Err(Other::Failed(Some(ResilienceError::RateLimited {
-                retry_after: d.retry_after,
+                retry_after,
             })));
         }
     }

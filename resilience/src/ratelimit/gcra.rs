@@ -60,32 +60,49 @@ impl Quota {
     }
 }
 
-/// Decides for one cell (the TAT, in ns since `base`).
-pub(crate) fn decide(cell: &AtomicU64, now: u64, q: Quota) -> Decision {
+/// The GCRA step for one cell (the TAT, in ns since `base`): `Ok(ahead)` when the call is
+/// admitted (the TAT moved; `ahead` = new TAT less now), `Err((ahead, start))` when it is not.
+#[inline]
+fn step(cell: &AtomicU64, now: u64, q: Quota) -> Result<u64, (u64, u64)> {
     let mut tat = cell.load(Ordering::Acquire);
     loop {
         let start = tat.max(now);
         let new_tat = start.saturating_add(q.t_ns);
         let ahead = new_tat - now;
         if ahead > q.tau_ns {
-            return Decision {
-                allowed: false,
-                remaining: 0,
-                retry_after: Duration::from_nanos(ahead - q.tau_ns),
-                reset: Duration::from_nanos(start - now),
-            };
+            return Err((ahead, start));
         }
         match cell.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                return Decision {
-                    allowed: true,
-                    remaining: (q.tau_ns - ahead) / q.t_ns,
-                    retry_after: Duration::ZERO,
-                    reset: Duration::from_nanos(ahead),
-                }
-            }
+            Ok(_) => return Ok(ahead),
             Err(actual) => tat = actual,
         }
+    }
+}
+
+/// Decides for one cell, with what the RateLimit headers say.
+pub(crate) fn decide(cell: &AtomicU64, now: u64, q: Quota) -> Decision {
+    match step(cell, now, q) {
+        Ok(ahead) => Decision {
+            allowed: true,
+            remaining: (q.tau_ns - ahead) / q.t_ns,
+            retry_after: Duration::ZERO,
+            reset: Duration::from_nanos(ahead),
+        },
+        Err((ahead, start)) => Decision {
+            allowed: false,
+            remaining: 0,
+            retry_after: Duration::from_nanos(ahead - q.tau_ns),
+            reset: Duration::from_nanos(start - now),
+        },
+    }
+}
+
+/// Admits a call on one cell, or says how long until one would be: the same decision as
+/// [`decide`], without the figures only response headers need (a division less).
+pub(crate) fn admit(cell: &AtomicU64, now: u64, q: Quota) -> Result<(), Duration> {
+    match step(cell, now, q) {
+        Ok(_) => Ok(()),
+        Err((ahead, _)) => Err(Duration::from_nanos(ahead - q.tau_ns)),
     }
 }
 
@@ -145,8 +162,34 @@ impl LocalGcra {
         since: std::time::Duration,
     ) -> Decision {
         let now = since.as_nanos() as u64;
+        self.with_cell(key, max_keys, now, |cell| decide(cell, now, q))
+    }
+
+    /// As [`check_since`](Self::check_since), for a caller that needs only the verdict and,
+    /// when refused, the time until a call would be admitted.
+    pub(crate) fn admit_since(
+        &self,
+        key: &str,
+        q: Quota,
+        max_keys: usize,
+        since: std::time::Duration,
+    ) -> Result<(), Duration> {
+        let now = since.as_nanos() as u64;
+        self.with_cell(key, max_keys, now, |cell| admit(cell, now, q))
+    }
+
+    /// Runs `f` on the cell of `key` (`""`: the global one; over `max_keys`, after dropping
+    /// idle keys: the shared overflow cell), made if new.
+    #[inline]
+    fn with_cell<R>(
+        &self,
+        key: &str,
+        max_keys: usize,
+        now: u64,
+        f: impl FnOnce(&AtomicU64) -> R,
+    ) -> R {
         if key.is_empty() {
-            return decide(&self.global, now, q);
+            return f(&self.global);
         }
         {
             let map = match self.keys.read() {
@@ -154,7 +197,7 @@ impl LocalGcra {
                 Err(p) => p.into_inner(),
             };
             if let Some(cell) = map.get(key) {
-                return decide(cell, now, q);
+                return f(cell);
             }
         }
         let mut map = match self.keys.write() {
@@ -164,13 +207,13 @@ impl LocalGcra {
         if !map.contains_key(key) && map.len() >= max_keys {
             map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
             if map.len() >= max_keys {
-                return decide(&self.overflow, now, q);
+                return f(&self.overflow);
             }
         }
         let cell = map
             .entry(Box::from(key))
             .or_insert_with(|| AtomicU64::new(0));
-        decide(cell, now, q)
+        f(cell)
     }
 
     /// Keys tracked now.
@@ -248,6 +291,23 @@ mod tests {
                 let bound = rate as f64 * secs + burst as f64 + 1.0;
                 assert!(allowed as f64 <= bound, "{allowed} > {bound}");
             });
+        }
+
+        /// `admit` (the client stack's verdict-only path) decides exactly as `decide`.
+        #[test]
+        fn admit_agrees_with_decide(rate in 1u32..10_000, burst in 1u32..100, gaps in proptest::collection::vec(0u64..5_000_000, 1..300)) {
+            let q = Quota::new(rate as f64, burst);
+            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+            let mut now = 0u64;
+            for gap in gaps {
+                let d = decide(&a, now, q);
+                let r = admit(&b, now, q);
+                prop_assert_eq!(d.allowed, r.is_ok());
+                if let Err(wait) = r {
+                    prop_assert_eq!(wait, d.retry_after);
+                }
+                now += gap;
+            }
         }
     }
 }

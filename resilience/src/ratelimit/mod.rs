@@ -130,6 +130,24 @@ impl RateLimiter {
         d
     }
 
+    /// As [`check_local_since`](Self::check_local_since), for the client stack: only the verdict,
+    /// and when refused the time until a call would be admitted.
+    pub(crate) fn admit_local_since(
+        &self,
+        cfg: &RateLimitConfig,
+        key: &str,
+        since: std::time::Duration,
+    ) -> Result<(), std::time::Duration> {
+        let r = self
+            .local
+            .admit_since(key, Quota::new(cfg.rate, cfg.burst), cfg.max_keys, since);
+        match r {
+            Ok(()) => self.allowed.increment(1),
+            Err(_) => self.limited.increment(1),
+        }
+        r
+    }
+
     fn count(&self, d: &Decision) {
         if d.allowed {
             self.allowed.increment(1)
