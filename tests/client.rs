@@ -154,15 +154,10 @@ async fn per_instance_breakers_take_a_failing_instance_out_of_rotation() {
     // service's breaker (same policy, 90%) sees half the calls fail and stays closed.
     let keel = keel_with(
         &dir,
-        &format!(
-            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 4\nsize = 4\n\
-             failure_rate_threshold = \"90%\"\nopen_duration = \"500ms\"\n\n\
-             [clients.pay.retry]\nmax_attempts = 1\n\n\
-             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
-             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
-             [clients.pay.balance.outlier]\nenabled = false\n\n\
-             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
-            good.addr, bad.addr
+        &instance_breakers(
+            "minimum_calls = 4\nsize = 4\nopen_duration = \"500ms\"",
+            "[clients.pay.retry]\nmax_attempts = 1",
+            &[good.addr, bad.addr],
         ),
     )
     .await;
@@ -214,15 +209,10 @@ async fn an_open_instance_left_in_rotation_is_skipped_without_sending() {
     // breaker (a 4-call window at 90%) never sees four failures in a row.
     let keel = keel_with(
         &dir,
-        &format!(
-            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 4\nsize = 4\n\
-             failure_rate_threshold = \"90%\"\nopen_duration = \"10s\"\n\n\
-             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
-             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
-             [clients.pay.balance.outlier]\nenabled = false\n\n\
-             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n\n\
-             [[clients.pay.endpoints]]\naddr = \"{}\"\n",
-            good.addr, bad1.addr, bad2.addr
+        &instance_breakers(
+            "minimum_calls = 4\nsize = 4\nopen_duration = \"10s\"",
+            "",
+            &[good.addr, bad1.addr, bad2.addr],
         ),
     )
     .await;
@@ -268,16 +258,10 @@ async fn an_instance_breaker_counts_per_try_timeouts() {
     let dir = tempfile::tempdir().unwrap();
     let keel = keel_with(
         &dir,
-        &format!(
-            "[clients.pay.breaker]\nper_instance = true\nminimum_calls = 3\nsize = 3\n\
-             failure_rate_threshold = \"90%\"\nopen_duration = \"10s\"\n\n\
-             [clients.pay.timeout]\nper_try = \"50ms\"\n\n\
-             [clients.pay.retry]\nmax_attempts = 1\n\n\
-             [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
-             [clients.pay.balance.passive]\nmax_fails = 0\n\n\
-             [clients.pay.balance.outlier]\nenabled = false\n\n\
-             [[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
-            good.addr, hung.addr
+        &instance_breakers(
+            "minimum_calls = 3\nsize = 3\nopen_duration = \"10s\"",
+            "[clients.pay.timeout]\nper_try = \"50ms\"\n\n[clients.pay.retry]\nmax_attempts = 1",
+            &[good.addr, hung.addr],
         ),
     )
     .await;
@@ -296,4 +280,22 @@ async fn an_instance_breaker_counts_per_try_timeouts() {
         Some("circuit breaker open"),
         "{out:?}"
     );
+}
+
+/// `[clients.pay]` over `endpoints` where only the instances' own breakers act: per-instance
+/// breakers at 90% (the service's breaker, same policy, stays closed), round robin, passive
+/// health and outlier detection off. `breaker` adds lines to the breaker section; `extra` adds
+/// whole sections.
+fn instance_breakers(breaker: &str, extra: &str, endpoints: &[std::net::SocketAddr]) -> String {
+    let mut toml = format!(
+        "[clients.pay.breaker]\nper_instance = true\nfailure_rate_threshold = \"90%\"\n{breaker}\n\n\
+         {extra}\n\n\
+         [clients.pay.balance]\nstrategy = \"round-robin\"\n\n\
+         [clients.pay.balance.passive]\nmax_fails = 0\n\n\
+         [clients.pay.balance.outlier]\nenabled = false\n"
+    );
+    for addr in endpoints {
+        toml.push_str(&format!("\n[[clients.pay.endpoints]]\naddr = \"{addr}\"\n"));
+    }
+    toml
 }
