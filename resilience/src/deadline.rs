@@ -203,20 +203,13 @@ pub(crate) fn attempt_end(
     deadline: Option<Instant>,
     per_try: Duration,
 ) -> Result<Option<Instant>, ResilienceError> {
-    let per_try_end = (!per_try.is_zero()).then(|| now + per_try);
-    let end = match (deadline, per_try_end) {
-        (Some(d), Some(p)) => Some(d.min(p)),
-        (a, b) => a.or(b),
-    };
-    match end {
-        Some(end) if end <= now => Err(ResilienceError::DeadlineExceeded),
-        _ => Ok(end),
-    }
+    let left = deadline.map(|d| d.saturating_duration_since(now));
+    Ok(attempt_bound(left, per_try)?.map(|bound| now + bound))
 }
 
 /// The longest an attempt may take: `min(per_try, left)` (`left`: the time left to the call's
-/// deadline; `None`: no bound); `DeadlineExceeded` if nothing is left. As
-/// [`attempt_end`], without clock arithmetic.
+/// deadline; `None`: no bound); `DeadlineExceeded` if nothing is left. The one rule for both:
+/// [`attempt_end`] is this, as an instant.
 pub(crate) fn attempt_bound(
     left: Option<Duration>,
     per_try: Duration,
