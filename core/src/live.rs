@@ -1,6 +1,9 @@
 use std::{
     fmt,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
 };
 
 use arc_swap::ArcSwap;
@@ -20,6 +23,8 @@ type Child<T> = Box<dyn Fn(&Arc<T>) -> bool + Send + Sync>;
 struct Shared<T> {
     value: Arc<ArcSwap<T>>,
     generation: watch::Sender<u64>,
+    /// The generation again, as one atomic load for hot paths (the watch takes a read lock).
+    version: AtomicU64,
     /// Serialises writers, and holds the projections to update on each write.
     writers: Mutex<Vec<Child<T>>>,
 }
@@ -94,6 +99,7 @@ impl<T> Live<T> {
             shared: Arc::new(Shared {
                 value: Arc::new(ArcSwap::new(value)),
                 generation,
+                version: AtomicU64::new(0),
                 writers: Mutex::new(Vec::new()),
             }),
         }
@@ -121,9 +127,11 @@ impl<T> Live<T> {
         self.shared.value.load_full()
     }
 
-    /// How many times the value has been replaced.
+    /// How many times the value has been replaced: one atomic load, cheap enough to check per
+    /// call whether something derived from the value still holds.
+    #[inline]
     pub fn generation(&self) -> u64 {
-        *self.shared.generation.borrow()
+        self.shared.version.load(Ordering::Acquire)
     }
 
     /// A receiver that is told each time the value is replaced (it carries the generation).
@@ -140,6 +148,8 @@ impl<T> Live<T> {
     pub fn store_arc(&self, value: Arc<T>) {
         let mut children = crate::lock(&self.shared.writers);
         self.shared.value.store(value.clone());
+        // After the value: whoever reads generation `g` then loads sees at least value `g`.
+        self.shared.version.fetch_add(1, Ordering::Release);
         self.shared.generation.send_modify(|g| *g += 1);
         children.retain(|update| update(&value));
     }

@@ -15,6 +15,11 @@
 //! Engineering, ch. 21, "Client-side throttling", as go-zero's breaker): no states, a rejection
 //! probability `max(0, (requests - K * accepts) / (requests + 1))` over a sliding window.
 //!
+//! Recording a success takes no lock while the closed-state count window is full and clean (no
+//! failure, no slow call): the success would replace a success, so nothing changes. The breaker
+//! keeps that fact in one atomic word with the policy generation it holds for; any failure, slow
+//! call, transition or reload sends the next record through the lock, which sets the word again.
+//!
 //! A breaker is per service (the [`CircuitBreakerLayer`]) or per instance ([`BreakerRegistry`],
 //! used below the balancer through [`Breaker::try_acquire`] / [`BreakerPermit::record`]).
 
@@ -103,6 +108,8 @@ pub struct Breaker {
     policy: Live<BreakerConfig>,
     hint: AtomicU8,
     epoch: AtomicU64,
+    /// Non-zero while a fast success may skip the lock: see [`Clean`].
+    clean: AtomicU64,
     inner: Mutex<Locked>,
     throttle: AdaptiveThrottle,
     base: Instant,
@@ -163,6 +170,7 @@ impl Breaker {
         Arc::new(Self {
             hint: AtomicU8::new(CLOSED),
             epoch: AtomicU64::new(0),
+            clean: AtomicU64::new(0),
             inner: Mutex::new(Locked {
                 cfg: policy.cache(),
                 s: Inner {
@@ -333,6 +341,7 @@ impl Breaker {
             BreakerState::Disabled => (OTHER, 4.0, "disabled"),
         };
         self.hint.store(hint, Ordering::Release);
+        self.clean.store(0, Ordering::Release);
         self.gauge.set(v);
         m::counter(m::BREAKER_TRANSITIONS_TOTAL, &self.service, name).increment(1);
         tracing::info!(service = %self.service, instance = %self.instance, state = name, "circuit breaker transition");
@@ -377,9 +386,51 @@ impl Breaker {
             PermitKind::Closed | PermitKind::HalfOpen => {}
         }
         let mut guard = keel_core::lock(&self.inner);
+        // Read before the policy: a word set for this generation is never newer than the policy
+        // it describes.
+        let generation = self.policy.generation();
         let Locked { cfg, s: g } = &mut *guard;
         let cfg: &BreakerConfig = cfg.load();
         let outcome = classify(cfg);
+        let outcome = self.record_locked(g, cfg, outcome, epoch, start, end);
+        let word = Clean::of(g, cfg, generation);
+        if self.clean.load(Ordering::Relaxed) != word {
+            self.clean.store(word, Ordering::Release);
+        }
+        outcome
+    }
+
+    /// Whether a success of a closed-state permit, started at `start` and ended at `end`, may
+    /// skip the lock: the window is full and clean under the policy in force, and the call was
+    /// not slow.
+    #[inline]
+    fn clean_success(&self, start: Instant, end: End) -> bool {
+        let word = self.clean.load(Ordering::Acquire);
+        if word == 0 {
+            return false;
+        }
+        let Some(slow) = Clean::slow_for(word, self.policy.generation()) else {
+            return false;
+        };
+        let elapsed = match end {
+            End::Within(max) if max < slow => return true,
+            End::Before(cap) if cap.saturating_duration_since(start) < slow => return true,
+            End::At(at) => at.saturating_duration_since(start),
+            End::Within(_) | End::Before(_) => Instant::now().saturating_duration_since(start),
+        };
+        elapsed < slow
+    }
+
+    /// The window and state machine part of [`record`](Self::record), under the lock.
+    fn record_locked(
+        &self,
+        g: &mut Inner,
+        cfg: &BreakerConfig,
+        outcome: Outcome,
+        epoch: u64,
+        start: Instant,
+        end: End,
+    ) -> Outcome {
         if self.epoch.load(Ordering::Acquire) != epoch {
             return outcome; // a call from an earlier state: it says nothing about this one
         }
@@ -478,6 +529,14 @@ impl Breaker {
         res: &Result<http::Response<T>, crate::error::BoxError>,
         end: End,
     ) -> Outcome {
+        // Under 400 is a success whatever the policy's failure codes, while the word is set
+        // (it is set only for policies whose failure codes are all 400 or above).
+        if raw.kind == PermitKind::Closed
+            && res.as_ref().is_ok_and(|r| r.status().as_u16() < 400)
+            && self.clean_success(raw.start, end)
+        {
+            return Outcome::Success;
+        }
         self.record(raw, end, |cfg| match res {
             Ok(r) if cfg.failure_codes.contains(&r.status().as_u16()) && r.status() != 429 => {
                 Outcome::Failure(crate::classify::FailureClass::Status(r.status().as_u16()))
@@ -540,6 +599,12 @@ impl BreakerPermit {
 
     fn finish(mut self, outcome: Outcome, end: End) {
         let raw = self.take_raw();
+        if raw.kind == PermitKind::Closed
+            && outcome == Outcome::Success
+            && self.breaker.clean_success(raw.start, end)
+        {
+            return;
+        }
         self.breaker.record(raw, end, |_| outcome);
     }
 
@@ -557,6 +622,33 @@ impl Drop for BreakerPermit {
     fn drop(&mut self) {
         let raw = self.take_raw();
         self.breaker.release_raw(raw);
+    }
+}
+
+/// The lock-free success word: the low 32 bits of the policy generation it holds for (plus one,
+/// so a set word is never zero), and the slow-call duration in whole milliseconds (rounded down,
+/// so a call under it is never slow). Zero when a success must take the lock.
+struct Clean;
+
+impl Clean {
+    fn of(g: &Inner, cfg: &BreakerConfig, generation: u64) -> u64 {
+        let fast = matches!(g.st, St::Closed)
+            && cfg.window == crate::config::WindowKind::Count
+            && g.window.matches(cfg.window, cfg.size)
+            && g.window.full_and_clean()
+            && cfg.failure_codes.iter().all(|c| *c >= 400);
+        if !fast {
+            return 0;
+        }
+        let ms = u32::try_from(cfg.slow_call_duration.as_millis()).unwrap_or(u32::MAX);
+        (u64::from((generation as u32).wrapping_add(1)) << 32) | u64::from(ms)
+    }
+
+    /// The slow-call duration the word holds, if it holds for `generation`.
+    #[inline]
+    fn slow_for(word: u64, generation: u64) -> Option<Duration> {
+        ((word >> 32) as u32 == (generation as u32).wrapping_add(1))
+            .then(|| Duration::from_millis(word & 0xffff_ffff))
     }
 }
 

@@ -277,3 +277,118 @@ async fn service_records_outcomes_and_rejects_without_calling() {
     reg.retain(|_| false);
     assert!(reg.is_empty());
 }
+
+fn ok(status: u16) -> Result<http::Response<()>, crate::error::BoxError> {
+    let mut r = http::Response::new(());
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    Ok(r)
+}
+
+/// Calls of `ms` milliseconds each, recorded with their end.
+fn timed(b: &Arc<Breaker>, n: usize, o: Outcome, ms: u64) {
+    for _ in 0..n {
+        let p = b.try_acquire().unwrap();
+        p.record_at(o, Instant::now() + Duration::from_millis(ms));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_window_still_sees_reloads_of_slow_duration_and_failure_codes() {
+    let policy = Live::new(BreakerConfig {
+        slow_call_duration: Duration::from_millis(100),
+        slow_call_rate_threshold: keel_core::Ratio::new(1.0).unwrap(),
+        ..cfg()
+    });
+    let b = Breaker::with_seed("svc", "", policy.clone(), 1);
+    // Full and clean: these successes go by without the lock, and change nothing.
+    timed(&b, 30, Outcome::Success, 50);
+    assert_eq!(b.window_counts(), (10, 0, 0));
+    // The same 50 ms success is slow under the reloaded policy.
+    policy.store(BreakerConfig {
+        slow_call_duration: Duration::from_millis(40),
+        ..(**policy.load()).clone()
+    });
+    timed(&b, 1, Outcome::Success, 50);
+    assert_eq!(b.window_counts(), (10, 0, 1));
+    // Clean again after ten fast calls; then 200 becomes a failure code.
+    timed(&b, 10, Outcome::Success, 10);
+    assert_eq!(b.window_counts(), (10, 0, 0));
+    policy.store(BreakerConfig {
+        failure_codes: vec![200],
+        ..(**policy.load()).clone()
+    });
+    let outcome = b.try_acquire().unwrap().classify_and_record(&ok(200), None);
+    assert!(outcome.is_failure());
+    assert_eq!(b.window_counts(), (10, 1, 0));
+    // A time window has no lock-free path: every call counts.
+    policy.store(BreakerConfig {
+        window: crate::config::WindowKind::Time,
+        failure_codes: Vec::new(),
+        minimum_calls: 1_000,
+        ..(**policy.load()).clone()
+    });
+    let before = b.window_counts().0;
+    timed(&b, 5, Outcome::Success, 1);
+    assert_eq!(b.window_counts().0, before + 5);
+}
+
+/// Steps of the reference run: a call's outcome and whether it was slow.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Fast,
+    Slow,
+    Fail,
+}
+
+proptest::proptest! {
+    /// With the lock-free success path, a breaker's window and state follow a plain model of
+    /// Resilience4j's count window call for call.
+    #[test]
+    fn lock_free_successes_match_the_model(
+        size in 1u32..12,
+        minimum in 1u32..12,
+        steps in proptest::collection::vec(
+            proptest::prop_oneof![
+                8 => proptest::strategy::Just(Step::Fast),
+                1 => proptest::strategy::Just(Step::Slow),
+                1 => proptest::strategy::Just(Step::Fail),
+            ],
+            0..200,
+        ),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let _rt = rt.enter();
+        let b = Breaker::with_seed("svc", "", Live::new(BreakerConfig {
+            size,
+            minimum_calls: minimum,
+            failure_rate_threshold: keel_core::Ratio::new(0.5).unwrap(),
+            slow_call_rate_threshold: keel_core::Ratio::new(0.5).unwrap(),
+            slow_call_duration: Duration::from_millis(100),
+            ..BreakerConfig::default()
+        }), 1);
+        let mut ring: std::collections::VecDeque<(bool, bool)> = Default::default();
+        for step in steps {
+            let (outcome, ms) = match step {
+                Step::Fast => (Outcome::Success, 5),
+                Step::Slow => (Outcome::Success, 150),
+                Step::Fail => (FAIL, 5),
+            };
+            timed(&b, 1, outcome, ms);
+            if ring.len() == size as usize {
+                ring.pop_front();
+            }
+            ring.push_back((matches!(step, Step::Fail), matches!(step, Step::Slow)));
+            let calls = ring.len() as u32;
+            let failures = ring.iter().filter(|c| c.0).count() as u32;
+            let slow = ring.iter().filter(|c| c.1).count() as u32;
+            let opens = (calls >= minimum || calls >= size)
+                && (failures * 2 >= calls || slow * 2 >= calls);
+            if opens {
+                proptest::prop_assert_eq!(b.state(), BreakerState::Open);
+                break;
+            }
+            proptest::prop_assert_eq!(b.state(), BreakerState::Closed);
+            proptest::prop_assert_eq!(b.window_counts(), (calls, failures, slow));
+        }
+    }
+}

@@ -75,6 +75,17 @@ impl Window {
         }
     }
 
+    /// A count window holding its full `size` calls, none failed or slow: recording a fast
+    /// success into it changes nothing (a clean call replaces a clean call).
+    pub(crate) fn full_and_clean(&self) -> bool {
+        match self {
+            Window::Count { ring, size, totals } => {
+                ring.len() == *size && totals.failures == 0 && totals.slow == 0
+            }
+            Window::Time { .. } => false,
+        }
+    }
+
     /// Records one call at second `now`.
     pub(crate) fn record(&mut self, now: u64, failure: bool, slow: bool) {
         match self {
