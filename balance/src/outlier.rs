@@ -118,6 +118,10 @@ fn passive_failure(s: &Shared, r: &Roster, e: &Entry, now: u64) {
     let penalty = i64::from(e.weight / e.max_fails);
     let ew = st.effective_weight.load(Relaxed);
     st.effective_weight.store((ew - penalty).max(0), Relaxed);
+    if penalty > 0 && ew > 0 {
+        // Round robin leaves its rotation: the weighted walk applies the penalty.
+        s.penalties.fetch_add(1, Relaxed);
+    }
     if fails >= e.max_fails && !st.passive_out(now) {
         let until = now + e.fail_timeout;
         st.passive_until.store(until, Relaxed);

@@ -23,7 +23,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicU64,
+            Ordering::{AcqRel, Acquire, Relaxed, Release},
+        },
         Arc, Mutex, Weak,
     },
     time::Duration,
@@ -120,6 +123,9 @@ pub(crate) struct Shared {
     /// Earliest end of a current ejection (ns); when passed, the epoch is bumped.
     pub(crate) next_expiry: AtomicU64,
     pub(crate) total_in_flight: Arc<AtomicU64>,
+    /// Bumped by every failure that lowers an instance's effective weight (round robin then
+    /// leaves its lock-free rotation).
+    pub(crate) penalties: AtomicU64,
     me: Weak<Shared>,
     pub(crate) last_sweep: Mutex<u64>,
     no_instance: Counter,
@@ -259,6 +265,7 @@ impl Balancer {
                     epoch: AtomicU64::new(0),
                     next_expiry: AtomicU64::new(u64::MAX),
                     total_in_flight,
+                    penalties: AtomicU64::new(0),
                     me: me.clone(),
                     last_sweep: Mutex::new(0),
                 }
@@ -527,7 +534,9 @@ impl Balancer {
                 f64::from(st.in_flight.load(Relaxed))
             }),
             Strategy::Random => self.draw(r, g, mode, avoid, now),
-            Strategy::RoundRobin => self.swrr(r, g, now, |e| self.usable(r, e, mode, avoid, now)),
+            Strategy::RoundRobin => self
+                .rotate(r, g, mode, avoid, now)
+                .or_else(|| self.swrr(r, g, now, true, |e| self.usable(r, e, mode, avoid, now))),
             Strategy::LeastConn => self.least_conn(r, g, mode, avoid, now),
             Strategy::RingHash | Strategy::Maglev => match self.hash_key(r, info) {
                 Some(key) => self.hashed(r, g, mode, avoid, now, key),
@@ -680,16 +689,73 @@ impl Balancer {
         }
     }
 
+    /// Round robin in O(1), when it gives what [`swrr`](Self::swrr) would: equal weights, no
+    /// slow start, no effective weight lowered, no instance to avoid, and the member whose turn
+    /// it is can take the request. From the all-zero state, smooth weighted round robin over
+    /// equal weights picks the members in order, so a counter replays it exactly without
+    /// walking every member under a lock. Anything else hands over to `swrr`, which rebuilds
+    /// its state from the counter.
+    #[inline]
+    fn rotate(
+        &self,
+        r: &Roster,
+        g: &Group,
+        mode: Mode,
+        avoid: &[InstanceId],
+        now: u64,
+    ) -> Option<u32> {
+        if !g.uniform || !avoid.is_empty() {
+            return None;
+        }
+        let steady = g.steady.load(Acquire);
+        if steady == 0 || steady != self.shared.penalties.load(Relaxed).wrapping_add(1) {
+            return None;
+        }
+        let n = g.members.len() as u64;
+        let k = (g.rr.fetch_add(1, Relaxed) % n) as usize;
+        let m = g.members[k];
+        if self.usable(r, &r.entries[m as usize], mode, avoid, now) {
+            Some(m)
+        } else {
+            // Its turn, but it cannot take the request: the weighted walk decides, from here.
+            None
+        }
+    }
+
     /// nginx smooth weighted round robin (`ngx_http_upstream_get_peer`), over the members
     /// `ok` accepts: each adds its effective weight to its current weight, the largest wins and
     /// gives back the total; an effective weight lowered by failures grows back by one per pick.
-    fn swrr(&self, r: &Roster, g: &Group, now: u64, ok: impl Fn(&Entry) -> bool) -> Option<u32> {
+    /// With `rotation` (round robin itself, not a tie-break), it takes over from and hands back
+    /// to [`rotate`](Self::rotate).
+    fn swrr(
+        &self,
+        r: &Roster,
+        g: &Group,
+        now: u64,
+        rotation: bool,
+        ok: impl Fn(&Entry) -> bool,
+    ) -> Option<u32> {
         let mut current = keel_core::lock(&g.swrr);
+        // Read before the effective weights: a penalty after this read voids the stamp below.
+        let penalties = self.shared.penalties.load(Relaxed);
+        let n = g.members.len();
+        if rotation && g.steady.swap(0, AcqRel) != 0 {
+            // The rotation was at member `p`: the state smooth weighted round robin has there,
+            // over equal weights, is `p × w` for the members still to come this cycle and
+            // `p × w − n × w` for those already picked.
+            let w = g.weight_sum as i64 / n.max(1) as i64;
+            let p = (g.rr.load(Relaxed) % n as u64) as usize;
+            for (k, c) in current.iter_mut().enumerate() {
+                *c = p as i64 * w - if k < p { n as i64 * w } else { 0 };
+            }
+        }
         let mut total = 0i64;
         let mut best: Option<usize> = None;
+        let mut all_full = true;
         for (k, &m) in g.members.iter().enumerate() {
             let e = &r.entries[m as usize];
             if !ok(e) {
+                all_full = false;
                 continue;
             }
             let w = if e.slow_window == 0 {
@@ -704,6 +770,7 @@ impl Balancer {
             if ew < w {
                 ew += 1;
             }
+            all_full &= ew == w;
             if ew != seen {
                 e.state.effective_weight.store(ew, Relaxed);
             }
@@ -713,6 +780,12 @@ impl Balancer {
         }
         let b = best?;
         current[b] -= total;
+        // Back at the all-zero point with every member in and at full weight: the next picks
+        // are member 0, 1, 2, … and the rotation can make them.
+        if rotation && g.uniform && all_full && current.iter().all(|c| *c == 0) {
+            g.rr.store(0, Relaxed);
+            g.steady.store(penalties.wrapping_add(1), Release);
+        }
         Some(g.members[b])
     }
 
@@ -738,7 +811,7 @@ impl Balancer {
             }
         }
         let (bc, bw) = best?;
-        self.swrr(r, g, now, |e| {
+        self.swrr(r, g, now, false, |e| {
             u64::from(e.state.in_flight.load(Relaxed)) * bw == bc * u64::from(e.weight)
                 && self.usable(r, e, mode, avoid, now)
         })

@@ -113,6 +113,14 @@ pub(crate) struct Group {
     pub(crate) hot: Vec<Member>,
     pub(crate) alias: Alias,
     pub(crate) swrr: Mutex<Vec<i64>>,
+    /// Every member has the same weight and no slow start: round robin over them is a rotation
+    /// whenever nothing is penalized or skipped (see `Picker::rotate`).
+    pub(crate) uniform: bool,
+    /// Non-zero while round robin may rotate without the lock: the picker's penalty count plus
+    /// one, as it was when the smooth weighted state reached its all-zero point.
+    pub(crate) steady: AtomicU64,
+    /// The rotation: the next member is `rr % members`.
+    pub(crate) rr: AtomicU64,
     maglev: OnceLock<Maglev>,
     ring: OnceLock<Ring>,
     /// `(epoch + 1) << 32 | healthy members`, recomputed when the epoch moves.
@@ -138,11 +146,15 @@ impl Group {
                     slow: e.slow_window != 0,
                 }
             })
-            .collect();
+            .collect::<Vec<Member>>();
+        let uniform = hot.iter().all(|h| !h.slow) && weights.windows(2).all(|w| w[0] == w[1]);
         Self {
             hot,
             alias: Alias::new(&weights),
             swrr: Mutex::new(vec![0; members.len()]),
+            uniform,
+            steady: AtomicU64::new(0),
+            rr: AtomicU64::new(0),
             weight_sum: weights.iter().sum::<f64>() as u64,
             members,
             maglev: OnceLock::new(),

@@ -118,3 +118,113 @@ proptest! {
         prop_assert!(b.snapshot().instances.iter().all(|i| i.in_flight == 0));
     }
 }
+
+/// What one step of a round-robin run does.
+#[derive(Debug, Clone, Copy)]
+enum RrStep {
+    Ok,
+    Fail,
+    Avoid(usize),
+}
+
+/// nginx smooth weighted round robin, written plainly: the reference the balancer's lock-free
+/// rotation must match pick for pick.
+struct Swrr {
+    weight: i64,
+    max_fails: i64,
+    effective: Vec<i64>,
+    current: Vec<i64>,
+}
+
+impl Swrr {
+    fn pick(&mut self, avoid: Option<usize>) -> usize {
+        let mut total = 0;
+        let mut best: Option<usize> = None;
+        for k in 0..self.current.len() {
+            if avoid == Some(k) {
+                continue;
+            }
+            let mut ew = self.effective[k].clamp(0, self.weight);
+            self.current[k] += ew;
+            total += ew;
+            if ew < self.weight {
+                ew += 1;
+            }
+            self.effective[k] = ew;
+            if best.is_none_or(|b| self.current[k] > self.current[b]) {
+                best = Some(k);
+            }
+        }
+        let b = best.unwrap();
+        self.current[b] -= total;
+        b
+    }
+
+    fn fail(&mut self, k: usize) {
+        self.effective[k] = (self.effective[k] - self.weight / self.max_fails).max(0);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Equal weights: round robin rotates without its lock while nothing is penalized or
+    /// avoided, and hands over to the weighted walk (and back) so that the sequence is exactly
+    /// nginx's, failures and avoided instances included.
+    #[test]
+    fn round_robin_rotation_is_exactly_smooth_weighted_round_robin(
+        n in 2usize..9,
+        weight in 4u32..9,
+        steps in proptest::collection::vec(
+            prop_oneof![
+                12 => Just(RrStep::Ok),
+                1 => Just(RrStep::Fail),
+                1 => proptest::strategy::Strategy::prop_map(0usize..8, RrStep::Avoid),
+            ],
+            1..400,
+        ),
+    ) {
+        let params = keel_core::ServerParams {
+            max_fails: Some(4),
+            ..keel_core::ServerParams::default()
+        };
+        let instances: Vec<_> = (0..n)
+            .map(|i| inst(&format!("i{i}"), 21_000 + i as u16, weight).with_params(params.clone()))
+            .collect();
+        let mut config = cfg(Strategy::RoundRobin);
+        // Only the weight penalty: no ejection may take an instance out during the run.
+        config.outlier.enabled = false;
+        let (b, _, _) = balancer(instances, config);
+        let mut model = Swrr {
+            weight: i64::from(weight),
+            max_fails: 4,
+            effective: vec![i64::from(weight); n],
+            current: vec![0; n],
+        };
+        // Failures in a row per instance: kept under max_fails, so none is marked down.
+        let mut streak = vec![0u32; n];
+        for step in steps {
+            let avoid = match step {
+                RrStep::Avoid(k) => Some(k % n),
+                _ => None,
+            };
+            let ids: Vec<InstanceId> = avoid
+                .map(|k| InstanceId::new(format!("i{k}")))
+                .into_iter()
+                .collect();
+            let info = RequestInfo { avoid: &ids, ..RequestInfo::default() };
+            let p = b.pick(&info).unwrap();
+            let want = model.pick(avoid);
+            prop_assert_eq!(p.id().as_str(), format!("i{want}"));
+            let fail = matches!(step, RrStep::Fail) && streak[want] < 3;
+            if fail {
+                streak[want] += 1;
+                model.fail(want);
+                p.complete(Outcome::Failure);
+            } else {
+                streak[want] = 0;
+                p.complete(Outcome::Success);
+            }
+        }
+    }
+}
