@@ -120,7 +120,9 @@ fn passive_failure(s: &Shared, r: &Roster, e: &Entry, now: u64) {
     st.effective_weight.store((ew - penalty).max(0), Relaxed);
     if penalty > 0 && ew > 0 {
         // Round robin leaves its rotation: the weighted walk applies the penalty.
-        s.penalties.fetch_add(1, Relaxed);
+        // Release: whoever reads the new count also sees the lowered weight.
+        s.penalties
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
     if fails >= e.max_fails && !st.passive_out(now) {
         let until = now + e.fail_timeout;

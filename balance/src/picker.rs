@@ -690,11 +690,13 @@ impl Balancer {
     }
 
     /// Round robin in O(1), when it gives what [`swrr`](Self::swrr) would: equal weights, no
-    /// slow start, no effective weight lowered, no instance to avoid, and the member whose turn
-    /// it is can take the request. From the all-zero state, smooth weighted round robin over
-    /// equal weights picks the members in order, so a counter replays it exactly without
-    /// walking every member under a lock. Anything else hands over to `swrr`, which rebuilds
-    /// its state from the counter.
+    /// slow start or `max_conns`, no effective weight lowered and no health change since the
+    /// rotation was set up, no instance to avoid, and the member whose turn it is can take the
+    /// request. Over equal weights and a state whose spread is under `n × w`, smooth weighted
+    /// round robin picks every member once per `n` picks, in the order of its state, and comes
+    /// back to that state: `swrr` writes that order down and a counter replays it, with no lock
+    /// and no walk. Anything else hands over to `swrr`, which rebuilds its state from the
+    /// counter.
     #[inline]
     fn rotate(
         &self,
@@ -708,17 +710,29 @@ impl Balancer {
             return None;
         }
         let steady = g.steady.load(Acquire);
-        if steady == 0 || steady != self.shared.penalties.load(Relaxed).wrapping_add(1) {
+        if steady == 0
+            || steady != self.shared.penalties.load(Relaxed).wrapping_add(1)
+            || g.steady_epoch.load(Relaxed) != self.shared.epoch.load(Relaxed)
+        {
             return None;
         }
         let n = g.members.len() as u64;
-        let k = (g.rr.fetch_add(1, Relaxed) % n) as usize;
-        let m = g.members[k];
-        if self.usable(r, &r.entries[m as usize], mode, avoid, now) {
-            Some(m)
-        } else {
-            // Its turn, but it cannot take the request: the weighted walk decides, from here.
-            None
+        let mut turn = g.rr.load(Relaxed);
+        loop {
+            let k = g.order[(turn % n) as usize].load(Relaxed) as usize;
+            let m = *g.members.get(k)?;
+            if !self.usable(r, &r.entries[m as usize], mode, avoid, now) {
+                // Its turn, but it cannot take the request: the weighted walk decides, from
+                // here (the turn is not taken, so the walk does not count it as picked).
+                return None;
+            }
+            match g
+                .rr
+                .compare_exchange_weak(turn, turn.wrapping_add(1), Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(m),
+                Err(now_at) => turn = now_at,
+            }
         }
     }
 
@@ -736,17 +750,23 @@ impl Balancer {
         ok: impl Fn(&Entry) -> bool,
     ) -> Option<u32> {
         let mut current = keel_core::lock(&g.swrr);
-        // Read before the effective weights: a penalty after this read voids the stamp below.
-        let penalties = self.shared.penalties.load(Relaxed);
+        // Read before the effective weights and health: a penalty or a health change after
+        // these reads voids the rotation set up below.
+        let penalties = self.shared.penalties.load(Acquire);
+        let epoch = self.shared.epoch.load(Relaxed);
         let n = g.members.len();
+        let w = g.weight_sum as i64 / n.max(1) as i64;
         if rotation && g.steady.swap(0, AcqRel) != 0 {
-            // The rotation was at member `p`: the state smooth weighted round robin has there,
-            // over equal weights, is `p × w` for the members still to come this cycle and
-            // `p × w − n × w` for those already picked.
-            let w = g.weight_sum as i64 / n.max(1) as i64;
+            // `p` turns into the rotation from the state it was set up at: every member has
+            // gained `p × w`, and the first `p` in the order have given back `n × w` each.
             let p = (g.rr.load(Relaxed) % n as u64) as usize;
-            for (k, c) in current.iter_mut().enumerate() {
-                *c = p as i64 * w - if k < p { n as i64 * w } else { 0 };
+            for c in current.iter_mut() {
+                *c += p as i64 * w;
+            }
+            for slot in &g.order[..p] {
+                if let Some(c) = current.get_mut(slot.load(Relaxed) as usize) {
+                    *c -= n as i64 * w;
+                }
             }
         }
         let mut total = 0i64;
@@ -780,13 +800,45 @@ impl Balancer {
         }
         let b = best?;
         current[b] -= total;
-        // Back at the all-zero point with every member in and at full weight: the next picks
-        // are member 0, 1, 2, … and the rotation can make them.
-        if rotation && g.uniform && all_full && current.iter().all(|c| *c == 0) {
-            g.rr.store(0, Relaxed);
-            g.steady.store(penalties.wrapping_add(1), Release);
+        if rotation && g.uniform && all_full {
+            self.set_up_rotation(g, &current, w, penalties, epoch);
         }
         Some(g.members[b])
+    }
+
+    /// With every member in at full weight: if the state's spread is under `n × w`, the next
+    /// `n` picks are the members by state, largest first (ties: lower position first), after
+    /// which the state is back where it is now. Writes that order for [`rotate`](Self::rotate).
+    /// (At pick `j` every member has gained `j × w`; one already picked has also given back
+    /// `n × w`, which puts it below every member still to come while the spread is under
+    /// `n × w`. At exactly `n × w`, a picked member from the top ties the members still to come
+    /// from the bottom, and the tie goes to the lower position: fine when theirs are lower.)
+    fn set_up_rotation(&self, g: &Group, current: &[i64], w: i64, penalties: u64, epoch: u64) {
+        let n = current.len();
+        let (lo, hi) = current
+            .iter()
+            .fold((i64::MAX, i64::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+        let nw = n as i64 * w;
+        if n == 0 || hi - lo > nw {
+            return;
+        }
+        if hi - lo == nw {
+            // A picked member at the top then ties the last members at the bottom: the lower
+            // position wins, which must be theirs.
+            let top_first = current.iter().position(|&c| c == hi);
+            let bottom_last = current.iter().rposition(|&c| c == lo);
+            if !matches!((bottom_last, top_first), (Some(b), Some(t)) if b < t) {
+                return;
+            }
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by_key(|&k| (std::cmp::Reverse(current[k]), k));
+        for (slot, k) in g.order.iter().zip(order) {
+            slot.store(k as u32, Relaxed);
+        }
+        g.rr.store(0, Relaxed);
+        g.steady_epoch.store(epoch, Relaxed);
+        g.steady.store(penalties.wrapping_add(1), Release);
     }
 
     /// nginx `least_conn`: fewest in-flight per weight; ties broken by smooth weighted round robin.
@@ -981,5 +1033,131 @@ impl Drop for Picked {
             self.release();
             self.entry.metrics.request(Outcome::Cancelled);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BalanceConfig, Outcome, Strategy};
+    use keel_core::ServerParams;
+
+    fn round_robin(n: usize) -> Balancer {
+        let svc = ServiceName::new("rr").unwrap();
+        let params = ServerParams {
+            max_fails: Some(4),
+            ..ServerParams::default()
+        };
+        let instances = (0..n)
+            .map(|i| {
+                Instance::new(
+                    svc.clone(),
+                    format!("127.0.0.1:{}", 22_000 + i).parse().unwrap(),
+                )
+                .with_id(format!("i{i}"))
+                .with_weight(4)
+                .with_params(params.clone())
+            })
+            .collect();
+        let mut config = BalanceConfig {
+            strategy: Strategy::RoundRobin,
+            ..BalanceConfig::default()
+        };
+        config.outlier.enabled = false;
+        Balancer::new(svc, Live::new(instances), Live::new(config)).unwrap()
+    }
+
+    fn rotating(b: &Balancer) -> bool {
+        b.roster().stable.all.primary.steady.load(Acquire) != 0
+    }
+
+    fn picks(b: &Balancer, n: usize, fail_first: bool) {
+        for j in 0..n {
+            let p = b.pick(&RequestInfo::default()).unwrap();
+            p.complete(if fail_first && j == 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            });
+        }
+    }
+
+    #[test]
+    fn the_rotation_comes_back_after_a_penalty_and_an_avoided_pick() {
+        let b = round_robin(5);
+        picks(&b, 1, false);
+        assert!(rotating(&b), "set up from the all-zero start");
+        // A failure lowers a weight: the walk takes over, then hands back once the weight is
+        // full again, although the state does not pass through zero any more.
+        picks(&b, 1, true);
+        picks(&b, 1, false);
+        assert!(!rotating(&b));
+        picks(&b, 20, false);
+        assert!(rotating(&b), "back in rotation after the penalty");
+        // A retry that avoids an instance goes through the walk, and the rotation comes back.
+        let avoid = [InstanceId::new("i2")];
+        let p = b
+            .pick(&RequestInfo {
+                avoid: &avoid,
+                ..RequestInfo::default()
+            })
+            .unwrap();
+        p.complete(Outcome::Success);
+        assert!(!rotating(&b));
+        picks(&b, 1, false);
+        assert!(rotating(&b), "back in rotation after the avoided pick");
+    }
+
+    #[test]
+    fn a_spread_of_exactly_n_w_rotates_only_when_the_tie_goes_the_right_way() {
+        let b = round_robin(2);
+        let r = b.roster();
+        let g = &r.stable.all.primary;
+        // From [4, -4] nginx picks 0, 0, 1 (0 wins the tie at [4, 4]): not a rotation.
+        b.set_up_rotation(g, &[4, -4], 4, 0, 0);
+        assert_eq!(g.steady.load(Acquire), 0);
+        // From [-4, 4] it picks 1, 0, 1, 0: the rotation 1, 0.
+        b.set_up_rotation(g, &[-4, 4], 4, 0, 0);
+        assert_ne!(g.steady.load(Acquire), 0);
+        assert_eq!(g.order[0].load(Relaxed), 1);
+        assert_eq!(g.order[1].load(Relaxed), 0);
+    }
+
+    #[test]
+    fn weighted_groups_and_max_conns_never_rotate() {
+        let svc = ServiceName::new("rr").unwrap();
+        let weighted = (0..3)
+            .map(|i| {
+                Instance::new(
+                    svc.clone(),
+                    format!("127.0.0.1:{}", 22_100 + i).parse().unwrap(),
+                )
+                .with_id(format!("w{i}"))
+                .with_weight(1 + i as u32)
+            })
+            .collect();
+        let config = BalanceConfig {
+            strategy: Strategy::RoundRobin,
+            ..BalanceConfig::default()
+        };
+        let b = Balancer::new(svc.clone(), Live::new(weighted), Live::new(config.clone())).unwrap();
+        picks(&b, 30, false);
+        assert!(!rotating(&b));
+        let capped = (0..3)
+            .map(|i| {
+                Instance::new(
+                    svc.clone(),
+                    format!("127.0.0.1:{}", 22_200 + i).parse().unwrap(),
+                )
+                .with_id(format!("c{i}"))
+                .with_params(ServerParams {
+                    max_conns: Some(2),
+                    ..ServerParams::default()
+                })
+            })
+            .collect();
+        let b = Balancer::new(svc, Live::new(capped), Live::new(config)).unwrap();
+        picks(&b, 30, false);
+        assert!(!rotating(&b));
     }
 }

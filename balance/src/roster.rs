@@ -10,7 +10,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
         Arc, Mutex, OnceLock, Weak,
     },
 };
@@ -117,10 +117,13 @@ pub(crate) struct Group {
     /// whenever nothing is penalized or skipped (see `Picker::rotate`).
     pub(crate) uniform: bool,
     /// Non-zero while round robin may rotate without the lock: the picker's penalty count plus
-    /// one, as it was when the smooth weighted state reached its all-zero point.
+    /// one, as it was when the rotation was set up.
     pub(crate) steady: AtomicU64,
-    /// The rotation: the next member is `rr % members`.
+    /// The picker's health epoch when the rotation was set up.
+    pub(crate) steady_epoch: AtomicU64,
+    /// The rotation: turn `t` goes to the member at position `order[t % members]`.
     pub(crate) rr: AtomicU64,
+    pub(crate) order: Box<[AtomicU32]>,
     maglev: OnceLock<Maglev>,
     ring: OnceLock<Ring>,
     /// `(epoch + 1) << 32 | healthy members`, recomputed when the epoch moves.
@@ -147,14 +150,18 @@ impl Group {
                 }
             })
             .collect::<Vec<Member>>();
-        let uniform = hot.iter().all(|h| !h.slow) && weights.windows(2).all(|w| w[0] == w[1]);
+        // `max_conns` would make a member's turn depend on its load: not a rotation.
+        let uniform = hot.iter().all(|h| !h.slow && h.max_conns == 0)
+            && weights.windows(2).all(|w| w[0] == w[1]);
         Self {
             hot,
             alias: Alias::new(&weights),
             swrr: Mutex::new(vec![0; members.len()]),
             uniform,
             steady: AtomicU64::new(0),
+            steady_epoch: AtomicU64::new(0),
             rr: AtomicU64::new(0),
+            order: (0..members.len()).map(|_| AtomicU32::new(0)).collect(),
             weight_sum: weights.iter().sum::<f64>() as u64,
             members,
             maglev: OnceLock::new(),

@@ -125,6 +125,8 @@ enum RrStep {
     Ok,
     Fail,
     Avoid(usize),
+    /// Takes an instance out (for longer than the run): a health change.
+    Eject(usize),
 }
 
 /// nginx smooth weighted round robin, written plainly: the reference the balancer's lock-free
@@ -134,6 +136,7 @@ struct Swrr {
     max_fails: i64,
     effective: Vec<i64>,
     current: Vec<i64>,
+    out: Vec<bool>,
 }
 
 impl Swrr {
@@ -141,7 +144,7 @@ impl Swrr {
         let mut total = 0;
         let mut best: Option<usize> = None;
         for k in 0..self.current.len() {
-            if avoid == Some(k) {
+            if avoid == Some(k) || self.out[k] {
                 continue;
             }
             let mut ew = self.effective[k].clamp(0, self.weight);
@@ -155,7 +158,10 @@ impl Swrr {
                 best = Some(k);
             }
         }
-        let b = best.unwrap();
+        let Some(b) = best else {
+            // Nobody but the avoided one: the balancer asks again without avoiding.
+            return self.pick(None);
+        };
         self.current[b] -= total;
         b
     }
@@ -166,11 +172,11 @@ impl Swrr {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
-    /// Equal weights: round robin rotates without its lock while nothing is penalized or
-    /// avoided, and hands over to the weighted walk (and back) so that the sequence is exactly
-    /// nginx's, failures and avoided instances included.
+    /// Equal weights: round robin rotates without its lock while nothing is penalized, avoided
+    /// or taken out, and hands over to the weighted walk (and back) so that the sequence is
+    /// exactly nginx's, failures, avoided and ejected instances included.
     #[test]
     fn round_robin_rotation_is_exactly_smooth_weighted_round_robin(
         n in 2usize..9,
@@ -180,6 +186,7 @@ proptest! {
                 12 => Just(RrStep::Ok),
                 1 => Just(RrStep::Fail),
                 1 => proptest::strategy::Strategy::prop_map(0usize..8, RrStep::Avoid),
+                1 => proptest::strategy::Strategy::prop_map(0usize..8, RrStep::Eject),
             ],
             1..400,
         ),
@@ -194,16 +201,29 @@ proptest! {
         let mut config = cfg(Strategy::RoundRobin);
         // Only the weight penalty: no ejection may take an instance out during the run.
         config.outlier.enabled = false;
+        config.outlier.max_ejection_percent = Ratio::new(0.5).unwrap();
         let (b, _, _) = balancer(instances, config);
         let mut model = Swrr {
             weight: i64::from(weight),
             max_fails: 4,
             effective: vec![i64::from(weight); n],
             current: vec![0; n],
+            out: vec![false; n],
         };
         // Failures in a row per instance: kept under max_fails, so none is marked down.
         let mut streak = vec![0u32; n];
         for step in steps {
+            if let RrStep::Eject(k) = step {
+                let k = k % n;
+                // Fewer than half out, or the panic threshold would let everyone back in.
+                let out = model.out.iter().filter(|o| **o).count();
+                if !model.out[k] && (out + 1) * 2 <= n
+                    && b.eject(&InstanceId::new(format!("i{k}")), Duration::from_secs(3600), "test")
+                {
+                    model.out[k] = true;
+                }
+                continue;
+            }
             let avoid = match step {
                 RrStep::Avoid(k) => Some(k % n),
                 _ => None,
