@@ -19,9 +19,10 @@
 //! | `maglev`        | Eisenbud et al., *Maglev*, NSDI 2016                       | affinity, O(1) lookup       |
 //! | `least-conn`    | nginx `least_conn`                                         | long-lived connections      |
 //!
-//! `round-robin` over equal weights costs O(1) per pick (an atomic rotation that yields nginx's
-//! exact sequence while no member is penalized, skipped or avoided); with unequal weights it
-//! walks every member, as nginx does, and so does `least-conn`.
+//! `round-robin` over equal weights costs O(1) per pick (an atomic rotation that replays nginx's
+//! exact sequence while no weight is lowered, no health changes and no instance is avoided);
+//! with unequal weights, slow start or `max_conns` it walks every member, as nginx does, and so
+//! does `least-conn`.
 //!
 //! Hash strategies take an optional bounded load (`hash_balance_factor`, HAProxy's
 //! `hash-balance-factor`, after Mirrokni et al., *Consistent Hashing with Bounded Loads*).
