@@ -68,8 +68,9 @@ fn cpu_seconds() -> f64 {
 }
 
 /// `CONCURRENCY` callers for `secs`: (calls per second, CPU µs per call, client and backend
-/// together).
-async fn concurrent(call: &Call, secs: f64) -> (f64, f64) {
+/// together, requests the backend served per call).
+async fn concurrent(call: &Call, secs: f64, backend: &HttpBackend) -> (f64, f64, f64) {
+    let served = backend.served();
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let cpu = cpu_seconds();
@@ -94,6 +95,7 @@ async fn concurrent(call: &Call, secs: f64) -> (f64, f64) {
     (
         n as f64 / start.elapsed().as_secs_f64(),
         cpu / n.max(1) as f64 * 1e6,
+        (backend.served() - served) as f64 / n.max(1) as f64,
     )
 }
 
@@ -164,8 +166,8 @@ fn main() {
         for _ in 0..rounds {
             let a = sequential(&raw_call, secs).await;
             let b = sequential(&keel_call, secs).await;
-            let c = concurrent(&raw_call, secs).await;
-            let d = concurrent(&keel_call, secs).await;
+            let c = concurrent(&raw_call, secs, &backend).await;
+            let d = concurrent(&keel_call, secs, &backend).await;
             ratio_seq.push(b.0 / a.0);
             ratio_con.push(d.0 / c.0);
             seq_raw.push(a);
@@ -173,14 +175,15 @@ fn main() {
             con_raw.push(c);
             con_keel.push(d);
         }
-        let show = |name: &str, v: &[(f64, f64, f64)], con: &[(f64, f64)]| {
+        let show = |name: &str, v: &[(f64, f64, f64)], con: &[(f64, f64, f64)]| {
             println!(
-                "  {name:<8} c=1: {:>7.0} calls/s, p50 {:>5.0} us, p99 {:>6.0} us;  c={CONCURRENCY}: {:>7.0} calls/s, {:>5.1} us CPU per call",
+                "  {name:<8} c=1: {:>7.0} calls/s, p50 {:>5.0} us, p99 {:>6.0} us;  c={CONCURRENCY}: {:>7.0} calls/s, {:>5.1} us CPU per call, {:.3} requests served per call",
                 median(v.iter().map(|x| x.0).collect()),
                 median(v.iter().map(|x| x.1).collect()),
                 median(v.iter().map(|x| x.2).collect()),
                 median(con.iter().map(|x| x.0).collect()),
                 median(con.iter().map(|x| x.1).collect()),
+                median(con.iter().map(|x| x.2).collect()),
             );
         };
         show("reqwest", &seq_raw, &con_raw);

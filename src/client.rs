@@ -321,7 +321,7 @@ impl RequestBuilder {
         let ctx = TraceContext::current()
             .map(|c| c.child())
             .unwrap_or_else(TraceContext::new_root);
-        if let Ok(v) = HeaderValue::from_str(&ctx.to_string()) {
+        if let Ok(v) = HeaderValue::from_bytes(&ctx.encode()) {
             request.headers_mut().insert(crate::trace::TRACEPARENT, v);
         }
         // A client used right after it is built: give discovery its first answer (bounded by the

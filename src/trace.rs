@@ -122,7 +122,18 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        let mut out = [0u8; 32];
+        hex_to(&self.trace_id, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The `traceparent` header value, written into a buffer on the stack (no allocation).
+    pub fn encode(&self) -> [u8; 55] {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_to(&self.trace_id, &mut out[3..35]);
+        hex_to(&self.span_id, &mut out[36..52]);
+        hex_to(&[self.flags], &mut out[53..55]);
+        out
     }
 
     /// The context of the request being served by this task, if any.
@@ -138,18 +149,18 @@ impl TraceContext {
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+        let out = self.encode();
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_to(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
 fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
@@ -176,6 +187,8 @@ mod tests {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let c = TraceContext::parse(v).unwrap();
         assert_eq!(c.to_string(), v);
+        assert_eq!(&c.encode()[..], v.as_bytes());
+        assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let child = c.child();
         assert_eq!(child.trace_id, c.trace_id);
         assert_ne!(child.span_id, c.span_id);
