@@ -113,16 +113,17 @@ pub(crate) struct Group {
     pub(crate) hot: Vec<Member>,
     pub(crate) alias: Alias,
     pub(crate) swrr: Mutex<Vec<i64>>,
-    /// Every member has the same weight and no slow start: round robin over them is a rotation
-    /// whenever nothing is penalized or skipped (see `Picker::rotate`).
+    /// Every member has the same weight, no slow start and no `max_conns`: round robin over
+    /// them is a rotation whenever nothing is penalized, avoided or out (see `Balancer::rotate`).
     pub(crate) uniform: bool,
     /// Non-zero while round robin may rotate without the lock: the picker's penalty count plus
     /// one, as it was when the rotation was set up.
     pub(crate) steady: AtomicU64,
     /// The picker's health epoch when the rotation was set up.
     pub(crate) steady_epoch: AtomicU64,
-    /// The rotation: turn `t` goes to the member at position `order[t % members]`.
+    /// The rotation's next turn: turn `t` goes to the member at position `order[t % members]`.
     pub(crate) rr: AtomicU64,
+    /// The members' positions in the order the rotation visits them.
     pub(crate) order: Box<[AtomicU32]>,
     maglev: OnceLock<Maglev>,
     ring: OnceLock<Ring>,

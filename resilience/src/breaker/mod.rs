@@ -400,11 +400,15 @@ impl Breaker {
         outcome
     }
 
-    /// Whether a success of a closed-state permit, started at `start` and ended at `end`, may
-    /// skip the lock: the window is full and clean under the policy in force, and the call was
+    /// Whether a success recorded against `raw`, ended at `end`, may skip the lock: a
+    /// closed-state permit, the window full and clean under the policy in force, and the call
     /// not slow.
     #[inline]
-    fn clean_success(&self, start: Instant, end: End) -> bool {
+    fn clean_success(&self, raw: &RawPermit, end: End) -> bool {
+        if raw.kind != PermitKind::Closed {
+            return false;
+        }
+        let start = raw.start;
         let word = self.clean.load(Ordering::Acquire);
         if word == 0 {
             return false;
@@ -531,10 +535,7 @@ impl Breaker {
     ) -> Outcome {
         // Under 400 is a success whatever the policy's failure codes, while the word is set
         // (it is set only for policies whose failure codes are all 400 or above).
-        if raw.kind == PermitKind::Closed
-            && res.as_ref().is_ok_and(|r| r.status().as_u16() < 400)
-            && self.clean_success(raw.start, end)
-        {
+        if res.as_ref().is_ok_and(|r| r.status().as_u16() < 400) && self.clean_success(&raw, end) {
             return Outcome::Success;
         }
         self.record(raw, end, |cfg| match res {
@@ -599,10 +600,7 @@ impl BreakerPermit {
 
     fn finish(mut self, outcome: Outcome, end: End) {
         let raw = self.take_raw();
-        if raw.kind == PermitKind::Closed
-            && outcome == Outcome::Success
-            && self.breaker.clean_success(raw.start, end)
-        {
+        if outcome == Outcome::Success && self.breaker.clean_success(&raw, end) {
             return;
         }
         self.breaker.record(raw, end, |_| outcome);
