@@ -7,7 +7,8 @@
 //! and a buffered body. The bare client sends the same GET to the same address.
 //!
 //! `cargo bench --bench client_overhead`; `KEEL_BENCH_SECS` (default 2) per run,
-//! `KEEL_BENCH_ROUNDS` (default 5) rounds, medians reported.
+//! `KEEL_BENCH_ROUNDS` (default 5) rounds, medians reported. For a profile of one side,
+//! `KEEL_BENCH_ONLY=keel` (or `reqwest`) runs that client alone, c=32, for the whole time.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -157,6 +158,13 @@ fn main() {
         // Warm both: connections, tables, caches.
         sequential(&raw_call, 0.3).await;
         sequential(&keel_call, 0.3).await;
+        if let Ok(only) = std::env::var("KEEL_BENCH_ONLY") {
+            let call = if only == "keel" { &keel_call } else { &raw_call };
+            let (rate, cpu, _) = concurrent(call, secs * rounds as f64, &backend).await;
+            println!("client_overhead: {only} alone, c={CONCURRENCY}: {rate:.0} calls/s, {cpu:.1} us CPU per call");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
         println!(
             "client_overhead: {rounds} alternating rounds, {secs}s per run, c=1 and c={CONCURRENCY}, one backend on 127.0.0.1"
         );

@@ -73,7 +73,7 @@ impl ConfigWatcher {
         let dirs: BTreeSet<PathBuf> = config.files().iter().map(|f| parent_dir(f)).collect();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                if event.is_ok_and(|e| may_change(&e)) {
                     let _ = tx.send(());
                 }
             })?;
@@ -105,6 +105,18 @@ impl ConfigWatcher {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// Whether a file event may have changed what a file holds. Opening, reading and closing a file
+/// without writing changes nothing, and the watcher's own reads cause exactly those events:
+/// reacting to them would re-read the files forever, one debounce apart.
+fn may_change(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
