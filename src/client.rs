@@ -7,12 +7,15 @@ use bytes::Bytes;
 use http::{header::HeaderName, HeaderMap, HeaderValue, Method};
 use keel_core::request::ServedBy;
 use serde::{de::DeserializeOwned, Serialize};
-use tower::{util::BoxCloneSyncService, ServiceExt};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::{trace::TraceContext, transport::BoxError};
 
-pub(crate) type Stack = BoxCloneSyncService<http::Request<Bytes>, http::Response<Bytes>, BoxError>;
+/// The whole client stack, named rather than boxed: a call clones it (reference counts, no
+/// allocation) and its future lives inside the caller's.
+pub(crate) type Stack =
+    keel_resilience::ClientStack<keel_balance::Balance<crate::transport::TransportFactory>>;
 
 /// A client for one service: discovered, balanced and resilient. Cheap to clone.
 ///
@@ -30,8 +33,6 @@ pub(crate) type Stack = BoxCloneSyncService<http::Request<Bytes>, http::Response
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    name: String,
-    stack: Stack,
     parts: Arc<ClientParts>,
     fallback: Option<Fallback>,
 }
@@ -39,8 +40,10 @@ pub struct Client {
 /// A degradation: given why keel refused a call, an answer to use instead (or `None`).
 type Fallback = Arc<dyn Fn(&ClientError) -> Option<http::Response<Bytes>> + Send + Sync>;
 
-/// What a client keeps to report its state.
+/// What every clone of a client shares: its stack, and what it keeps to report its state.
 pub(crate) struct ClientParts {
+    pub(crate) name: String,
+    pub(crate) stack: Stack,
     pub(crate) balancer: keel_balance::Balancer,
     pub(crate) resilience: keel_resilience::ClientStackLayer,
     pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
@@ -61,16 +64,14 @@ impl Client {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("service", &self.name)
+            .field("service", &self.parts.name)
             .finish()
     }
 }
 
 impl Client {
-    pub(crate) fn new(name: String, stack: Stack, parts: ClientParts) -> Self {
+    pub(crate) fn new(parts: ClientParts) -> Self {
         Self {
-            name,
-            stack,
             parts: Arc::new(parts),
             fallback: None,
         }
@@ -142,24 +143,33 @@ impl Client {
 
     /// The service this client calls.
     pub fn service(&self) -> &str {
-        &self.name
+        &self.parts.name
     }
 
     /// A request with any method.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let path = if path.starts_with('/') {
-            path.to_owned()
+        let parsed = if path.starts_with('/') {
+            path.parse::<http::Uri>()
         } else {
-            format!("/{path}")
+            format!("/{path}").parse()
+        };
+        let (uri, error) = match parsed {
+            Ok(uri) => (uri, None),
+            Err(e) => (
+                http::Uri::from_static("/"),
+                Some(ClientError::InvalidRequest {
+                    reason: format!("path {path:?}: {e}"),
+                }),
+            ),
         };
         RequestBuilder {
             client: self.clone(),
             method,
-            path,
+            uri,
             headers: HeaderMap::new(),
             body: Bytes::new(),
             extensions: http::Extensions::new(),
-            error: None,
+            error,
         }
     }
 
@@ -194,7 +204,8 @@ impl Client {
 pub struct RequestBuilder {
     client: Client,
     method: Method,
-    path: String,
+    /// The path (and query), parsed when the request was made.
+    uri: http::Uri,
     headers: HeaderMap,
     body: Bytes,
     extensions: http::Extensions,
@@ -204,9 +215,9 @@ pub struct RequestBuilder {
 impl fmt::Debug for RequestBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestBuilder")
-            .field("service", &self.client.name)
+            .field("service", &self.client.parts.name)
             .field("method", &self.method)
-            .field("path", &self.path)
+            .field("path", &self.uri)
             .finish_non_exhaustive()
     }
 }
@@ -297,15 +308,9 @@ impl RequestBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let uri: http::Uri =
-            self.path
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| ClientError::InvalidRequest {
-                    reason: format!("path {:?}: {e}", self.path),
-                })?;
         let mut request = http::Request::new(self.body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
+        *request.uri_mut() = self.uri;
         *request.headers_mut() = self.headers;
         *request.extensions_mut() = self.extensions;
         // A call made while serving a request inherits what is left of that request's deadline.
@@ -322,7 +327,9 @@ impl RequestBuilder {
             .map(|c| c.child())
             .unwrap_or_else(TraceContext::new_root);
         if let Ok(v) = HeaderValue::from_bytes(&ctx.encode()) {
-            request.headers_mut().insert(crate::trace::TRACEPARENT, v);
+            request
+                .headers_mut()
+                .insert(crate::trace::TRACEPARENT_NAME, v);
         }
         // A client used right after it is built: give discovery its first answer (bounded by the
         // call's own deadline, and by 2 s) instead of failing with "no instance" at once.
@@ -337,14 +344,15 @@ impl RequestBuilder {
         }
         let span = tracing::info_span!(
             "keel.client",
-            service = %self.client.name,
+            service = %self.client.parts.name,
             method = %self.method,
-            path = %self.path,
-            trace_id = %ctx.trace_id_hex(),
+            path = %request.uri(),
+            trace_id = %crate::trace::Hex(&ctx.trace_id),
             status = tracing::field::Empty,
         );
         let result = self
             .client
+            .parts
             .stack
             .clone()
             .oneshot(request)
@@ -356,12 +364,12 @@ impl RequestBuilder {
                 Ok(Response { inner: response })
             }
             Err(source) => {
-                let error = ClientError::from_box(self.client.name.clone(), source);
+                let error = ClientError::from_box(self.client.parts.name.clone(), source);
                 if let (ClientError::Refused { .. }, Some(fallback)) =
                     (&error, &self.client.fallback)
                 {
                     if let Some(answer) = fallback(&error) {
-                        tracing::debug!(service = %self.client.name, %error, "fallback answered");
+                        tracing::debug!(service = %self.client.parts.name, %error, "fallback answered");
                         return Ok(Response { inner: answer });
                     }
                 }

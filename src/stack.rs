@@ -93,19 +93,17 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
 
     let resilience = ClientStackLayer::try_new(service.as_str(), cfg.project(|c| c.resilience()))
         .map_err(|e| unknown(e.to_string()))?;
-    let stack: Stack = Stack::new(resilience.layer(balance));
-    Ok(Client::new(
-        name.to_owned(),
+    let stack: Stack = resilience.layer(balance);
+    Ok(Client::new(ClientParts {
+        name: name.to_owned(),
         stack,
-        ClientParts {
-            balancer,
-            resilience,
-            watch: watch.clone(),
-            static_endpoints: !initial.endpoints.is_empty(),
-            target: initial.service.clone(),
-            config: cfg,
-        },
-    ))
+        balancer,
+        resilience,
+        watch: watch.clone(),
+        static_endpoints: !initial.endpoints.is_empty(),
+        target: initial.service.clone(),
+        config: cfg,
+    }))
 }
 
 /// Active health checks that follow `[clients.NAME.health]` live: a change restarts the checker;

@@ -15,6 +15,9 @@ use rand::Rng;
 /// The name of the header.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// [`TRACEPARENT`] as a header name, made once (a `&str` name is parsed on every insert).
+pub(crate) const TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
+
 /// A W3C trace context: which trace, which span is the parent, whether it is sampled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceContext {
@@ -155,6 +158,20 @@ impl fmt::Display for TraceContext {
 }
 
 /// Lower-case hex of `bytes` into `out` (twice as long).
+/// Bytes shown as lowercase hex, written without an allocation (for span fields).
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; 2];
+        for b in self.0 {
+            hex_to(std::slice::from_ref(b), &mut buf);
+            f.write_str(std::str::from_utf8(&buf).map_err(|_| std::fmt::Error)?)?;
+        }
+        Ok(())
+    }
+}
+
 fn hex_to(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {

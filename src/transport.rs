@@ -29,7 +29,9 @@ pub(crate) struct HttpTransport {
     /// Read without a lock on every call.
     client: Arc<ArcSwap<(u64, reqwest::Client)>>,
     connect_timeout: Live<Duration>,
-    base: String,
+    /// `http://ADDR`, parsed once: a call sets its path and query on a copy instead of parsing a
+    /// whole URL (host included) again.
+    base: Arc<reqwest::Url>,
 }
 
 fn build(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
@@ -72,6 +74,13 @@ impl MakeInstanceService for TransportFactory {
     type Service = InstanceBreaker<HttpTransport>;
 
     fn make_service(&self, instance: &Instance) -> Option<Self::Service> {
+        let base = match reqwest::Url::parse(&format!("http://{}", instance.addr)) {
+            Ok(url) => Arc::new(url),
+            Err(error) => {
+                tracing::error!(instance = %instance.id, %error, "address is not a valid URL authority; the instance stays unroutable");
+                return None;
+            }
+        };
         match build(**self.connect_timeout.load()) {
             Ok(client) => Some(InstanceBreaker {
                 inner: HttpTransport {
@@ -80,7 +89,7 @@ impl MakeInstanceService for TransportFactory {
                         client,
                     ))),
                     connect_timeout: self.connect_timeout.clone(),
-                    base: format!("http://{}", instance.addr),
+                    base,
                 },
                 breaker: Breaker::new(
                     self.service.clone(),
@@ -109,33 +118,32 @@ impl Service<http::Request<Bytes>> for HttpTransport {
 
     fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
         let (parts, body) = request.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
         let client = match self.client() {
             Ok(c) => c,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
+        // The path and query were checked when the `http::Uri` was built; setting them on the
+        // instance's base keeps its host, whatever the path holds.
+        let mut url = reqwest::Url::clone(&self.base);
+        url.set_path(parts.uri.path());
+        url.set_query(parts.uri.query());
         let mut headers = parts.headers;
         // The time left of this attempt, as the per-try timeout above bounded it.
         keel_resilience::write_deadline_header(&mut headers);
-        let send = client
-            .request(parts.method, format!("{}{path}", self.base))
-            .headers(headers)
-            .body(body)
-            .send();
+        // Built whole rather than through reqwest's builder, which would copy every header into
+        // a map of its own.
+        let mut request = reqwest::Request::new(parts.method, url);
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(body.into());
+        let send = client.execute(request);
         Box::pin(async move {
-            let response = send.await.map_err(normalize)?;
-            let mut builder = http::Response::builder()
-                .status(response.status())
-                .version(response.version());
-            if let Some(headers) = builder.headers_mut() {
-                *headers = response.headers().clone();
-            }
-            let body = response.bytes().await.map_err(normalize)?;
-            Ok(builder.body(body)?)
+            // The answer's head is moved, not copied; its body is read to the end.
+            let (head, body) = http::Response::from(send.await.map_err(normalize)?).into_parts();
+            let body = http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(normalize)?
+                .to_bytes();
+            Ok(http::Response::from_parts(head, body))
         })
     }
 }

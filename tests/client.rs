@@ -299,3 +299,71 @@ fn instance_breakers(breaker: &str, extra: &str, endpoints: &[std::net::SocketAd
     }
     toml
 }
+
+/// What reaches the instance is what the caller wrote: the path and query byte for byte (the
+/// instance's address stays the host, whatever the path holds), the caller's headers and the
+/// trace context; what comes back keeps its status, headers and body.
+#[tokio::test]
+async fn requests_and_answers_arrive_as_written() {
+    use axum::{http::HeaderMap, http::Uri, routing::any, Router};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(any(
+        |uri: Uri, headers: HeaderMap, body: String| async move {
+            let seen = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            (
+                axum::http::StatusCode::ACCEPTED,
+                axum::response::AppendHeaders([("x-echo", "yes"), ("x-tag", "a"), ("x-tag", "b")]),
+                format!(
+                    "{} {} tp={} body={body}",
+                    uri,
+                    seen("x-mine"),
+                    seen("traceparent").len()
+                ),
+            )
+        },
+    ));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!("[[clients.echo.endpoints]]\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let echo = keel.client("echo").unwrap();
+
+    for (path, expected) in [
+        ("/a/b?x=1&y=%20z", "/a/b?x=1&y=%20z"),
+        ("no-slash", "/no-slash"),
+        ("/p%2Fq?", "/p%2Fq?"),
+        ("//other-host/x", "//other-host/x"),
+        ("/?", "/?"),
+    ] {
+        let answer = echo
+            .post(path)
+            .header("x-mine", "v1")
+            .body("hello")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 202, "{path}");
+        assert_eq!(
+            answer.text(),
+            format!("{expected} v1 tp=55 body=hello"),
+            "{path}"
+        );
+        let tags: Vec<_> = answer.headers().get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["a", "b"]);
+        assert_eq!(answer.headers().get("x-echo").unwrap(), "yes");
+        assert_eq!(answer.served_by().map(|s| s.addr), Some(addr));
+    }
+    // A path that is not one is refused before anything is sent.
+    let err = echo.get("/a b").send().await.unwrap_err();
+    assert!(matches!(err, ClientError::InvalidRequest { .. }), "{err}");
+}
