@@ -88,6 +88,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
             service: std::sync::Arc::from(service.as_str()),
             breaker: cfg.project(|c| c.resilience().breaker.clone()),
             balancer: balancer.clone(),
+            breakers: Default::default(),
         },
     );
 

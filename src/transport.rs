@@ -1,9 +1,11 @@
 //! The bottom of the client stack: one reqwest client (one connection pool) per instance.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -68,6 +70,65 @@ pub(crate) struct TransportFactory {
     pub(crate) breaker: Live<BreakerConfig>,
     /// Told when an instance's breaker opens.
     pub(crate) balancer: Balancer,
+    /// Every instance's breaker, kept for a while after the instance leaves (see
+    /// [`TransportFactory::breaker_for`]).
+    pub(crate) breakers: Mutex<HashMap<(InstanceId, SocketAddr), KeptBreaker>>,
+}
+
+/// A per-instance breaker, and since when no transport holds it (its instance left).
+#[derive(Debug)]
+pub(crate) struct KeptBreaker {
+    breaker: Arc<Breaker>,
+    gone_since: Option<tokio::time::Instant>,
+}
+
+/// How long the breaker of an instance that left is kept for its return.
+const KEEP_GONE: Duration = Duration::from_secs(300);
+/// At most this many breakers of instances that left are kept (the longest gone are forgotten
+/// first), whatever the churn.
+const MAX_GONE: usize = 4096;
+
+impl TransportFactory {
+    /// The breaker of `instance`: the one it had if it left and came back (same id, same
+    /// address) within [`KEEP_GONE`], so an instance whose registration lapses for a moment, or
+    /// that an edit removes and restores, keeps its window and stays open if it was open.
+    /// Otherwise a new one. Called only when an instance joins, which is when the breakers of
+    /// instances that left are aged and forgotten.
+    fn breaker_for(&self, instance: &Instance) -> Arc<Breaker> {
+        let mut kept = keel_core::lock(&self.breakers);
+        let now = tokio::time::Instant::now();
+        // Held by a transport besides this map: the instance is still in the set.
+        kept.retain(|_, k| {
+            if Arc::strong_count(&k.breaker) > 1 {
+                k.gone_since = None;
+                return true;
+            }
+            let since = *k.gone_since.get_or_insert(now);
+            now.saturating_duration_since(since) < KEEP_GONE
+        });
+        let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
+        if gone > MAX_GONE {
+            let mut oldest: Vec<_> = kept
+                .iter()
+                .filter_map(|(key, k)| k.gone_since.map(|t| (t, key.clone())))
+                .collect();
+            oldest.sort_by_key(|(t, _)| *t);
+            for (_, key) in oldest.into_iter().take(gone - MAX_GONE) {
+                kept.remove(&key);
+            }
+        }
+        let key = (instance.id.clone(), instance.addr);
+        let entry = kept.entry(key).or_insert_with(|| KeptBreaker {
+            breaker: Breaker::new(
+                self.service.clone(),
+                instance.id.as_str(),
+                self.breaker.clone(),
+            ),
+            gone_since: None,
+        });
+        entry.gone_since = None;
+        entry.breaker.clone()
+    }
 }
 
 impl MakeInstanceService for TransportFactory {
@@ -81,6 +142,18 @@ impl MakeInstanceService for TransportFactory {
                 return None;
             }
         };
+        let breaker = self.breaker_for(instance);
+        // Back with its breaker still open: out of rotation for the rest of the open time, as
+        // when it opened.
+        if self.breaker.load().per_instance {
+            if let Some(until) = breaker.open_until() {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if !left.is_zero() {
+                    self.balancer
+                        .eject(&instance.id, left, "circuit breaker open");
+                }
+            }
+        }
         match build(**self.connect_timeout.load()) {
             Ok(client) => Some(InstanceBreaker {
                 inner: HttpTransport {
@@ -91,11 +164,7 @@ impl MakeInstanceService for TransportFactory {
                     connect_timeout: self.connect_timeout.clone(),
                     base,
                 },
-                breaker: Breaker::new(
-                    self.service.clone(),
-                    instance.id.as_str(),
-                    self.breaker.clone(),
-                ),
+                breaker,
                 balancer: self.balancer.clone(),
                 id: instance.id.clone(),
             }),
@@ -151,8 +220,8 @@ impl Service<http::Request<Bytes>> for HttpTransport {
 /// One instance's circuit breaker, on when `breaker.per_instance` is (read per call): it fails
 /// fast while open, and takes the instance out of the balancer's rotation for the open duration
 /// (within `outlier.max_ejection_percent`), so calls go to the other instances instead of failing.
-/// Its breaker lives as long as the instance's transport: an instance that leaves and comes back
-/// starts closed.
+/// Its breaker outlives the instance's transport for a while: an instance that leaves and comes
+/// back within five minutes keeps it (see [`TransportFactory::breaker_for`]).
 #[derive(Clone, Debug)]
 pub(crate) struct InstanceBreaker<S> {
     inner: S,
@@ -265,4 +334,85 @@ fn normalize(e: reqwest::Error) -> BoxError {
         return Box::new(e);
     };
     Box::new(Error::new(kind, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::ServiceName;
+
+    fn factory() -> TransportFactory {
+        let service = ServiceName::new("pay").unwrap();
+        let balancer = Balancer::new(
+            service,
+            Live::new(Vec::new()),
+            Live::new(keel_balance::BalanceConfig::default()),
+        )
+        .unwrap();
+        TransportFactory {
+            connect_timeout: Live::new(Duration::from_secs(1)),
+            service: Arc::from("pay"),
+            breaker: Live::new(BreakerConfig::default()),
+            balancer,
+            breakers: Mutex::default(),
+        }
+    }
+
+    fn instance(id: &str, port: u16) -> Instance {
+        Instance::new(
+            ServiceName::new("pay").unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        )
+        .with_id(id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breakers_of_instances_that_left_are_kept_for_a_while_then_forgotten() {
+        let f = factory();
+        let a = instance("a", 1);
+        let first = f.make_service(&a).unwrap();
+        let breaker = first.breaker.clone();
+        // Still in the set: the same breaker, however long.
+        tokio::time::advance(KEEP_GONE * 2).await;
+        assert!(Arc::ptr_eq(&f.breaker_for(&a), &breaker));
+        let original = Arc::downgrade(&breaker);
+        drop(first);
+        drop(breaker);
+        // Gone (noticed when another instance joins), back within KEEP_GONE: the same one.
+        let b = f.make_service(&instance("b", 2)).unwrap();
+        tokio::time::advance(KEEP_GONE - Duration::from_secs(1)).await;
+        let back = f.make_service(&a).unwrap();
+        assert!(Arc::ptr_eq(&back.breaker, &original.upgrade().unwrap()));
+        // Same id at another address: another instance, another breaker.
+        let moved = f.make_service(&instance("a", 3)).unwrap();
+        assert!(!Arc::ptr_eq(&back.breaker, &moved.breaker));
+        let kept = Arc::downgrade(&back.breaker);
+        drop((back, moved));
+        // Gone longer than KEEP_GONE: forgotten, and a new breaker on return.
+        f.make_service(&instance("c", 4)).unwrap();
+        tokio::time::advance(KEEP_GONE + Duration::from_secs(1)).await;
+        f.make_service(&instance("d", 5)).unwrap();
+        assert!(kept.upgrade().is_none(), "forgotten");
+        drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_gone_breakers_of_instances_that_left_are_kept() {
+        let f = factory();
+        for i in 0..(MAX_GONE + 10) {
+            // Each made and dropped at once: gone from the next join on.
+            f.make_service(&instance(&format!("i{i}"), 1)).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        f.make_service(&instance("last", 2)).unwrap();
+        let kept = keel_core::lock(&f.breakers);
+        let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
+        assert!(gone <= MAX_GONE, "{gone}");
+        // The longest gone went first.
+        assert!(!kept.contains_key(&(InstanceId::new("i0"), SocketAddr::from(([127, 0, 0, 1], 1)))));
+        assert!(kept.contains_key(&(
+            InstanceId::new(format!("i{}", MAX_GONE + 9)),
+            SocketAddr::from(([127, 0, 0, 1], 1))
+        )));
+    }
 }

@@ -286,6 +286,61 @@ async fn an_instance_breaker_counts_per_try_timeouts() {
 /// breakers at 90% (the service's breaker, same policy, stays closed), round robin, passive
 /// health and outlier detection off. `breaker` adds lines to the breaker section; `extra` adds
 /// whole sections.
+/// An instance that leaves the set and comes back (an edit here; a lapsed registration in
+/// discovery) keeps its breaker: still open, it is out of rotation again at once, and nothing
+/// reaches it until the open time is over.
+#[tokio::test]
+async fn an_instance_that_leaves_and_returns_keeps_its_open_breaker() {
+    let good = HttpBackend::start("good").await;
+    let bad = HttpBackend::start("bad").await;
+    bad.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "minimum_calls = 4\nsize = 4\nopen_duration = \"30s\"";
+    let both = instance_breakers(policy, "", &[good.addr, bad.addr]);
+    let keel = keel_with(&dir, &both).await;
+    let pay = keel.client("pay").unwrap();
+    for _ in 0..20 {
+        let _ = pay.get("/x").send().await;
+    }
+    assert_eq!(bad.served(), 4, "its breaker opened after 4 failures");
+
+    let path = dir.path().join("keel.toml");
+    std::fs::write(&path, instance_breakers(policy, "", &[good.addr])).unwrap();
+    wait_instances(&pay, 1).await;
+    std::fs::write(&path, &both).unwrap();
+    wait_instances(&pay, 2).await;
+
+    for _ in 0..20 {
+        assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        bad.served(),
+        4,
+        "nothing reached it while its breaker is open"
+    );
+    let snap = pay.balancer().snapshot();
+    let back = snap.instances.iter().find(|i| i.addr == bad.addr).unwrap();
+    assert_eq!(
+        back.reason.as_deref(),
+        Some("circuit breaker open"),
+        "{back:?}"
+    );
+}
+
+/// Calls (so the client's tables follow the set) until the client sees `n` instances.
+async fn wait_instances(client: &keel::Client, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while client.balancer().instances().len() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {n} instances"
+        );
+        let _ = client.get("/x").send().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = client.get("/x").send().await;
+}
+
 fn instance_breakers(breaker: &str, extra: &str, endpoints: &[std::net::SocketAddr]) -> String {
     let mut toml = format!(
         "[clients.pay.breaker]\nper_instance = true\nfailure_rate_threshold = \"90%\"\n{breaker}\n\n\
