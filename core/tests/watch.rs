@@ -200,34 +200,14 @@ async fn fast_polling_and_events_together_apply_each_change_once() {
 }
 
 /// The watcher's own reads raise open and close events in the directory it watches; were those
-/// taken for changes, every read would cause the next one, forever. Counted from outside with a
-/// second watcher: while nothing changes (and the poll is an hour away), nobody opens the file.
+/// taken for changes, every read would cause the next one, forever. Counted from outside: while
+/// nothing changes (and the poll is an hour away), nobody opens the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_the_files_does_not_cause_another_read() {
-    use notify::{
-        event::{AccessKind, EventKind},
-        RecursiveMode, Watcher,
-    };
-    use std::sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    };
-
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keel.toml");
     std::fs::write(&path, doc(1)).unwrap();
-    let opens = Arc::new(AtomicUsize::new(0));
-    let counted = opens.clone();
-    let mut spy = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        if let Ok(e) = e {
-            if matches!(e.kind, EventKind::Access(AccessKind::Open(_))) {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    })
-    .unwrap();
-    spy.watch(dir.path(), RecursiveMode::NonRecursive).unwrap();
-
+    let opens = keel_testkit::FileOpens::watch(dir.path());
     let mut loader = ConfigLoader::new()
         .with_env_map(EnvMap::new())
         .with_file(&path);
@@ -242,9 +222,7 @@ async fn reading_the_files_does_not_cause_another_read() {
     std::fs::write(&path, doc(2)).unwrap();
     wait_level(&app, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = opens.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let during = opens.load(Ordering::SeqCst) - before;
+    let during = opens.during(Duration::from_secs(1)).await;
     assert_eq!(
         during, 0,
         "the file was opened {during} times in a quiet second"

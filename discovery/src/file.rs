@@ -144,7 +144,8 @@ impl FileDiscovery {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                // Not the opens and reads this backend's own reads raise.
+                if event.is_ok_and(|e| keel_core::config::file_event_may_change(&e)) {
                     let _ = tx.send(());
                 }
             })

@@ -167,3 +167,25 @@ async fn static_endpoints_follow_a_live_section() {
     shutdown.trigger();
     task.await.unwrap();
 }
+
+/// The backend's own reads raise open and close events in the directory it watches; taken for
+/// changes, each read would cause the next, forever. Counted from outside over a quiet second:
+/// at most the 2 s backstop poll opens the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_file_does_not_cause_another_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("instances.toml");
+    replace(&path, "[[payments]]\naddr = \"127.0.0.1:8001\"\n");
+    let opens = keel_testkit::FileOpens::watch(dir.path());
+    let shutdown = Shutdown::new();
+    let d = FileDiscovery::start(&path, shutdown.clone()).unwrap();
+    let w = d.watch(&svc("payments")).unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = opens.during(Duration::from_secs(1)).await;
+    assert!(
+        during <= 1,
+        "the file was opened {during} times in a quiet second"
+    );
+    shutdown.trigger();
+}

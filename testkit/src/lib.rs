@@ -6,12 +6,13 @@
 //! - [`EtcdServer`]: a private `etcd` on free ports with a temporary data directory.
 //! - [`HttpBackend`]: an axum server on 127.0.0.1 whose latency, status and health endpoint the
 //!   test changes while it runs, and which counts what it served.
+//! - [`FileOpens`]: counts the opens of files in a directory, by anyone.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::{
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
@@ -426,5 +427,49 @@ impl HttpBackend {
 impl Drop for HttpBackend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Counts the times files in one directory are opened, by anyone (an inotify watch of its own):
+/// for tests that a watcher does not keep re-reading files that did not change.
+pub struct FileOpens {
+    count: Arc<AtomicU64>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl FileOpens {
+    /// Starts counting opens in `dir`.
+    pub fn watch(dir: &Path) -> Self {
+        use notify::{
+            event::{AccessKind, EventKind},
+            RecursiveMode, Watcher,
+        };
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            if let Ok(e) = e {
+                if matches!(e.kind, EventKind::Access(AccessKind::Open(_))) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+        watcher.watch(dir, RecursiveMode::NonRecursive).unwrap();
+        Self {
+            count,
+            _watcher: watcher,
+        }
+    }
+
+    /// Opens seen so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Opens seen during `quiet`, counted from now.
+    pub async fn during(&self, quiet: Duration) -> u64 {
+        let before = self.count();
+        tokio::time::sleep(quiet).await;
+        self.count() - before
     }
 }

@@ -36,7 +36,7 @@ pub use self::{
     },
     origin::Origin,
     service::ServiceSection,
-    watch::{ConfigWatcher, WatchOptions},
+    watch::{file_event_may_change, ConfigWatcher, WatchOptions},
 };
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ impl ConfigWatcher {
         let dirs: BTreeSet<PathBuf> = config.files().iter().map(|f| parent_dir(f)).collect();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok_and(|e| may_change(&e)) {
+                if event.is_ok_and(|e| file_event_may_change(&e)) {
                     let _ = tx.send(());
                 }
             })?;
@@ -108,10 +108,10 @@ impl ConfigWatcher {
     }
 }
 
-/// Whether a file event may have changed what a file holds. Opening, reading and closing a file
-/// without writing changes nothing, and the watcher's own reads cause exactly those events:
-/// reacting to them would re-read the files forever, one debounce apart.
-fn may_change(event: &notify::Event) -> bool {
+/// Whether a file event may have changed what a file holds: anything but opening, reading and
+/// closing without writing. A watcher that re-reads a file on events must skip those, as its
+/// own reads raise them: reacting would re-read the file forever, one debounce apart.
+pub fn file_event_may_change(event: &notify::Event) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
