@@ -157,7 +157,6 @@ impl fmt::Display for TraceContext {
     }
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
 /// Bytes shown as lowercase hex, written without an allocation (for span fields).
 pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
 
@@ -172,6 +171,7 @@ impl std::fmt::Display for Hex<'_> {
     }
 }
 
+/// Lower-case hex of `bytes` into `out` (twice as long).
 fn hex_to(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {

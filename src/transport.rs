@@ -72,53 +72,53 @@ pub(crate) struct TransportFactory {
     pub(crate) balancer: Balancer,
     /// Every instance's breaker, kept for a while after the instance leaves (see
     /// [`TransportFactory::breaker_for`]).
-    pub(crate) breakers: Mutex<HashMap<(InstanceId, SocketAddr), KeptBreaker>>,
+    pub(crate) breakers: Mutex<KeptBreakers>,
+}
+
+/// The per-instance breakers, by instance and address, and when they were last aged.
+#[derive(Debug, Default)]
+pub(crate) struct KeptBreakers {
+    by_instance: HashMap<(InstanceId, SocketAddr), KeptBreaker>,
+    aged: Option<tokio::time::Instant>,
 }
 
 /// A per-instance breaker, and since when no transport holds it (its instance left).
 #[derive(Debug)]
-pub(crate) struct KeptBreaker {
+struct KeptBreaker {
     breaker: Arc<Breaker>,
     gone_since: Option<tokio::time::Instant>,
 }
 
-/// How long the breaker of an instance that left is kept for its return.
+/// How long the breaker of an instance that left is kept for its return, counted from when its
+/// absence is noticed (see [`TransportFactory::breaker_for`]).
 const KEEP_GONE: Duration = Duration::from_secs(300);
 /// At most this many breakers of instances that left are kept (the longest gone are forgotten
 /// first), whatever the churn.
 const MAX_GONE: usize = 4096;
+/// The breakers are aged at most this often, so that the many joins of one rebuild (a first
+/// discovery answer of 10,000 instances) cost one pass, not one each.
+const AGE_EVERY: Duration = Duration::from_secs(1);
 
 impl TransportFactory {
     /// The breaker of `instance`: the one it had if it left and came back (same id, same
-    /// address) within [`KEEP_GONE`], so an instance whose registration lapses for a moment, or
-    /// that an edit removes and restores, keeps its window and stays open if it was open.
-    /// Otherwise a new one. Called only when an instance joins, which is when the breakers of
-    /// instances that left are aged and forgotten.
+    /// address), so an instance whose registration lapses for a moment, or that an edit removes
+    /// and restores, keeps its window and stays open if it was open. Otherwise a new one.
+    ///
+    /// Breakers are aged here, when instances join (at most once per [`AGE_EVERY`]): one that no
+    /// transport holds any more is noticed as gone then, and forgotten [`KEEP_GONE`] after that,
+    /// or earlier beyond [`MAX_GONE`] of them.
     fn breaker_for(&self, instance: &Instance) -> Arc<Breaker> {
         let mut kept = keel_core::lock(&self.breakers);
         let now = tokio::time::Instant::now();
-        // Held by a transport besides this map: the instance is still in the set.
-        kept.retain(|_, k| {
-            if Arc::strong_count(&k.breaker) > 1 {
-                k.gone_since = None;
-                return true;
-            }
-            let since = *k.gone_since.get_or_insert(now);
-            now.saturating_duration_since(since) < KEEP_GONE
-        });
-        let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
-        if gone > MAX_GONE {
-            let mut oldest: Vec<_> = kept
-                .iter()
-                .filter_map(|(key, k)| k.gone_since.map(|t| (t, key.clone())))
-                .collect();
-            oldest.sort_by_key(|(t, _)| *t);
-            for (_, key) in oldest.into_iter().take(gone - MAX_GONE) {
-                kept.remove(&key);
-            }
+        if kept
+            .aged
+            .is_none_or(|t| now.saturating_duration_since(t) >= AGE_EVERY)
+        {
+            kept.aged = Some(now);
+            age(&mut kept.by_instance, now);
         }
         let key = (instance.id.clone(), instance.addr);
-        let entry = kept.entry(key).or_insert_with(|| KeptBreaker {
+        let entry = kept.by_instance.entry(key).or_insert_with(|| KeptBreaker {
             breaker: Breaker::new(
                 self.service.clone(),
                 instance.id.as_str(),
@@ -128,6 +128,30 @@ impl TransportFactory {
         });
         entry.gone_since = None;
         entry.breaker.clone()
+    }
+}
+
+/// Notices the breakers no transport holds, and forgets those gone too long or too many.
+fn age(kept: &mut HashMap<(InstanceId, SocketAddr), KeptBreaker>, now: tokio::time::Instant) {
+    kept.retain(|_, k| {
+        // Held by a transport besides this map: the instance is still in the set.
+        if Arc::strong_count(&k.breaker) > 1 {
+            k.gone_since = None;
+            return true;
+        }
+        let since = *k.gone_since.get_or_insert(now);
+        now.saturating_duration_since(since) < KEEP_GONE
+    });
+    let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
+    if gone > MAX_GONE {
+        let mut oldest: Vec<_> = kept
+            .iter()
+            .filter_map(|(key, k)| k.gone_since.map(|t| (t, key.clone())))
+            .collect();
+        oldest.sort_by_key(|(t, _)| *t);
+        for (_, key) in oldest.into_iter().take(gone - MAX_GONE) {
+            kept.remove(&key);
+        }
     }
 }
 
@@ -220,8 +244,8 @@ impl Service<http::Request<Bytes>> for HttpTransport {
 /// One instance's circuit breaker, on when `breaker.per_instance` is (read per call): it fails
 /// fast while open, and takes the instance out of the balancer's rotation for the open duration
 /// (within `outlier.max_ejection_percent`), so calls go to the other instances instead of failing.
-/// Its breaker outlives the instance's transport for a while: an instance that leaves and comes
-/// back within five minutes keeps it (see [`TransportFactory::breaker_for`]).
+/// Its breaker outlives the instance's transport: an instance that leaves and comes back keeps it
+/// if it returns within about five minutes (see [`TransportFactory::breaker_for`]).
 #[derive(Clone, Debug)]
 pub(crate) struct InstanceBreaker<S> {
     inner: S,
@@ -366,53 +390,65 @@ mod tests {
         .with_id(id)
     }
 
+    /// Time for the next join to age the breakers.
+    async fn later(d: Duration) {
+        tokio::time::advance(d + AGE_EVERY).await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn breakers_of_instances_that_left_are_kept_for_a_while_then_forgotten() {
         let f = factory();
         let a = instance("a", 1);
         let first = f.make_service(&a).unwrap();
-        let breaker = first.breaker.clone();
+        let original = Arc::downgrade(&first.breaker);
         // Still in the set: the same breaker, however long.
-        tokio::time::advance(KEEP_GONE * 2).await;
-        assert!(Arc::ptr_eq(&f.breaker_for(&a), &breaker));
-        let original = Arc::downgrade(&breaker);
+        later(KEEP_GONE * 2).await;
+        assert!(Arc::ptr_eq(
+            &f.breaker_for(&a),
+            &original.upgrade().unwrap()
+        ));
         drop(first);
-        drop(breaker);
         // Gone (noticed when another instance joins), back within KEEP_GONE: the same one.
+        later(Duration::ZERO).await;
         let b = f.make_service(&instance("b", 2)).unwrap();
-        tokio::time::advance(KEEP_GONE - Duration::from_secs(1)).await;
+        later(KEEP_GONE - AGE_EVERY * 2).await;
         let back = f.make_service(&a).unwrap();
         assert!(Arc::ptr_eq(&back.breaker, &original.upgrade().unwrap()));
         // Same id at another address: another instance, another breaker.
         let moved = f.make_service(&instance("a", 3)).unwrap();
         assert!(!Arc::ptr_eq(&back.breaker, &moved.breaker));
-        let kept = Arc::downgrade(&back.breaker);
         drop((back, moved));
         // Gone longer than KEEP_GONE: forgotten, and a new breaker on return.
+        later(Duration::ZERO).await;
         f.make_service(&instance("c", 4)).unwrap();
-        tokio::time::advance(KEEP_GONE + Duration::from_secs(1)).await;
+        later(KEEP_GONE).await;
         f.make_service(&instance("d", 5)).unwrap();
-        assert!(kept.upgrade().is_none(), "forgotten");
+        assert!(original.upgrade().is_none(), "forgotten");
         drop(b);
     }
 
     #[tokio::test(start_paused = true)]
     async fn at_most_max_gone_breakers_of_instances_that_left_are_kept() {
         let f = factory();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
         for i in 0..(MAX_GONE + 10) {
-            // Each made and dropped at once: gone from the next join on.
+            // Each made and dropped at once: noticed as gone at the next aging.
             f.make_service(&instance(&format!("i{i}"), 1)).unwrap();
-            tokio::time::advance(Duration::from_millis(1)).await;
+            if i % 1000 == 999 {
+                later(Duration::ZERO).await;
+            }
         }
+        later(Duration::ZERO).await;
         f.make_service(&instance("last", 2)).unwrap();
         let kept = keel_core::lock(&f.breakers);
-        let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
-        assert!(gone <= MAX_GONE, "{gone}");
-        // The longest gone went first.
-        assert!(!kept.contains_key(&(InstanceId::new("i0"), SocketAddr::from(([127, 0, 0, 1], 1)))));
-        assert!(kept.contains_key(&(
-            InstanceId::new(format!("i{}", MAX_GONE + 9)),
-            SocketAddr::from(([127, 0, 0, 1], 1))
-        )));
+        let gone = kept
+            .by_instance
+            .values()
+            .filter(|k| k.gone_since.is_some())
+            .count();
+        assert_eq!(gone, MAX_GONE);
+        // The most recently gone are kept.
+        let newest = (InstanceId::new(format!("i{}", MAX_GONE + 9)), addr);
+        assert!(kept.by_instance.contains_key(&newest));
     }
 }

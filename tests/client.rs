@@ -282,10 +282,6 @@ async fn an_instance_breaker_counts_per_try_timeouts() {
     );
 }
 
-/// `[clients.pay]` over `endpoints` where only the instances' own breakers act: per-instance
-/// breakers at 90% (the service's breaker, same policy, stays closed), round robin, passive
-/// health and outlier detection off. `breaker` adds lines to the breaker section; `extra` adds
-/// whole sections.
 /// An instance that leaves the set and comes back (an edit here; a lapsed registration in
 /// discovery) keeps its breaker: still open, it is out of rotation again at once, and nothing
 /// reaches it until the open time is over.
@@ -305,13 +301,22 @@ async fn an_instance_that_leaves_and_returns_keeps_its_open_breaker() {
     assert_eq!(bad.served(), 4, "its breaker opened after 4 failures");
 
     let path = dir.path().join("keel.toml");
-    std::fs::write(&path, instance_breakers(policy, "", &[good.addr])).unwrap();
-    wait_instances(&pay, 1).await;
-    std::fs::write(&path, &both).unwrap();
-    wait_instances(&pay, 2).await;
-
-    for _ in 0..20 {
-        assert_eq!(pay.get("/x").send().await.unwrap().status(), 200);
+    // Several times: which instance a round-robin pick lands on first depends on its state.
+    for _ in 0..4 {
+        std::fs::write(&path, instance_breakers(policy, "", &[good.addr])).unwrap();
+        wait_instances(&pay, 1).await;
+        // Back: out of rotation before any call can pick it. A POST without an idempotency key
+        // is never retried, so one routed to it (refused by its open breaker) would fail.
+        std::fs::write(&path, &both).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pay.balancer().instances().len() != 2 {
+            assert!(tokio::time::Instant::now() < deadline, "it never came back");
+            assert_eq!(pay.post("/x").send().await.unwrap().status(), 200);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..5 {
+            assert_eq!(pay.post("/x").send().await.unwrap().status(), 200);
+        }
     }
     assert_eq!(
         bad.served(),
@@ -341,6 +346,10 @@ async fn wait_instances(client: &keel::Client, n: usize) {
     let _ = client.get("/x").send().await;
 }
 
+/// `[clients.pay]` over `endpoints` where only the instances' own breakers act: per-instance
+/// breakers at 90% (the service's breaker, same policy, stays closed), round robin, passive
+/// health and outlier detection off. `breaker` adds lines to the breaker section; `extra` adds
+/// whole sections.
 fn instance_breakers(breaker: &str, extra: &str, endpoints: &[std::net::SocketAddr]) -> String {
     let mut toml = format!(
         "[clients.pay.breaker]\nper_instance = true\nfailure_rate_threshold = \"90%\"\n{breaker}\n\n\
@@ -421,4 +430,68 @@ async fn requests_and_answers_arrive_as_written() {
     // A path that is not one is refused before anything is sent.
     let err = echo.get("/a b").send().await.unwrap_err();
     assert!(matches!(err, ClientError::InvalidRequest { .. }), "{err}");
+}
+
+/// An answer cut off mid-body (the peer closed the connection after part of it) counts as a
+/// reset: a GET is retried and succeeds, a POST without an idempotency key is not retried and
+/// fails as an upstream error whose source says the connection ended early.
+#[tokio::test]
+async fn an_answer_cut_off_mid_body_is_a_reset() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Every odd request gets 10 of the 100 bytes its head promises, then the connection closes.
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer: &[u8] = if counted.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!("[[clients.cut.endpoints]]\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    let cut = keel.client("cut").unwrap();
+    let got = cut.get("/x").send().await.unwrap();
+    assert_eq!((got.status().as_u16(), got.text().as_str()), (200, "ok"));
+    assert_eq!(requests.load(Ordering::SeqCst), 2, "cut off, then retried");
+
+    let err = cut.post("/x").send().await.unwrap_err();
+    assert!(matches!(err, ClientError::Upstream { .. }), "{err}");
+    let ended_early = std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+    .any(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
+    assert!(ended_early, "{err:?}");
+    assert_eq!(
+        keel_resilience::classify_error(&err),
+        keel_resilience::Outcome::Failure(keel_resilience::FailureClass::Reset)
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "a POST is sent once");
 }

@@ -33,6 +33,8 @@ use crate::{
 
 /// Makes the inner service of one instance (e.g. a client bound to its address).
 /// Any `Fn(&Instance) -> S` is one; returning `None` leaves the instance unroutable for now.
+/// It runs for the first call that sees the instance, before that call's pick, so it may take
+/// the instance out of rotation ([`Balancer::eject`]) and no call is routed to it meanwhile.
 pub trait MakeInstanceService {
     /// The per-instance service.
     type Service;
@@ -187,13 +189,14 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // Services for instances that joined since the last call are made before the pick:
+        // making one may take its instance out of rotation (an instance back with a breaker
+        // that is still open), and a pick made first could choose it. This also drops the
+        // services of instances that left, even when nothing can be picked.
+        let _ = self.service_for(None);
         let picked = match self.balancer.try_pick(&RequestInfo::from_request(&req)) {
             Ok(p) => p,
-            Err(e) => {
-                // Drop the services of instances that left even when nothing can be picked.
-                let _ = self.service_for(None);
-                return Box::pin(async move { Err(e.into()) });
-            }
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
         if let Some(tried) = req.extensions().get::<Tried>() {
             tried.record(picked.id());

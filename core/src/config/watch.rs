@@ -43,8 +43,9 @@ impl Default for WatchOptions {
 /// It watches each file's **parent directory**, not the file: editors that write a temp file and
 /// rename it over the original, tools that delete and recreate, and Kubernetes, which swaps a
 /// `..data` symlink inside the mounted directory, all replace the inode a file watch would be
-/// holding. Any event in the directory (debounced) leads to a re-read; the contents are compared
-/// with what was last applied, so unrelated events cost one read. A poll re-reads as a backstop.
+/// holding. Any event in the directory that may change a file (debounced; not opens and reads,
+/// which its own re-reads raise) leads to a re-read; the contents are compared with what was
+/// last applied, so unrelated events cost one read. A poll re-reads as a backstop.
 /// A file seen missing or empty is given `settle` time to come back before the reload is tried
 /// (and then refused with the reason, keeping the last good document).
 ///
@@ -111,6 +112,7 @@ impl ConfigWatcher {
 /// Whether a file event may have changed what a file holds: anything but opening, reading and
 /// closing without writing. A watcher that re-reads a file on events must skip those, as its
 /// own reads raise them: reacting would re-read the file forever, one debounce apart.
+#[doc(hidden)]
 pub fn file_event_may_change(event: &notify::Event) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     match event.kind {
