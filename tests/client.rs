@@ -483,11 +483,12 @@ async fn an_answer_cut_off_mid_body_is_a_reset() {
 
     let err = cut.post("/x").send().await.unwrap_err();
     assert!(matches!(err, ClientError::Upstream { .. }), "{err}");
-    let ended_early = std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    })
-    .filter_map(|e| e.downcast_ref::<std::io::Error>())
-    .any(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
+    let ended_early =
+        std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
     assert!(ended_early, "{err:?}");
     assert_eq!(
         keel_resilience::classify_error(&err),
