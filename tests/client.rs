@@ -16,6 +16,17 @@ async fn keel_with(dir: &tempfile::TempDir, text: &str) -> Keel {
         .unwrap()
 }
 
+/// keel with one client, `name`, over the one endpoint `addr` (and the directory of its file).
+async fn one_endpoint(name: &str, addr: std::net::SocketAddr) -> (tempfile::TempDir, Keel) {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!("[[clients.{name}.endpoints]]\naddr = \"{addr}\"\n"),
+    )
+    .await;
+    (dir, keel)
+}
+
 #[tokio::test]
 async fn idempotency_keys_are_checked_before_sending() {
     let backend = HttpBackend::start("one").await;
@@ -394,12 +405,7 @@ async fn requests_and_answers_arrive_as_written() {
         },
     ));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let dir = tempfile::tempdir().unwrap();
-    let keel = keel_with(
-        &dir,
-        &format!("[[clients.echo.endpoints]]\naddr = \"{addr}\"\n"),
-    )
-    .await;
+    let (_dir, keel) = one_endpoint("echo", addr).await;
     let echo = keel.client("echo").unwrap();
 
     for (path, expected) in [
@@ -470,12 +476,7 @@ async fn an_answer_cut_off_mid_body_is_a_reset() {
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let keel = keel_with(
-        &dir,
-        &format!("[[clients.cut.endpoints]]\naddr = \"{addr}\"\n"),
-    )
-    .await;
+    let (_dir, keel) = one_endpoint("cut", addr).await;
     let cut = keel.client("cut").unwrap();
     let got = cut.get("/x").send().await.unwrap();
     assert_eq!((got.status().as_u16(), got.text().as_str()), (200, "ok"));

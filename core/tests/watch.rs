@@ -40,6 +40,21 @@ fn start(path: &Path) -> (Config, Live<App>, ConfigWatcher, Shutdown) {
     (config, app, watcher, shutdown)
 }
 
+/// `path` loaded without validation and watched, with a poll every `poll`.
+fn polled(path: &Path, poll: Duration) -> (Config, Live<App>, ConfigWatcher, Shutdown) {
+    let mut loader = ConfigLoader::new()
+        .with_env_map(EnvMap::new())
+        .with_file(path);
+    loader.register::<App>("app").unwrap();
+    let config = loader.load().unwrap();
+    let app = config.section::<App>("app").unwrap();
+    let mut o = options();
+    o.poll_interval = poll;
+    let shutdown = Shutdown::new();
+    let watcher = ConfigWatcher::spawn(config.clone(), o, shutdown.clone()).unwrap();
+    (config, app, watcher, shutdown)
+}
+
 async fn wait_level(app: &Live<App>, level: u32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.load().level != level {
@@ -181,17 +196,8 @@ async fn fast_polling_and_events_together_apply_each_change_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keel.toml");
     std::fs::write(&path, doc(1)).unwrap();
-    let mut loader = ConfigLoader::new()
-        .with_env_map(EnvMap::new())
-        .with_file(&path);
-    loader.register::<App>("app").unwrap();
-    let config = loader.load().unwrap();
-    let app = config.section::<App>("app").unwrap();
     // Polling and file events both notice the change; the contents digest makes it one reload.
-    let mut o = options();
-    o.poll_interval = Duration::from_millis(50);
-    let shutdown = Shutdown::new();
-    let _w = ConfigWatcher::spawn(config.clone(), o, shutdown.clone()).unwrap();
+    let (config, app, _w, shutdown) = polled(&path, Duration::from_millis(50));
     std::fs::write(&path, doc(9)).unwrap();
     wait_level(&app, 9).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -208,16 +214,7 @@ async fn reading_the_files_does_not_cause_another_read() {
     let path = dir.path().join("keel.toml");
     std::fs::write(&path, doc(1)).unwrap();
     let opens = keel_testkit::FileOpens::watch(dir.path());
-    let mut loader = ConfigLoader::new()
-        .with_env_map(EnvMap::new())
-        .with_file(&path);
-    loader.register::<App>("app").unwrap();
-    let config = loader.load().unwrap();
-    let app = config.section::<App>("app").unwrap();
-    let mut o = options();
-    o.poll_interval = Duration::from_secs(3600);
-    let shutdown = Shutdown::new();
-    let _w = ConfigWatcher::spawn(config.clone(), o, shutdown.clone()).unwrap();
+    let (_config, app, _w, shutdown) = polled(&path, Duration::from_secs(3600));
     // One real change, so the watcher reads the file at least once.
     std::fs::write(&path, doc(2)).unwrap();
     wait_level(&app, 2).await;
