@@ -271,7 +271,8 @@ async fn an_instance_breaker_counts_per_try_timeouts() {
         &dir,
         &instance_breakers(
             "minimum_calls = 3\nsize = 3\nopen_duration = \"10s\"",
-            "[clients.pay.timeout]\nper_try = \"50ms\"\n\n[clients.pay.retry]\nmax_attempts = 1",
+            // Long enough that the good instance never reaches it on a loaded machine.
+            "[clients.pay.timeout]\nper_try = \"300ms\"\n\n[clients.pay.retry]\nmax_attempts = 1",
             &[good.addr, hung.addr],
         ),
     )
