@@ -11,6 +11,8 @@
 //! `KEEL_BENCH_ONLY=keel` (or `reqwest`) runs that client alone, c=32, for the whole time.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -18,15 +20,9 @@ use std::{
 
 use keel::{keel_core::Shutdown, Keel};
 use keel_testkit::HttpBackend;
+use support::{cpu_seconds, env, runtime};
 
 const CONCURRENCY: usize = 32;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One call: a GET of `/x`, its body read. Returns whether it succeeded.
 type Call = Arc<dyn Fn() -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
@@ -48,24 +44,6 @@ async fn sequential(call: &Call, secs: f64) -> (f64, f64, f64) {
         lat[lat.len() / 2],
         lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
     )
-}
-
-/// CPU seconds this process has used (user + system), from `/proc/self/stat`.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// `CONCURRENCY` callers for `secs`: (calls per second, CPU µs per call, client and backend
@@ -108,12 +86,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let secs = env("KEEL_BENCH_SECS", 2) as f64;
     let rounds = env("KEEL_BENCH_ROUNDS", 5) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    runtime().block_on(async move {
         let backend = HttpBackend::start("b").await;
         let dir = std::env::temp_dir().join(format!("keel-client-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

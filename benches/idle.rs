@@ -6,37 +6,17 @@
 //! `cargo bench --bench idle`
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use keel::{keel_core::Shutdown, Keel};
 use keel_testkit::HttpBackend;
-
-/// CPU seconds this process's threads have run, in nanoseconds' resolution: the sum of the first
-/// field of `/proc/self/task/*/schedstat` (`/proc/self/stat` counts 10 ms ticks, too coarse for
-/// a process that is mostly asleep).
-fn cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1e9
-}
+use support::{cpu_seconds, env, runtime};
 
 fn main() {
-    let secs: u64 = std::env::var("KEEL_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    let secs = env("KEEL_BENCH_SECS", 10);
+    runtime().block_on(async move {
         let a = HttpBackend::start("a").await;
         let b = HttpBackend::start("b").await;
         let dir = tempfile::tempdir().unwrap();
