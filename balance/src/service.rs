@@ -205,7 +205,9 @@ where
             id: picked.id().clone(),
             addr: picked.addr(),
         };
-        let Some(svc) = self.service_for(Some(picked.id())) else {
+        // Made by the sync above, unless the tables moved between it and the pick.
+        let made = self.services.current.load().by_id.get(picked.id()).cloned();
+        let Some(svc) = made.or_else(|| self.service_for(Some(picked.id()))) else {
             let err = BalanceError::NoService {
                 service: self.balancer.service().clone(),
                 id: picked.id().clone(),
