@@ -157,7 +157,10 @@ impl Idempotent {
             }
         };
         let lost = LeaseLost::default();
-        let work = AssertUnwindSafe(f(FencingToken(fence), lost.clone())).catch_unwind();
+        // The closure is called inside the guarded future: a panic while it builds its future
+        // releases the key like a panic while it runs.
+        let work =
+            AssertUnwindSafe(async { f(FencingToken(fence), lost.clone()).await }).catch_unwind();
         let out = with_lease(self.store.as_ref(), &skey, &owner, self.lease, &lost, work).await;
         let value = match out {
             Ok(Ok(v)) => v,
@@ -193,5 +196,28 @@ impl Idempotent {
                 Err(IdempotencyError::StaleOwner.into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[tokio::test(start_paused = true)]
+    async fn closure_panicking_when_called_releases_the_key() {
+        let once = Idempotent::new(Arc::new(MemoryStore::new(10)));
+        let r = AssertUnwindSafe(once.run("k", || -> std::future::Ready<Result<u8, ()>> {
+            panic!("closure panics before returning its future")
+        }))
+        .catch_unwind()
+        .await;
+        assert!(r.is_err(), "the panic reaches the caller");
+        // The key was released: the next run executes at once instead of meeting InProgress.
+        let v: u8 = once
+            .run("k", || async { Ok::<_, ()>(7) })
+            .await
+            .expect("key released after the panic");
+        assert_eq!(v, 7);
     }
 }
