@@ -103,8 +103,15 @@ fn feed(h: &mut Sha256, part: &[u8]) {
 
 /// The storage key: hex SHA-256 of scope, method, route and client key (length-prefixed).
 pub fn storage_key(scope: &str, method: &str, route: &str, key: &str) -> String {
+    storage_key_raw(scope.as_bytes(), method, route, key)
+}
+
+/// [`storage_key`] with the scope as raw bytes (a scope header need not be UTF-8): the same key
+/// for a UTF-8 scope, and distinct keys for distinct byte strings.
+pub(crate) fn storage_key_raw(scope: &[u8], method: &str, route: &str, key: &str) -> String {
     let mut h = Sha256::new();
-    for part in [scope, method, route, key] {
+    feed(&mut h, scope);
+    for part in [method, route, key] {
         feed(&mut h, part.as_bytes());
     }
     to_hex(&h.finalize())

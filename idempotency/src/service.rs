@@ -250,15 +250,14 @@ where
             ))
         }
     };
+    // Raw bytes: a lossy UTF-8 conversion would merge distinct non-UTF-8 tenants.
     let scope = req
         .extensions()
         .get::<IdempotencyScope>()
-        .map(|s| s.0.clone())
+        .map(|s| s.0.as_bytes().to_vec())
         .or_else(|| {
             let h = cfg.scope_header.as_deref()?;
-            req.headers()
-                .get(h)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            req.headers().get(h).map(|v| v.as_bytes().to_vec())
         })
         .unwrap_or_default();
     let route = req
@@ -266,7 +265,7 @@ where
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
-    let skey = key::storage_key(&scope, req.method().as_str(), &route, &client_key);
+    let skey = key::storage_key_raw(&scope, req.method().as_str(), &route, &client_key);
     drop(client_key);
 
     let (parts, body) = req.into_parts();
@@ -491,5 +490,62 @@ where
             error!(key = key::short(&skey), error = %e, "completion could not be stored; the key stays claimed until its lease expires");
             Ok(Response::from_parts(parts, Body::from(body)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::MemoryStore;
+
+    fn app(cfg: IdempotencyConfig, runs: Arc<AtomicUsize>) -> axum::Router {
+        let layer =
+            IdempotencyLayer::new(Arc::new(MemoryStore::new(100)), Live::new(cfg)).required(true);
+        axum::Router::new().route(
+            "/pay",
+            axum::routing::post(move || {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                        .to_string()
+                }
+            })
+            .layer(layer),
+        )
+    }
+
+    async fn send(app: &axum::Router, headers: &[(&str, &[u8])]) -> Response<Body> {
+        let mut req = Request::post("/pay").body(Body::from("b")).unwrap();
+        for (n, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        tower::ServiceExt::oneshot(app.clone(), req).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn scope_header_values_that_are_not_utf8_stay_apart() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let app = app(
+            IdempotencyConfig {
+                scope_header: Some("x-tenant".into()),
+                ..IdempotencyConfig::default()
+            },
+            runs.clone(),
+        );
+        // Two tenants whose names are Latin-1 bytes ("M\xfcller", "M\xf6ller").
+        for tenant in [&b"M\xfcller"[..], b"M\xf6ller"] {
+            let r = send(&app, &[("idempotency-key", b"k"), ("x-tenant", tenant)]).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(
+                r.headers().get(REPLAYED_HEADER).is_none(),
+                "tenant {tenant:?} got another tenant's answer"
+            );
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }
