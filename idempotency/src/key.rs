@@ -138,7 +138,10 @@ pub fn fingerprint(policy: &Fingerprint, headers: &HeaderMap, body: &[u8]) -> St
         Fingerprint::Headers(names) => {
             for n in names {
                 feed(&mut h, n.to_ascii_lowercase().as_bytes());
-                for v in headers.get_all(n.as_str()) {
+                // The count of values, so a value cannot pass for the next header's name.
+                let values = headers.get_all(n.as_str());
+                h.update((values.iter().count() as u64).to_be_bytes());
+                for v in values {
                     feed(&mut h, v.as_bytes());
                 }
             }
@@ -231,6 +234,22 @@ mod tests {
         assert_ne!(
             fingerprint(&p, &h, br#"{"amount":5}"#),
             fingerprint(&p, &h, br#"{"amount":6}"#)
+        );
+    }
+
+    #[test]
+    fn header_fingerprint_tells_which_header_holds_a_value() {
+        let p = Fingerprint::Headers(vec!["x-a".into(), "x-b".into()]);
+        let mut one = HeaderMap::new();
+        one.insert("x-a", http::HeaderValue::from_static("x-b"));
+        let mut other = HeaderMap::new();
+        other.insert("x-b", http::HeaderValue::from_static("x-b"));
+        assert_ne!(fingerprint(&p, &one, b""), fingerprint(&p, &other, b""));
+        let mut empty = HeaderMap::new();
+        empty.insert("x-a", http::HeaderValue::from_static(""));
+        assert_ne!(
+            fingerprint(&p, &empty, b""),
+            fingerprint(&p, &HeaderMap::new(), b"")
         );
     }
 
