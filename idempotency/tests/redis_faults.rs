@@ -296,3 +296,35 @@ async fn lazy_store_starts_without_redis() {
     }
     assert!(matches!(claimed, Some(Claim::New { .. })), "{claimed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_wait_longer_than_store_timeout_fails_closed_and_releases() {
+    // WAIT blocks for `durability.timeout`, longer than `store_timeout`: the claim must still
+    // come back as a durability failure (claim released), not as a timeout that keeps the key.
+    let server = RedisServer::start();
+    let config = IdempotencyConfig {
+        store_timeout: Duration::from_millis(100),
+        durability: Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(400),
+        },
+        ..cfg(&server)
+    };
+    let store = RedisStore::connect(&config).await.unwrap();
+    let r = store.claim("k", "o1", "f", Duration::from_secs(30)).await;
+    assert!(
+        matches!(
+            r,
+            Err(IdempotencyError::Durability {
+                acked: 0,
+                wanted: 1
+            })
+        ),
+        "{r:?}"
+    );
+    let plain = RedisStore::connect(&cfg(&server)).await.unwrap();
+    assert!(matches!(
+        plain.claim("k", "o2", "f", Duration::from_secs(30)).await,
+        Ok(Claim::New { .. })
+    ));
+}

@@ -155,8 +155,16 @@ impl RedisStore {
         let tcp = info.tcp_settings().clone().set_nodelay(true);
         let client = redis::Client::open(info.set_tcp_settings(tcp))
             .map_err(|e| IdempotencyError::Config(e.to_string()))?;
+        // A `WAIT` pipelined behind a script may block for `durability.timeout` on top of the
+        // round trip (`run` bounds each call itself); a shorter response timeout here would turn
+        // too few acknowledgements into a timeout, and skip the release of the claim.
+        let response_timeout = if cfg.durability.replicas > 0 {
+            cfg.store_timeout + cfg.durability.timeout
+        } else {
+            cfg.store_timeout
+        };
         let mcfg = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(cfg.store_timeout))
+            .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(cfg.store_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
