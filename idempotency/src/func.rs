@@ -179,14 +179,16 @@ impl Idempotent {
             Ok(r) => r,
             Err(e) => {
                 let _ = self.store.release(&skey, &owner).await;
+                telemetry::complete("released");
                 return Err(IdempotencyError::Serde(e.to_string()).into());
             }
         };
-        match self
+        let done = self
             .store
             .complete(&skey, &owner, raw.into(), self.ttl)
-            .await?
-        {
+            .await
+            .inspect_err(|_| telemetry::complete("error"))?;
+        match done {
             Ownership::Owner => {
                 telemetry::complete("ok");
                 Ok(value)
@@ -201,6 +203,8 @@ impl Idempotent {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::MemoryStore;
 
@@ -219,5 +223,117 @@ mod tests {
             .await
             .expect("key released after the panic");
         assert_eq!(v, 7);
+    }
+
+    /// Records the `result` label of every `completes_total` increment.
+    #[derive(Default)]
+    struct Completes(std::sync::Mutex<Vec<String>>);
+
+    impl metrics::Recorder for Completes {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            if key.name() == telemetry::COMPLETES_TOTAL {
+                for l in key.labels() {
+                    self.0.lock().unwrap().push(l.value().to_owned());
+                }
+            }
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// A memory store whose completions fail.
+    struct NoComplete(MemoryStore);
+
+    impl IdempotencyStore for NoComplete {
+        fn claim<'a>(
+            &'a self,
+            key: &'a str,
+            owner: &'a str,
+            fp: &'a str,
+            lease: Duration,
+        ) -> crate::BoxFuture<'a, Result<Claim, IdempotencyError>> {
+            self.0.claim(key, owner, fp, lease)
+        }
+        fn renew<'a>(
+            &'a self,
+            key: &'a str,
+            owner: &'a str,
+            lease: Duration,
+        ) -> crate::BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+            self.0.renew(key, owner, lease)
+        }
+        fn complete<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: bytes::Bytes,
+            _: Duration,
+        ) -> crate::BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+            Box::pin(async { Err(IdempotencyError::Unavailable("test: down".into())) })
+        }
+        fn release<'a>(
+            &'a self,
+            key: &'a str,
+            owner: &'a str,
+        ) -> crate::BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+            self.0.release(key, owner)
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn every_end_of_a_run_is_counted() {
+        let rec = Completes::default();
+        let _guard = metrics::set_default_local_recorder(&rec);
+        // A result that cannot be serialized: the key is released, and counted so.
+        let once = Idempotent::new(Arc::new(MemoryStore::new(10)));
+        let r: Result<HashMap<(u8, u8), u8>, RunError<()>> = once
+            .run("k", || async { Ok(HashMap::from([((1, 2), 3)])) })
+            .await;
+        assert!(matches!(
+            r,
+            Err(RunError::Idempotency(IdempotencyError::Serde(_)))
+        ));
+        // A completion the store failed to take: counted as an error.
+        let once = Idempotent::new(Arc::new(NoComplete(MemoryStore::new(10))));
+        let r: Result<u8, RunError<()>> = once.run("k", || async { Ok(1) }).await;
+        assert!(matches!(
+            r,
+            Err(RunError::Idempotency(IdempotencyError::Unavailable(_)))
+        ));
+        assert_eq!(*rec.0.lock().unwrap(), ["released", "error"]);
     }
 }
