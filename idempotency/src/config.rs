@@ -78,7 +78,8 @@ pub enum OnCancel {
     Expire,
 }
 
-/// What identifies "the same request" for one key.
+/// What identifies "the same request" for one key, beside the request target (path and query),
+/// which every policy but `None` includes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fingerprint {

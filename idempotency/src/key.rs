@@ -117,9 +117,16 @@ pub(crate) fn storage_key_raw(scope: &[u8], method: &str, route: &str, key: &str
     to_hex(&h.finalize())
 }
 
-/// The fingerprint of a request, per policy: hex SHA-256.
-pub fn fingerprint(policy: &Fingerprint, headers: &HeaderMap, body: &[u8]) -> String {
+/// The fingerprint of a request, per policy: hex SHA-256 of its target (`path?query`) and of
+/// what the policy selects. The storage key holds the route *template* (`/orders/{id}`), so the
+/// target is what tells `/orders/1` from `/orders/2` under one key: a key reused for another
+/// resource is a mismatch (422), not a replay of the first resource's answer. Only
+/// [`Fingerprint::None`] leaves the target out (any request with the key is "the same").
+pub fn fingerprint(policy: &Fingerprint, target: &str, headers: &HeaderMap, body: &[u8]) -> String {
     let mut h = Sha256::new();
+    if *policy != Fingerprint::None {
+        feed(&mut h, target.as_bytes());
+    }
     match policy {
         Fingerprint::None => {}
         Fingerprint::Body => h.update(body),
@@ -228,12 +235,12 @@ mod tests {
         let p = Fingerprint::JsonFields(vec!["amount".into()]);
         let h = HeaderMap::new();
         assert_eq!(
-            fingerprint(&p, &h, br#"{"amount":5,"note":"a"}"#),
-            fingerprint(&p, &h, br#"{"note":"b","amount":5}"#)
+            fingerprint(&p, "/x", &h, br#"{"amount":5,"note":"a"}"#),
+            fingerprint(&p, "/x", &h, br#"{"note":"b","amount":5}"#)
         );
         assert_ne!(
-            fingerprint(&p, &h, br#"{"amount":5}"#),
-            fingerprint(&p, &h, br#"{"amount":6}"#)
+            fingerprint(&p, "/x", &h, br#"{"amount":5}"#),
+            fingerprint(&p, "/x", &h, br#"{"amount":6}"#)
         );
     }
 
@@ -244,12 +251,35 @@ mod tests {
         one.insert("x-a", http::HeaderValue::from_static("x-b"));
         let mut other = HeaderMap::new();
         other.insert("x-b", http::HeaderValue::from_static("x-b"));
-        assert_ne!(fingerprint(&p, &one, b""), fingerprint(&p, &other, b""));
+        assert_ne!(fingerprint(&p, "/x", &one, b""), fingerprint(&p, "/x", &other, b""));
         let mut empty = HeaderMap::new();
         empty.insert("x-a", http::HeaderValue::from_static(""));
         assert_ne!(
-            fingerprint(&p, &empty, b""),
-            fingerprint(&p, &HeaderMap::new(), b"")
+            fingerprint(&p, "/x", &empty, b""),
+            fingerprint(&p, "/x", &HeaderMap::new(), b"")
+        );
+    }
+
+    #[test]
+    fn the_target_is_part_of_the_fingerprint_unless_none() {
+        let h = HeaderMap::new();
+        for p in [
+            Fingerprint::Body,
+            Fingerprint::JsonFields(vec!["a".into()]),
+            Fingerprint::Headers(vec!["x-a".into()]),
+        ] {
+            assert_ne!(
+                fingerprint(&p, "/orders/1", &h, b"{}"),
+                fingerprint(&p, "/orders/2", &h, b"{}")
+            );
+            assert_ne!(
+                fingerprint(&p, "/work?x=1", &h, b"{}"),
+                fingerprint(&p, "/work?x=2", &h, b"{}")
+            );
+        }
+        assert_eq!(
+            fingerprint(&Fingerprint::None, "/orders/1", &h, b"a"),
+            fingerprint(&Fingerprint::None, "/orders/2", &h, b"b")
         );
     }
 

@@ -293,7 +293,8 @@ where
             ))
         }
     };
-    let fp = key::fingerprint(policy.fingerprint(), &parts.headers, &body);
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fp = key::fingerprint(policy.fingerprint(), target, &parts.headers, &body);
     let req = Request::from_parts(parts, Body::from(body));
     let span = tracing::info_span!("keel.idempotency", key = key::short(&skey));
     execute(inner, store, policy, req, skey, fp)

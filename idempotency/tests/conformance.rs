@@ -185,6 +185,23 @@ async fn mismatch(store: Arc<dyn IdempotencyStore>) {
     assert_eq!(app.seen.execs(), 1);
 }
 
+async fn same_key_other_resource(store: Arc<dyn IdempotencyStore>) {
+    let app = start(store, test_config()).await;
+    let c = client();
+    let first = post(&c, &app.url("/orders/1/refund"), Some("r1"), "{}").await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    // One route template, another resource: not a replay of order 1's answer.
+    let other = post(&c, &app.url("/orders/2/refund"), Some("r1"), "{}").await;
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(is_problem(&other));
+    let query = post(&c, &app.url("/orders/1/refund?full=1"), Some("r1"), "{}").await;
+    assert_eq!(query.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let again = post(&c, &app.url("/orders/1/refund"), Some("r1"), "{}").await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.seen.execs(), 1);
+}
+
 async fn tenants(store: Arc<dyn IdempotencyStore>) {
     let app = start(store, test_config()).await;
     let c = client();
@@ -570,7 +587,7 @@ macro_rules! conformance {
     ($store:ident) => {
         mod $store {
             use super::*;
-            conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, tenants,
+            conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, same_key_other_resource, tenants,
                 slow_handler_outlives_lease, lease_lost, disconnect, panic_and_5xx_release, store_down,
                 function_api, hot_policy, wait_then_replay_and_body_limit, scope_from_header_and_extension);
         }

@@ -218,8 +218,8 @@ impl Drop for App {
     }
 }
 
-/// Routes: `/work` (required key), `/optional` (key optional), `/expire` (on_cancel expire,
-/// lease 600ms),
+/// Routes: `/work` (required key), `/optional` (key optional), `/orders/{id}/refund` (required
+/// key, a route template), `/expire` (on_cancel expire, lease 600ms),
 /// `/plain` (no layer).
 pub async fn start(store: Arc<dyn IdempotencyStore>, cfg: IdempotencyConfig) -> App {
     let seen = Arc::new(Seen::default());
@@ -228,6 +228,10 @@ pub async fn start(store: Arc<dyn IdempotencyStore>, cfg: IdempotencyConfig) -> 
     let app = Router::new()
         .route("/work", post(work).layer(layer.clone().required(true)))
         .route("/optional", post(work).layer(layer.clone()))
+        .route(
+            "/orders/{id}/refund",
+            post(work).layer(layer.clone().required(true)),
+        )
         .route(
             "/expire",
             post(work).layer(
