@@ -142,6 +142,12 @@ async fn supervise(
                 other => {
                     if let Some((_, task)) = other {
                         task.abort();
+                        // A new address starts afresh, up, like a new instance: the old
+                        // address's verdict says nothing about it, and a check that passes
+                        // while up never clears it.
+                        update(&health, &writer, |m| {
+                            m.remove(&i.id);
+                        });
                     }
                     let task = tokio::spawn(check_one(
                         i.clone(),
@@ -314,5 +320,46 @@ mod tests {
         set.store(vec![]);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(map.load().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_that_moves_to_a_healthy_address_is_up_again() {
+        let svc = ServiceName::new("svc").unwrap();
+        let old = Instance::new(svc.clone(), "127.0.0.1:1".parse().unwrap()).with_id("a");
+        let set = Live::new(vec![old.clone()]);
+        let (_tx, rx) = watch::channel(true);
+        let w = InstanceWatch::new(svc.clone(), set.clone(), rx);
+        // The old address fails, the new one passes.
+        let probe: Probe = Arc::new(|i: Instance| {
+            Box::pin(async move {
+                if i.addr.port() == 1 {
+                    Err("refused".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        });
+        let config = HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            fall: 1,
+            rise: 1,
+            jitter: Ratio::ZERO,
+            ..Default::default()
+        };
+        let checker = HealthChecker::with_probe(w, config, Shutdown::new(), probe);
+        let map = checker.health();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(map.load().contains_key(&old.id), "down at the old address");
+        // Same id, new address (a restarted pod with a new IP).
+        let mut moved = old.clone();
+        moved.addr = "127.0.0.1:2".parse().unwrap();
+        set.store(vec![moved]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            map.load().is_empty(),
+            "the new address passes every check, yet the instance is still down: {:?}",
+            map.load()
+        );
     }
 }
