@@ -318,19 +318,31 @@ impl Lease for EtcdLease {
 
     fn remove<'a>(&'a self, _instance: &'a Instance) -> BoxFuture<'a, Result<(), DiscoveryError>> {
         Box::pin(async move {
+            // Without a lease there is no record of ours: it went with the lease.
+            let Some(id) = self.lease_id() else {
+                return Ok(());
+            };
+            // Only while the record is still ours: a successor at the same address (a restart
+            // in place) may have written it since, on its own lease, and only keeps it alive.
             self.inner
                 .call(
-                    "/v3/kv/deleterange",
-                    json!({ "key": B64.encode(&self.key) }),
+                    "/v3/kv/txn",
+                    json!({
+                        "compare": [{
+                            "key": B64.encode(&self.key),
+                            "target": "LEASE",
+                            "result": "EQUAL",
+                            "lease": id,
+                        }],
+                        "success": [{ "request_delete_range": { "key": B64.encode(&self.key) } }],
+                    }),
                 )
                 .await?;
-            if let Some(id) = self.lease_id() {
-                // Best effort: the record is already gone.
-                let _ = self
-                    .inner
-                    .call("/v3/lease/revoke", json!({ "ID": id }))
-                    .await;
-            }
+            // Best effort: the record is already gone.
+            let _ = self
+                .inner
+                .call("/v3/lease/revoke", json!({ "ID": id }))
+                .await;
             self.set_lease(None);
             Ok(())
         })

@@ -168,3 +168,32 @@ async fn after_an_etcd_restart_and_a_compaction_watchers_reread_and_leases_come_
     .await;
     wait_len(&w, 4, LIMIT).await;
 }
+
+#[tokio::test]
+async fn deregistering_a_replaced_process_leaves_its_successors_record() {
+    let etcd = EtcdServer::start();
+    let ep = etcd.endpoint();
+    let cfg = config(ep.clone(), "handover");
+    // The old process and its replacement at the same address (a restart in place).
+    let old_side = EtcdDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let new_side = EtcdDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("billing");
+    let w = new_side.watch(&s).unwrap();
+    let old = old_side.register(inst(&s, 9801)).await.unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    let _new = new_side.register(inst(&s, 9801)).await.unwrap();
+    // The old one shuts down after its replacement took over.
+    old.deregister().await.unwrap();
+    let key = "handover/billing/127.0.0.1:9801";
+    let got = post(&ep, "/v3/kv/range", json!({"key": B64.encode(key)})).await;
+    assert_eq!(
+        got["count"].as_str(),
+        Some("1"),
+        "the successor's record was deleted by the old process: {got}"
+    );
+    // And its keepalives keep it there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = post(&ep, "/v3/kv/range", json!({"key": B64.encode(key)})).await;
+    assert_eq!(got["count"].as_str(), Some("1"), "{got}");
+    assert_eq!(ports(&w), vec![9801]);
+}
