@@ -175,6 +175,9 @@ impl Publisher {
             st.last_ok = Some(Instant::now());
             let current = self.set.load();
             if **current == set {
+                // The set in force, read again: a run of suspicious reads is broken, so separate
+                // blips never add up to a "persisting" shrink.
+                st.guard.pending = 0;
                 Offer::Unchanged
             } else {
                 match st.guard.check(current.len(), set.len()) {
@@ -375,5 +378,18 @@ mod tests {
         q.failed(&DiscoveryError::unavailable("redis", "down"));
         assert!(w.is_ready());
         assert_eq!(w.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn separate_blips_are_not_a_persisting_shrink() {
+        let p = Publisher::new(ServiceName::new("svc").unwrap(), &SafetyOptions::default());
+        let four: Vec<_> = (1..=4).map(inst).collect();
+        assert_eq!(p.offer(four.clone()), Offer::Applied);
+        // An empty answer now and then, the full set read in between: never three in a row.
+        for _ in 0..5 {
+            assert_eq!(p.offer(vec![]), Offer::Held);
+            assert_eq!(p.offer(four.clone()), Offer::Unchanged);
+        }
+        assert_eq!(p.current().len(), 4);
     }
 }
