@@ -37,6 +37,7 @@ use crate::{
     config::{AdaptiveAlgorithm, BulkheadConfig},
     error::{BoxError, ResilienceError},
     metrics as m,
+    ratelimit::OwnRefusal,
 };
 
 /// The limit-finding algorithms (Gradient2, AIMD). Feed it samples; read `limit()`.
@@ -560,10 +561,14 @@ where
         let r = std::task::ready!(this.inner.poll(cx));
         if let Some(mut p) = this.permit.take() {
             let o = match &r {
-                Ok(res) => HttpClassifier::default().classify_response(res),
-                Err(_) => Outcome::Failure(FailureClass::Other),
+                // The rate limit below refused it: no sample (the slot is given back on drop).
+                Ok(res) if res.extensions().get::<OwnRefusal>().is_some() => None,
+                Ok(res) => Some(HttpClassifier::default().classify_response(res)),
+                Err(_) => Some(Outcome::Failure(FailureClass::Other)),
             };
-            p.record(&o);
+            if let Some(o) = o {
+                p.record(&o);
+            }
         }
         Poll::Ready(r)
     }

@@ -946,6 +946,38 @@ mod tests {
         );
     }
 
+    /// The inbound rate limit's own 429s are keel refusing work, not the server being
+    /// overloaded: they must not shrink the shedding limit in front of it.
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_own_429s_do_not_shrink_its_adaptive_limit() {
+        let shed = Live::new(BulkheadConfig {
+            adaptive: crate::AdaptiveAlgorithm::Aimd,
+            max_concurrent: 100,
+            min_limit: 1,
+            initial_limit: 20,
+            ..Default::default()
+        });
+        let rl = Live::new(RateLimitConfig {
+            enabled: true,
+            rate: 1.0,
+            burst: 1,
+            ..Default::default()
+        });
+        let layer = ServerStackLayer::new("own429", shed, rl);
+        let app = layer.layer(service_fn(|_: http::Request<()>| async {
+            Ok::<_, BoxError>(http::Response::new(String::new()))
+        }));
+        let status = |app: &ServerStack<_>| {
+            let app = app.clone();
+            async move { app.oneshot(http::Request::new(())).await.unwrap().status() }
+        };
+        assert_eq!(status(&app).await, 200);
+        for _ in 0..10 {
+            assert_eq!(status(&app).await, 429);
+        }
+        assert_eq!(layer.shed_limiter().limit(), 20);
+    }
+
     /// The cap on concurrent retries holds in the fused stack, whether its bulkhead is on or
     /// off, and nothing stays counted after the calls end.
     #[tokio::test(start_paused = true)]

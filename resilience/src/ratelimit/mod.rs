@@ -393,6 +393,12 @@ impl<S> Layer<S> for ServerRateLimitLayer {
     }
 }
 
+/// Response extension on the 429 a [`ServerRateLimit`] answers itself: keel refusing the work,
+/// which says nothing about the load on the server (an inbound shedding limit above does not
+/// take it as a drop).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnRefusal;
+
 fn secs_ceil(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
@@ -441,6 +447,7 @@ where
             if !d.allowed {
                 let mut res = http::Response::new(RB::default());
                 *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                res.extensions_mut().insert(OwnRefusal);
                 write_headers(res.headers_mut(), cfg.burst, &d);
                 return Ok(res);
             }
