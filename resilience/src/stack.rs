@@ -175,11 +175,13 @@ impl ClientStackLayer {
     }
 
     /// Sets the metrics sampled rather than updated per call: the bulkhead's calls in flight,
-    /// and the stack's first attempts (`keel_retry_attempts_total{outcome="first"}`, the calls
+    /// the breaker's state (forced open and disabled are set by configuration, not by a
+    /// transition), and the stack's first attempts (`keel_retry_attempts_total{outcome="first"}`, the calls
     /// its retry budget has counted). Call it before metrics are exported; the facade does, on
     /// each `/metrics` request.
     pub fn publish_gauges(&self) {
         self.per_try.bulkhead().publish();
+        self.per_try.breaker().publish();
         self.retry.shared().publish_first();
     }
 }
@@ -944,6 +946,41 @@ mod tests {
                 .status(),
             429
         );
+    }
+
+    /// `keel_breaker_state` says 3 while the breaker is forced open and 4 while it is disabled
+    /// (docs/METRICS.md), as sampled when metrics are rendered.
+    #[test]
+    fn the_breaker_state_gauge_shows_forced_open_and_disabled() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let config = Live::new(ResilienceConfig::default());
+            let stack = ClientStackLayer::try_new("gauged", config.clone()).unwrap();
+            let state = |stack: &ClientStackLayer| {
+                stack.publish_gauges();
+                let text = handle.render();
+                text.lines()
+                    .find(|l| l.starts_with("keel_breaker_state{service=\"gauged\"}"))
+                    .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            };
+            let set = |f: fn(&mut crate::BreakerConfig)| {
+                let mut next = config.load().as_ref().clone();
+                f(&mut next.breaker);
+                config.store(next);
+            };
+            assert_eq!(state(&stack).as_deref(), Some("0"));
+            set(|b| b.forced_open = true);
+            assert_eq!(stack.breaker().state(), BreakerState::ForcedOpen);
+            assert_eq!(state(&stack).as_deref(), Some("3"));
+            set(|b| b.disabled = true);
+            assert_eq!(state(&stack).as_deref(), Some("4"));
+            set(|b| {
+                b.disabled = false;
+                b.forced_open = false;
+            });
+            assert_eq!(state(&stack).as_deref(), Some("0"));
+        });
     }
 
     /// The inbound rate limit's own 429s are keel refusing work, not the server being

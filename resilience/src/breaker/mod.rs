@@ -215,6 +215,20 @@ impl Breaker {
         }
     }
 
+    /// Sets the `keel_breaker_state` gauge to the state now. Transitions set it as they happen;
+    /// forced open and disabled are configuration, not transitions, so only this shows them.
+    /// Call it before metrics are exported (the client stack's
+    /// [`publish_gauges`](crate::ClientStackLayer::publish_gauges) does).
+    pub fn publish(&self) {
+        self.gauge.set(match self.state() {
+            BreakerState::Closed => 0.0,
+            BreakerState::Open => 1.0,
+            BreakerState::HalfOpen => 2.0,
+            BreakerState::ForcedOpen => 3.0,
+            BreakerState::Disabled => 4.0,
+        });
+    }
+
     /// When an open breaker will let a probe through (`None` unless it is open).
     pub fn open_until(&self) -> Option<Instant> {
         match keel_core::lock(&self.inner).s.st {
