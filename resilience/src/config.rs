@@ -335,6 +335,13 @@ impl BreakerConfig {
         if self.window == WindowKind::Time && self.size > 3600 {
             return Err("size: a time window is at most 3600 seconds".into());
         }
+        // 0% would open on successes alone (0 >= 0) and never close: Resilience4j refuses it.
+        if self.failure_rate_threshold.get() <= 0.0 {
+            return Err("failure_rate_threshold: must be above 0%".into());
+        }
+        if self.slow_call_rate_threshold.get() <= 0.0 {
+            return Err("slow_call_rate_threshold: must be above 0%".into());
+        }
         if self.permitted_in_half_open == 0 {
             return Err("permitted_in_half_open: must be at least 1".into());
         }

@@ -392,3 +392,26 @@ proptest::proptest! {
         }
     }
 }
+
+/// A threshold of 0% (accepted as a ratio) opened the breaker on calls that all succeeded, and
+/// no half-open probe could close it again (0 >= 0): Resilience4j refuses such thresholds, and
+/// so does validation.
+#[tokio::test(start_paused = true)]
+async fn a_zero_rate_threshold_is_refused() {
+    for zero in [
+        BreakerConfig {
+            failure_rate_threshold: keel_core::Ratio::ZERO,
+            ..cfg()
+        },
+        BreakerConfig {
+            slow_call_rate_threshold: keel_core::Ratio::ZERO,
+            ..cfg()
+        },
+    ] {
+        let b = Breaker::with_seed("svc", "", Live::new(zero.clone()), 1);
+        calls(&b, 10, Outcome::Success);
+        assert_eq!(b.state(), BreakerState::Open, "opened on successes alone");
+        assert!(zero.validate().is_err(), "{zero:?}");
+    }
+    cfg().validate().unwrap();
+}
