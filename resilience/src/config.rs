@@ -13,6 +13,18 @@ fn ratio(v: f64) -> Ratio {
     Ratio::new(v).unwrap_or(Ratio::ZERO)
 }
 
+/// The longest a duration that is added to an instant may be: far beyond any real timeout, and
+/// far from overflowing the instant (which panics).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Refuses a duration over [`MAX_DURATION`] (the message names `key`).
+fn at_most_max(key: &str, d: Duration) -> Result<(), String> {
+    if d > MAX_DURATION {
+        return Err(format!("{key}: longer than 100 years"));
+    }
+    Ok(())
+}
+
 /// The resilience policy of one client: one section per layer.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,9 +91,11 @@ impl Default for TimeoutConfig {
 impl TimeoutConfig {
     /// Checks the values. A `per_try` longer than `total` is accepted: each attempt gets
     /// `min(per_try, remaining)` anyway, so setting only `total = "2s"` over the default
-    /// `per_try = "3s"` means what it says instead of being refused.
+    /// `per_try = "3s"` means what it says instead of being refused. Neither may be longer than
+    /// 100 years (zero, not a huge value, means none).
     pub fn validate(&self) -> Result<(), String> {
-        Ok(())
+        at_most_max("total", self.total)?;
+        at_most_max("per_try", self.per_try)
     }
 }
 
@@ -348,6 +362,7 @@ impl BreakerConfig {
         if !(1.0..=100.0).contains(&self.open_duration_growth) {
             return Err("open_duration_growth: must be between 1 and 100".into());
         }
+        at_most_max("open_duration_max", self.open_duration_max)?;
         if self.open_duration > self.open_duration_max {
             return Err("open_duration: longer than open_duration_max".into());
         }
@@ -553,6 +568,7 @@ impl BulkheadConfig {
         if self.min_limit == 0 || self.min_limit > self.max_concurrent {
             return Err("min_limit: must be between 1 and max_concurrent".into());
         }
+        at_most_max("max_wait", self.max_wait)?;
         if !(1.0..=10.0).contains(&self.tolerance) {
             return Err("tolerance: must be between 1 and 10".into());
         }

@@ -948,6 +948,29 @@ mod tests {
         );
     }
 
+    /// Durations that pass validation must not panic later: an instant plus a huge
+    /// `timeout.total` (or `per_try`, `max_wait`, `open_duration_max`) overflowed.
+    #[tokio::test]
+    async fn huge_durations_are_refused_or_harmless() {
+        for section in [
+            "timeout = { total = \"300000000000y\" }",
+            "timeout = { total = \"0s\", per_try = \"300000000000y\" }",
+            "bulkhead = { max_wait = \"300000000000y\" }",
+            "breaker = { open_duration_max = \"300000000000y\" }",
+        ] {
+            let cfg: ResilienceConfig = toml::from_str(section).unwrap();
+            let Ok(stack) = ClientStackLayer::try_new("huge", Live::new(cfg)) else {
+                continue; // refused: fine
+            };
+            assert!(!section.starts_with("b"), "{section}: accepted");
+            let client = stack.layer(service_fn(|_: http::Request<()>| async {
+                Ok::<_, BoxError>(http::Response::new(()))
+            }));
+            let call = tokio::spawn(client.oneshot(http::Request::new(())));
+            assert!(call.await.is_ok(), "{section}: the call panicked");
+        }
+    }
+
     /// `keel_breaker_state` says 3 while the breaker is forced open and 4 while it is disabled
     /// (docs/METRICS.md), as sampled when metrics are rendered.
     #[test]
