@@ -438,8 +438,10 @@ where
             } => {
                 let r = std::task::ready!(fut.poll(cx)).map_err(Into::into);
                 if permit.slot.start.is_some() {
-                    let o = classifier.classify(&r);
-                    permit.record(&o);
+                    // Refused by a keel layer below: the upstream was not called, no sample.
+                    if !refused_below(&r) {
+                        permit.record(&classifier.classify(&r));
+                    }
                 }
                 Poll::Ready(r)
             }
@@ -447,6 +449,23 @@ where
             Proj::Boxed { fut } => fut.as_mut().poll(cx),
         }
     }
+}
+
+/// Whether a keel layer below refused the call before it reached the upstream (a breaker, a
+/// throttle, a shed, a rate limit, an instance's own breaker): its round trip says nothing
+/// about the upstream, so the adaptive limit does not learn from it (as in the client stack).
+fn refused_below<T>(r: &Result<T, BoxError>) -> bool {
+    let Err(e) = r else { return false };
+    keel_core::request::not_sent(e.as_ref())
+        || matches!(
+            ResilienceError::find(e.as_ref()),
+            Some(
+                ResilienceError::BreakerOpen { .. }
+                    | ResilienceError::Throttled
+                    | ResilienceError::RateLimited { .. }
+                    | ResilienceError::Shed
+            )
+        )
 }
 
 impl<S, C, Req> Service<Req> for Bulkhead<S, C>
@@ -494,8 +513,9 @@ where
                     let r = crate::scope::resume(ctx, || svc.call(req))
                         .await
                         .map_err(Into::into);
-                    let o = classifier.classify(&r);
-                    permit.record(&o);
+                    if !refused_below(&r) {
+                        permit.record(&classifier.classify(&r));
+                    }
                     r
                 }),
             },
@@ -708,5 +728,47 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(a.await.unwrap().unwrap().status(), 200);
+    }
+
+    /// A call a keel layer below refused (here the rate limit) never reached the upstream: it
+    /// teaches the adaptive limit nothing, as in the client stack, where a rate-limited attempt
+    /// gives its slot back unsampled. Counted, its near-zero round trip read as a fast upstream
+    /// near the limit and grew it (and dragged Gradient2's long-term RTT down).
+    #[tokio::test(start_paused = true)]
+    async fn refusals_below_do_not_move_the_adaptive_limit() {
+        let run = |refusals: usize| async move {
+            let layer = BulkheadLayer::new(
+                "svc",
+                Live::new(BulkheadConfig {
+                    adaptive: AdaptiveAlgorithm::Gradient2,
+                    max_concurrent: 100,
+                    min_limit: 1,
+                    initial_limit: 1,
+                    ..Default::default()
+                }),
+            );
+            let rl = crate::RateLimitLayer::new(
+                "svc",
+                Live::new(crate::RateLimitConfig {
+                    enabled: true,
+                    rate: 1.0,
+                    burst: 1,
+                    key: crate::KeySource::Path,
+                    ..Default::default()
+                }),
+            );
+            let svc = layer.layer(rl.layer(service_fn(|_: http::Request<()>| async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<_, BoxError>(http::Response::new(()))
+            })));
+            let get = |path: &str| http::Request::get(path).body(()).unwrap();
+            assert!(svc.clone().oneshot(get("/a")).await.is_ok());
+            for _ in 0..refusals {
+                assert!(svc.clone().oneshot(get("/a")).await.is_err());
+            }
+            assert!(svc.clone().oneshot(get("/b")).await.is_ok());
+            layer.limiter().limit()
+        };
+        assert_eq!(run(20).await, run(0).await);
     }
 }
