@@ -48,7 +48,7 @@ use tower_service::Service;
 pub use self::throttle::AdaptiveThrottle;
 use self::window::Window;
 use crate::{
-    classify::{Classifier, HttpClassifier, Outcome},
+    classify::{Classifier, HttpClassifier, Outcome, PolicyClassifier},
     config::{BreakerConfig, BreakerMode},
     error::{BoxError, ResilienceError},
     metrics as m,
@@ -728,19 +728,20 @@ impl BreakerRegistry {
 
 /// A per-service circuit breaker (or adaptive throttle) around `S`.
 #[derive(Debug, Clone)]
-pub struct CircuitBreaker<S, C = HttpClassifier> {
+pub struct CircuitBreaker<S, C = PolicyClassifier> {
     inner: S,
     breaker: Arc<Breaker>,
     classifier: C,
 }
 
 impl<S> CircuitBreaker<S> {
-    /// Wraps `inner` with `breaker`, classifying with the default HTTP classifier.
+    /// Wraps `inner` with `breaker`, classifying with the HTTP classifier plus the breaker
+    /// policy's live `failure_codes`.
     pub fn new(inner: S, breaker: Arc<Breaker>) -> Self {
         Self {
             inner,
+            classifier: PolicyClassifier::new(breaker.policy().clone()),
             breaker,
-            classifier: HttpClassifier::default(),
         }
     }
 }
@@ -754,17 +755,18 @@ impl<S, C> CircuitBreaker<S, C> {
 
 /// Builds [`CircuitBreaker`]s that share one [`Breaker`].
 #[derive(Debug, Clone)]
-pub struct CircuitBreakerLayer<C = HttpClassifier> {
+pub struct CircuitBreakerLayer<C = PolicyClassifier> {
     breaker: Arc<Breaker>,
     classifier: C,
 }
 
 impl CircuitBreakerLayer {
-    /// A layer with a new breaker for `service`.
+    /// A layer with a new breaker for `service`, classifying with the HTTP classifier plus the
+    /// policy's live `failure_codes`.
     pub fn new(service: impl Into<Arc<str>>, policy: Live<BreakerConfig>) -> Self {
         Self {
+            classifier: PolicyClassifier::new(policy.clone()),
             breaker: Breaker::new(service, "", policy),
-            classifier: HttpClassifier::default(),
         }
     }
 }

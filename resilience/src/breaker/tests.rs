@@ -278,6 +278,41 @@ async fn service_records_outcomes_and_rejects_without_calling() {
     assert!(reg.is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_layer_counts_the_policys_failure_codes() {
+    use tower::{service_fn, ServiceExt};
+    let policy = Live::new(BreakerConfig {
+        failure_codes: vec![500],
+        ..cfg()
+    });
+    let layer = CircuitBreakerLayer::new("svc", policy.clone());
+    let svc = layer.layer(service_fn(|_req: ()| async {
+        Ok::<_, BoxError>(http::Response::builder().status(500).body(()).unwrap())
+    }));
+    for _ in 0..10 {
+        assert_eq!(svc.clone().oneshot(()).await.unwrap().status(), 500);
+    }
+    let e = svc.clone().oneshot(()).await.unwrap_err();
+    assert!(matches!(
+        ResilienceError::find(e.as_ref()),
+        Some(ResilienceError::BreakerOpen { .. })
+    ));
+    // The same through `CircuitBreaker::new` over the layer's breaker, with the codes reloaded:
+    // a 500 is no failure any more.
+    policy.store(cfg());
+    let fresh = Breaker::new("svc2", "", policy.clone());
+    let svc = CircuitBreaker::new(
+        service_fn(|_req: ()| async {
+            Ok::<_, BoxError>(http::Response::builder().status(500).body(()).unwrap())
+        }),
+        fresh.clone(),
+    );
+    for _ in 0..20 {
+        assert_eq!(svc.clone().oneshot(()).await.unwrap().status(), 500);
+    }
+    assert_eq!(fresh.state(), BreakerState::Closed);
+}
+
 fn ok(status: u16) -> Result<http::Response<()>, crate::error::BoxError> {
     let mut r = http::Response::new(());
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
