@@ -174,7 +174,13 @@ impl ConcurrencyLimiter {
     fn limit_for(&self, cfg: &BulkheadConfig) -> usize {
         match cfg.adaptive {
             AdaptiveAlgorithm::Off => cfg.max_concurrent as usize,
-            _ => self.adaptive_limit.load(Ordering::Relaxed),
+            // Within the policy's bounds as loaded now: a reload that lowers `max_concurrent`
+            // (or raises `min_limit`) applies to the next call, not after the next sample.
+            _ => self
+                .adaptive_limit
+                .load(Ordering::Relaxed)
+                .min(cfg.max_concurrent as usize)
+                .max(cfg.min_limit as usize),
         }
     }
 
@@ -713,6 +719,34 @@ mod tests {
         }
         assert!(g.limit() < grown, "{} >= {grown}", g.limit());
         assert!(g.limit() >= cfg.min_limit);
+    }
+
+    #[test]
+    fn a_reload_bounds_the_adaptive_limit_on_the_next_call() {
+        let policy = Live::new(BulkheadConfig {
+            adaptive: AdaptiveAlgorithm::Aimd,
+            initial_limit: 50,
+            min_limit: 2,
+            max_concurrent: 100,
+            ..Default::default()
+        });
+        let limiter = ConcurrencyLimiter::new("svc", policy.clone());
+        assert_eq!(limiter.limit(), 50);
+        policy.store(BulkheadConfig {
+            max_concurrent: 3,
+            ..BulkheadConfig::clone(&policy.load())
+        });
+        assert_eq!(limiter.limit(), 3, "lowered max_concurrent applies at once");
+        let held: Vec<_> = (0..3).map(|_| limiter.try_acquire()).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(limiter.try_acquire().is_none(), "a fourth call is over the new bound");
+        drop(held);
+        policy.store(BulkheadConfig {
+            max_concurrent: 100,
+            min_limit: 60,
+            ..BulkheadConfig::clone(&policy.load())
+        });
+        assert_eq!(limiter.limit(), 60, "raised min_limit applies at once");
     }
 
     #[tokio::test(start_paused = true)]
