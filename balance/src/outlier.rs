@@ -127,6 +127,10 @@ fn passive_failure(s: &Shared, r: &Roster, e: &Entry, now: u64) {
     if fails >= e.max_fails && !st.passive_out(now) {
         let until = now + e.fail_timeout;
         st.passive_until.store(until, Relaxed);
+        if e.slow_window != 0 {
+            // Its return after `fail_timeout` ramps up (nginx's `slow_start`): out until then.
+            st.ramp_start.store(until, Relaxed);
+        }
         st.fails.store(0, Relaxed);
         st.fail_window_start.store(0, Relaxed);
         st.set_reason(Some(format!(

@@ -328,6 +328,11 @@ impl Roster {
             let active = health.as_ref().and_then(|h| h.get(&i.id)).cloned();
             let status = active.as_ref().map_or(HealthStatus::Healthy, |h| h.status);
             let active_ok = status.is_available();
+            // Back from an active-health outage: ramp up as a new instance does (Envoy and
+            // nginx slow-start a recovered host too).
+            if state.active_down.swap(!active_ok, Relaxed) && active_ok {
+                state.ramp_start.store(now.max(1), Relaxed);
+            }
             let pickable = matches!(i.state, AdminState::Up | AdminState::Backup)
                 && status != HealthStatus::Draining;
             entries.push(Arc::new(Entry {

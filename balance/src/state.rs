@@ -7,7 +7,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::Duration,
@@ -52,6 +52,8 @@ pub(crate) struct InstanceState {
     ewma_at: AtomicU64,
     /// Start of the slow-start ramp (0 = none).
     pub(crate) ramp_start: AtomicU64,
+    /// Active health kept it out at the last rebuild: its return ramps up (slow start).
+    pub(crate) active_down: AtomicBool,
     /// nginx SWRR `effective_weight`, lowered by failures and raised by one per pick.
     pub(crate) effective_weight: AtomicI64,
     /// Serialises EWMA updates.
@@ -88,6 +90,7 @@ impl InstanceState {
             times_ejected: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
             ramp_start: AtomicU64::new(ramp_start),
+            active_down: AtomicBool::new(false),
             reason: Mutex::new(None),
         }
     }

@@ -269,6 +269,67 @@ async fn slow_start_ramps_a_new_instance() {
     assert!((share(&c, "new") - 0.5).abs() < 0.02, "{c:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_an_instance_back_from_an_active_health_outage() {
+    let mut conf = cfg(Strategy::Random);
+    conf.slow_start.window = Duration::from_secs(60);
+    let health = Live::new(HealthMap::new());
+    let (b, _, _) = balancer(vec![inst("a", 1001, 1), inst("b", 1002, 1)], conf);
+    let b = b.with_health(health.clone());
+    // Present from the start: no ramp.
+    assert!((share(&counts(&b, 20_000, |_| None), "b") - 0.5).abs() < 0.02);
+    health.store(health_of(&["b"], HealthStatus::Down));
+    assert_eq!(counts(&b, 1_000, |_| None).get("b"), None);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    health.store(HealthMap::new());
+    // Back: the 10% floor, then the ramp, as a new instance.
+    let c = counts(&b, 20_000, |_| None);
+    assert!((share(&c, "b") - 0.1 / 1.1).abs() < 0.02, "{c:?}");
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let c = counts(&b, 20_000, |_| None);
+    assert!((share(&c, "b") - 0.5 / 1.5).abs() < 0.02, "{c:?}");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!((share(&counts(&b, 20_000, |_| None), "b") - 0.5).abs() < 0.02);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_an_instance_back_from_max_fails() {
+    let mut conf = cfg(Strategy::Random);
+    conf.slow_start.window = Duration::from_secs(60);
+    let params = ServerParams {
+        max_fails: Some(1),
+        fail_timeout: Some(Duration::from_secs(10)),
+        ..ServerParams::default()
+    };
+    let (b, _, _) = balancer(
+        vec![
+            inst("a", 1001, 1).with_params(params.clone()),
+            inst("b", 1002, 1).with_params(params),
+        ],
+        conf,
+    );
+    let fail_b = || loop {
+        let p = b.pick(&RequestInfo::default()).unwrap();
+        let is_b = p.id().as_str() == "b";
+        p.complete(if is_b {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        });
+        if is_b {
+            break;
+        }
+    };
+    fail_b();
+    assert_eq!(counts(&b, 1_000, |_| None).get("b"), None, "out for fail_timeout");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let c = counts(&b, 20_000, |_| None);
+    assert!((share(&c, "b") - 0.1 / 1.1).abs() < 0.02, "{c:?}");
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let c = counts(&b, 20_000, |_| None);
+    assert!((share(&c, "b") - 0.5 / 1.5).abs() < 0.02, "{c:?}");
+}
+
 #[test]
 fn avoid_and_max_conns() {
     let params = ServerParams {
