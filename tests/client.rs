@@ -498,3 +498,35 @@ async fn an_answer_cut_off_mid_body_is_a_reset() {
     );
     assert_eq!(requests.load(Ordering::SeqCst), 3, "a POST is sent once");
 }
+
+/// A duration that parses but cannot be added to the clock (`timeout.total` of 2^64 - 1
+/// seconds) used to be accepted, and then every call through the client panicked computing its
+/// deadline. It is refused when the configuration is read, naming the key.
+#[tokio::test]
+async fn a_timeout_too_long_for_the_clock_is_refused_not_a_panic_per_call() {
+    let backend = HttpBackend::start("one").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[clients.pay.timeout]\ntotal = \"18446744073709551615s\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let built = Keel::builder("orders")
+        .config_file(&path)
+        .shutdown(Shutdown::new())
+        .build()
+        .await;
+    match built {
+        Err(e) => assert!(e.to_string().contains("clients.pay.timeout.total"), "{e}"),
+        Ok(keel) => {
+            let pay = keel.client("pay").unwrap();
+            let call = tokio::spawn(async move { pay.get("/x").send().await.map(|r| r.text()) });
+            let answer = call.await;
+            panic!("accepted; the call gave {answer:?}");
+        }
+    }
+}

@@ -8,8 +8,14 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
+/// The longest duration [`parse_duration`] accepts: `100y` (years of 365.25 days). Anything longer means "never" to
+/// whoever wrote it, and cannot be added to a clock reading (`Instant::now() + d` panics for
+/// durations near `u64::MAX` seconds), so it is refused rather than left to fail at first use.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// Parses `800ms`, `5s`, `1m30s`, `2h`, `250us`. A bare number is refused: a unit is required,
-/// because `5` could mean seconds to one reader and milliseconds to another.
+/// because `5` could mean seconds to one reader and milliseconds to another. Durations longer
+/// than [`MAX_DURATION`] are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let t = s.trim();
     if t.is_empty() {
@@ -24,10 +30,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
             reason: "needs a unit, e.g. 800ms or 5s",
         });
     }
-    humantime::parse_duration(t).map_err(|_| UnitError::Duration {
+    let d = humantime::parse_duration(t).map_err(|_| UnitError::Duration {
         input: s.to_owned(),
         reason: "is not a duration like 800ms, 5s or 1m30s",
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(UnitError::Duration {
+            input: s.to_owned(),
+            reason: "is longer than 100 years",
+        });
+    }
+    Ok(d)
 }
 
 /// Formats a duration the way [`parse_duration`] reads it (`1s 500ms` → `1s500ms`).
@@ -234,6 +247,15 @@ mod tests {
     }
 
     #[test]
+    fn durations_too_long_for_a_clock_are_refused() {
+        // Accepted by humantime, but `Instant::now() + d` panics: every call would.
+        for s in ["18446744073709551615s", "584942417355y", "101y"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+        assert_eq!(parse_duration("100y").unwrap(), MAX_DURATION);
+    }
+
+    #[test]
     fn ratios() {
         assert_eq!("20%".parse::<Ratio>().unwrap().get(), 0.2);
         assert_eq!(" 0.25 ".parse::<Ratio>().unwrap().get(), 0.25);
@@ -248,6 +270,14 @@ mod tests {
         fn duration_round_trips(ms in 0u64..10_000_000) {
             let d = Duration::from_millis(ms);
             prop_assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+
+        #[test]
+        fn every_accepted_duration_can_be_added_to_the_clock(secs in any::<u64>(), unit in prop_oneof!["s", "m", "h", "d", "y", "ms"]) {
+            if let Ok(d) = parse_duration(&format!("{secs}{unit}")) {
+                prop_assert!(tokio::time::Instant::now().checked_add(d).is_some());
+                prop_assert!(std::time::Instant::now().checked_add(d * 2).is_some());
+            }
         }
 
         #[test]
