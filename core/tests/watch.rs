@@ -226,3 +226,30 @@ async fn reading_the_files_does_not_cause_another_read() {
     );
     shutdown.trigger();
 }
+
+/// Options meaning "as long as it takes" (`Duration::MAX`: never believe a missing file, poll
+/// practically never) must not kill the watcher: it still applies edits it is told about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximal_options_still_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keel.toml");
+    std::fs::write(&path, doc(1)).unwrap();
+    let mut loader = ConfigLoader::new()
+        .with_env_map(EnvMap::new())
+        .with_file(&path);
+    loader.register::<App>("app").unwrap();
+    let config = loader.load().unwrap();
+    let app = config.section::<App>("app").unwrap();
+    let mut o = options();
+    o.settle = Duration::MAX;
+    o.poll_interval = Duration::MAX;
+    let shutdown = Shutdown::new();
+    let _w = ConfigWatcher::spawn(config.clone(), o, shutdown.clone()).unwrap();
+    for level in 2..4 {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, doc(level)).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        wait_level(&app, level).await;
+    }
+    shutdown.trigger();
+}

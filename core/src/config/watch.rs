@@ -186,13 +186,14 @@ async fn run(
 
 /// Waits (up to `settle`) while any file is missing or empty: mid-replace states.
 async fn settle(config: &Config, options: &WatchOptions) {
-    let deadline = time::Instant::now() + options.settle;
+    // `None`: a settle time too long to add to the clock, which never runs out.
+    let deadline = time::Instant::now().checked_add(options.settle);
     loop {
         let transient = config.files().iter().any(|f| match std::fs::metadata(f) {
             Ok(m) => m.len() == 0,
             Err(_) => true,
         });
-        if !transient || time::Instant::now() >= deadline {
+        if !transient || deadline.is_some_and(|d| time::Instant::now() >= d) {
             return;
         }
         time::sleep(Duration::from_millis(10)).await;
