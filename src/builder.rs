@@ -161,12 +161,15 @@ impl KeelBuilder {
         }
         let config = loader.load()?;
         let shutdown = self.shutdown.unwrap_or_else(Shutdown::on_signals);
-        let watcher = if config.files().is_empty() {
+        // Watched when there are files, and also without any when SIGHUP reloads (the
+        // environment): unhandled, SIGHUP would end the process.
+        let options = self.watch.unwrap_or_default();
+        let watcher = if config.files().is_empty() && !options.sighup {
             None
         } else {
             Some(ConfigWatcher::spawn(
                 config.clone(),
-                self.watch.unwrap_or_default(),
+                options,
                 shutdown.clone(),
             )?)
         };
