@@ -112,7 +112,8 @@ impl TraceContext {
         hex_into(span, &mut span_id)?;
         let mut f = [0u8; 1];
         hex_into(flags, &mut f)?;
-        u8::from_str_radix(version, 16).ok()?;
+        // Lowercase hex like the other fields (`from_str_radix` would take `+0`, `0A`, `FF`).
+        hex_into(version, &mut [0u8; 1])?;
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
@@ -222,6 +223,11 @@ mod tests {
                 .is_none()
         );
         assert!(TraceContext::parse("garbage").is_none());
+        // The version is two lowercase hex digits, and never ff, whatever its case.
+        for version in ["+0", "FF", "Ff", "0A", " 0"] {
+            let v = format!("{version}-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+            assert!(TraceContext::parse(&v).is_none(), "{v}");
+        }
         let root = TraceContext::new_root();
         assert_eq!(TraceContext::parse(&root.to_string()), Some(root));
     }
