@@ -494,10 +494,26 @@ fn parse_error(path: PathBuf, message: String) -> ConfigError {
             .parse()
             .ok()
     });
+    // The parser's own words, without the excerpt of the file some parsers quote (`3 | key =
+    // ...` and a caret line under it): that is where, which `line` says, and it could show a
+    // secret on `/keel/status`. What remains is the position and the reason.
+    let is_excerpt = |l: &str| {
+        l.trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
+    let message = message
+        .lines()
+        .filter(|l| !is_excerpt(l))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
     ConfigError::Parse {
         path,
         line,
-        message: message.lines().next().unwrap_or_default().to_owned(),
+        message,
     }
 }
 

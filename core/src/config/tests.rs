@@ -298,6 +298,18 @@ fn syntax_error_names_file_and_line() {
 }
 
 #[test]
+fn syntax_error_says_why_without_quoting_the_file() {
+    let (err, _) = load_err("[shop]\ncurrency = \"hunter2\" = 3\n", &EnvMap::new());
+    let text = err.to_string();
+    assert!(text.contains("line 2"), "{text}");
+    // The parser's reason, not only where it stopped.
+    assert!(text.contains("expected"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let (err, _) = load_err("[shop]\ncurrency = \"EUR\"\n[shop]\n", &EnvMap::new());
+    assert!(err.to_string().contains("duplicate key"), "{err}");
+}
+
+#[test]
 fn validation_failure_names_the_section() {
     let (err, f) = load_err("[shop]\nmax_items = 0\n", &EnvMap::new());
     assert!(
