@@ -321,7 +321,11 @@ async fn slow_start_ramps_an_instance_back_from_max_fails() {
         }
     };
     fail_b();
-    assert_eq!(counts(&b, 1_000, |_| None).get("b"), None, "out for fail_timeout");
+    assert_eq!(
+        counts(&b, 1_000, |_| None).get("b"),
+        None,
+        "out for fail_timeout"
+    );
     tokio::time::advance(Duration::from_secs(10)).await;
     let c = counts(&b, 20_000, |_| None);
     assert!((share(&c, "b") - 0.1 / 1.1).abs() < 0.02, "{c:?}");

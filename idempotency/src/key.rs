@@ -251,7 +251,10 @@ mod tests {
         one.insert("x-a", http::HeaderValue::from_static("x-b"));
         let mut other = HeaderMap::new();
         other.insert("x-b", http::HeaderValue::from_static("x-b"));
-        assert_ne!(fingerprint(&p, "/x", &one, b""), fingerprint(&p, "/x", &other, b""));
+        assert_ne!(
+            fingerprint(&p, "/x", &one, b""),
+            fingerprint(&p, "/x", &other, b"")
+        );
         let mut empty = HeaderMap::new();
         empty.insert("x-a", http::HeaderValue::from_static(""));
         assert_ne!(

@@ -739,7 +739,10 @@ mod tests {
         assert_eq!(limiter.limit(), 3, "lowered max_concurrent applies at once");
         let held: Vec<_> = (0..3).map(|_| limiter.try_acquire()).collect();
         assert!(held.iter().all(Option::is_some));
-        assert!(limiter.try_acquire().is_none(), "a fourth call is over the new bound");
+        assert!(
+            limiter.try_acquire().is_none(),
+            "a fourth call is over the new bound"
+        );
         drop(held);
         policy.store(BulkheadConfig {
             max_concurrent: 100,

@@ -13,13 +13,11 @@ fn ratio(v: f64) -> Ratio {
     Ratio::new(v).unwrap_or(Ratio::ZERO)
 }
 
-/// The longest a duration that is added to an instant may be: far beyond any real timeout, and
-/// far from overflowing the instant (which panics).
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// Refuses a duration over [`MAX_DURATION`] (the message names `key`).
+/// Refuses a duration over [`keel_core::units::MAX_DURATION`] (100 years: far beyond any real
+/// timeout, and far from overflowing the instant it is added to, which panics), as the config
+/// reader does; this catches a policy built in code. The message names `key`.
 fn at_most_max(key: &str, d: Duration) -> Result<(), String> {
-    if d > MAX_DURATION {
+    if d > keel_core::units::MAX_DURATION {
         return Err(format!("{key}: longer than 100 years"));
     }
     Ok(())
