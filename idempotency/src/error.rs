@@ -7,9 +7,14 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdempotencyError {
-    /// The store could not be reached or did not answer in time. Retrying later may help.
+    /// The store could not be reached. Retrying later may help.
     #[error("idempotency store unavailable: {0}")]
     Unavailable(String),
+    /// The store did not answer in time. The operation may still take effect after this error
+    /// (a claim would then hold its key until given back or until its lease ends). Retrying
+    /// later may help.
+    #[error("idempotency store did not answer in time")]
+    TimedOut,
     /// Fewer replicas acknowledged a claim than the durability policy asks for. The claim was
     /// released; retrying later may help.
     #[error("idempotency claim acknowledged by {acked} replica(s), {wanted} required")]
@@ -52,6 +57,7 @@ impl IdempotencyError {
         matches!(
             self,
             Self::Unavailable(_)
+                | Self::TimedOut
                 | Self::Durability { .. }
                 | Self::Full(_)
                 | Self::InProgress { .. }
@@ -64,7 +70,11 @@ impl IdempotencyError {
     pub fn is_store_failure(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Durability { .. } | Self::Full(_) | Self::Protocol(_)
+            Self::Unavailable(_)
+                | Self::TimedOut
+                | Self::Durability { .. }
+                | Self::Full(_)
+                | Self::Protocol(_)
         )
     }
 }
@@ -72,6 +82,10 @@ impl IdempotencyError {
 #[cfg(feature = "redis")]
 impl From<redis::RedisError> for IdempotencyError {
     fn from(e: redis::RedisError) -> Self {
-        Self::Unavailable(e.to_string())
+        if e.is_timeout() {
+            Self::TimedOut
+        } else {
+            Self::Unavailable(e.to_string())
+        }
     }
 }

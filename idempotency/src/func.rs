@@ -152,6 +152,7 @@ impl Idempotent {
                 }
                 Err(e) => {
                     telemetry::claim("store_error");
+                    crate::store::give_back_timed_out_claim(&self.store, &e, &skey, &owner);
                     return Err(e.into());
                 }
             }

@@ -373,6 +373,7 @@ where
             }
             Err(e) => {
                 telemetry::claim("store_error");
+                crate::store::give_back_timed_out_claim(&store, &e, &skey, &owner);
                 if policy.on_store_error() == OnStoreError::FailOpen && e.is_store_failure() {
                     metrics::counter!(telemetry::FAIL_OPEN_TOTAL).increment(1);
                     warn!(key = key::short(&skey), error = %e, "idempotency store failed; running without idempotency (fail open)");

@@ -328,3 +328,37 @@ async fn durability_wait_longer_than_store_timeout_fails_closed_and_releases() {
         Ok(Claim::New { .. })
     ));
 }
+
+/// A claim that reaches Redis only after its timeout (Redis paused) is given back: the client's
+/// retry runs at once, instead of meeting "in progress" for the whole (here 30 s) lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_applied_after_its_timeout_is_given_back() {
+    let server = RedisServer::start();
+    let config = IdempotencyConfig {
+        lease: Duration::from_secs(30),
+        ..cfg(&server)
+    };
+    let store = keel_idempotency::store_from_config(&config).await.unwrap();
+    let app = start(store, config).await;
+    let c = client();
+    server.pause();
+    let r = post(&c, &app.url("/work"), "late").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "fails closed");
+    server.resume();
+    // Redis now applies the late claim, then the release queued behind it.
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let r = post(&c, &app.url("/work"), "late").await;
+        statuses.push(r.status());
+        if r.status() == StatusCode::CREATED {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&StatusCode::CREATED),
+        "the retry runs: {statuses:?}"
+    );
+    assert_eq!(app.seen.execs(), 1);
+}

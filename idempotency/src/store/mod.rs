@@ -135,6 +135,28 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
     }
 }
 
+/// After a claim that timed out: gives the key back (owner-checked, so a no-op if the claim
+/// never took effect) in the background. Without it, a claim that reached the store after its
+/// timeout would hold the key for a whole lease with nobody running, and every retry would get
+/// "in progress". On the same connection as the claim, the release is applied after it.
+pub(crate) fn give_back_timed_out_claim(
+    store: &Arc<dyn IdempotencyStore>,
+    err: &IdempotencyError,
+    key: &str,
+    owner: &str,
+) {
+    if !matches!(err, IdempotencyError::TimedOut) {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (store, key, owner) = (store.clone(), key.to_owned(), owner.to_owned());
+    rt.spawn(async move {
+        let _ = store.release(&key, &owner).await;
+    });
+}
+
 /// A fresh owner token: 128 random bits, hex.
 pub fn new_owner() -> String {
     format!("{:032x}", rand::random::<u128>())

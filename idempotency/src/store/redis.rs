@@ -219,9 +219,7 @@ impl RedisStore {
     ) -> Result<T, IdempotencyError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(IdempotencyError::Unavailable(
-                "redis did not answer in time".to_owned(),
-            )),
+            Err(_) => Err(IdempotencyError::TimedOut),
         }
     }
 
@@ -262,9 +260,7 @@ impl RedisStore {
                 {
                     Ok(r) => r.map(|(v, n)| (v, Some(n))),
                     Err(_) => {
-                        return Err(IdempotencyError::Unavailable(
-                            "redis did not answer in time".to_owned(),
-                        ))
+                        return Err(IdempotencyError::TimedOut)
                     }
                 }
             } else {
@@ -272,9 +268,7 @@ impl RedisStore {
                 {
                     Ok(r) => r.map(|v| (v, None)),
                     Err(_) => {
-                        return Err(IdempotencyError::Unavailable(
-                            "redis did not answer in time".to_owned(),
-                        ))
+                        return Err(IdempotencyError::TimedOut)
                     }
                 }
             };
