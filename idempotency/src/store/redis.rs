@@ -7,10 +7,11 @@
 //!
 //! Keys: `{prefix}{<hash>}` holds the record (a hash: state, owner, fingerprint, result) and
 //! `{prefix}{<hash>}:fence` the fencing counter. The `{<hash>}` hash tag puts both on one
-//! cluster slot, as a script's keys must be. The fence counter outlives the record (it is kept
-//! for a day, or four leases, after each claim) and is seeded from the Redis server's clock
-//! (`TIME`, in microseconds) when it was absent, so tokens keep growing even across a lost counter. All times
-//! are the Redis server's: leases and retention are `PEXPIRE`s, never a client clock.
+//! cluster slot, as a script's keys must be. The fence counter is kept for a day, or four leases,
+//! after each claim, so it outlives a released or lapsed record; when it is absent (expired, or
+//! lost in a failover) it is seeded from the Redis server's clock (`TIME`, in microseconds), so
+//! tokens keep growing across a lost counter as long as that clock does not step back. All
+//! times are the Redis server's: leases and retention are `PEXPIRE`s, never a client clock.
 //!
 //! What Redis alone gives: with one primary and no failover, claims are linearizable. With
 //! asynchronous replication, a failover can lose a claim or a completion acknowledged by the old
