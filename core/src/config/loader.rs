@@ -310,7 +310,7 @@ impl ConfigLoader {
                 overrides: self.overrides,
             },
             sections: RwLock::new(self.sections),
-            reload_lock: Mutex::new(None),
+            reload_lock: Mutex::new(Digests::default()),
             document: OnceLock::new(),
             last_error: ArcSwapOption::empty(),
         };
@@ -589,11 +589,23 @@ struct Document {
     digest: u64,
 }
 
+/// Digests of the layers' inputs (files and environment), kept by the reload lock.
+#[derive(Default)]
+struct Digests {
+    /// The inputs last applied: a poll that reads them again has nothing to do.
+    applied: Option<u64>,
+    /// The inputs last refused: a poll that reads them again refuses them quietly, instead of
+    /// logging and counting the same refusal every poll until the file is fixed.
+    rejected: Option<u64>,
+    /// The inputs this reload read, once read.
+    read: Option<u64>,
+}
+
 struct Inner {
     sources: Sources,
     sections: RwLock<BTreeMap<String, Arc<dyn ErasedSection>>>,
-    /// Serialises reloads; holds the digest of the inputs last applied.
-    reload_lock: Mutex<Option<u64>>,
+    /// Serialises reloads; holds the digests of the inputs last applied and last refused.
+    reload_lock: Mutex<Digests>,
     document: OnceLock<Live<Document>>,
     last_error: ArcSwapOption<ReloadFailure>,
 }
@@ -744,8 +756,19 @@ impl Config {
     }
 
     fn reload_inner(&self, force: bool) -> Result<ReloadOutcome, Arc<ConfigError>> {
-        let mut applied_digest = lock(&self.inner.reload_lock);
-        let result = self.try_reload(force, &mut applied_digest);
+        let mut guard = lock(&self.inner.reload_lock);
+        let digests = &mut *guard;
+        digests.read = None;
+        let result = self.try_reload(force, &mut digests.applied, &mut digests.read);
+        let read = digests.read;
+        let rejected = std::mem::replace(
+            &mut digests.rejected,
+            if result.is_err() { read } else { None },
+        );
+        if !force && result.is_err() && read.is_some() && rejected == read {
+            // The same inputs refused again by a poll: said, counted and kept already.
+            return result;
+        }
         match &result {
             Ok(ReloadOutcome::Applied(generation)) => {
                 self.inner.last_error.store(None);
@@ -779,9 +802,11 @@ impl Config {
         &self,
         force: bool,
         applied_digest: &mut Option<u64>,
+        read_digest: &mut Option<u64>,
     ) -> Result<ReloadOutcome, Arc<ConfigError>> {
         let sources = &self.inner.sources;
         let inputs = sources.read().map_err(Arc::new)?;
+        *read_digest = Some(inputs.digest);
         if !force && *applied_digest == Some(inputs.digest) {
             return Ok(ReloadOutcome::Unchanged);
         }

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, io::Write, time::Duration};
+use std::{collections::BTreeMap, io::Write, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
@@ -383,6 +383,35 @@ fn bad_reload_keeps_last_good_and_reports() {
     );
     assert_eq!(config.reload().unwrap(), ReloadOutcome::Unchanged);
     assert_eq!(config.generation(), 2);
+}
+
+#[test]
+fn a_refused_document_polled_again_is_refused_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(&dir, "keel.toml", "[shop]\nmax_items = 5\n");
+    let config = loader(std::slice::from_ref(&f), &EnvMap::new())
+        .load()
+        .unwrap();
+    std::fs::write(&f, "[shop]\nmax_items = 0\n").unwrap();
+    assert!(config.reload_if_changed().is_err());
+    let first = config.last_error().expect("kept");
+    // Polled again, unchanged: still refused, but the refusal kept is the first one (not
+    // logged, counted and stamped again every poll).
+    let again = config.reload_if_changed().unwrap_err();
+    assert!(again.to_string().contains("max_items"));
+    assert!(Arc::ptr_eq(&first, &config.last_error().unwrap()));
+    // An explicit reload says it again.
+    assert!(config.reload().is_err());
+    assert!(!Arc::ptr_eq(&first, &config.last_error().unwrap()));
+    // Another bad edit is news.
+    let second = config.last_error().unwrap();
+    std::fs::write(&f, "[shop]\nmax_items = -1\n").unwrap();
+    assert!(config.reload_if_changed().is_err());
+    assert!(!Arc::ptr_eq(&second, &config.last_error().unwrap()));
+    // Fixed: applied.
+    std::fs::write(&f, "[shop]\nmax_items = 7\n").unwrap();
+    assert_eq!(config.reload_if_changed().unwrap(), ReloadOutcome::Applied(2));
+    assert!(config.last_error().is_none());
 }
 
 #[test]
