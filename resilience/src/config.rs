@@ -448,7 +448,8 @@ pub struct RateLimitConfig {
     pub redis_url: Option<String>,
     /// Prefix of the Redis keys.
     pub redis_prefix: String,
-    /// A Redis decision slower than this falls back to the local share.
+    /// A Redis decision slower than this falls back to the local share. The first decision of a
+    /// process also waits for the connection to be made, up to `max(redis_timeout, 200ms)`.
     #[serde(with = "serde_duration")]
     pub redis_timeout: Duration,
     /// This instance's share of `rate` when Redis is unreachable.
