@@ -2,7 +2,8 @@
 //!
 //! Same semantics as Redis (atomic claim, owner-checked writes, fencing, lease and retention
 //! TTLs), on `tokio::time` so tests can pause and advance the clock. It is bounded: when full it
-//! first drops expired entries; if every entry is still live it refuses new claims with
+//! first drops expired entries (one sweep per 100 ms at most, as a sweep walks every entry under
+//! the lock); if every entry is still live it refuses new claims with
 //! [`IdempotencyError::Full`] (a 503) rather than forget a completed key, because forgetting is
 //! exactly the silent double execution this crate exists to prevent.
 
