@@ -125,7 +125,7 @@ impl Idempotent {
     {
         let skey = key::storage_key(&self.scope, "RUN", "", key);
         let owner = new_owner();
-        let until = tokio::time::Instant::now() + self.wait;
+        let until = tokio::time::Instant::now() + self.wait.min(keel_core::units::MAX_DURATION);
         let fence = loop {
             match self.store.claim(&skey, &owner, "", self.lease).await {
                 Ok(Claim::New { fence }) => {

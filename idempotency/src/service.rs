@@ -316,7 +316,8 @@ where
 {
     let lease = policy.lease();
     let owner = new_owner();
-    let wait_until = tokio::time::Instant::now() + policy.cfg.conflict_wait;
+    let wait_until =
+        tokio::time::Instant::now() + policy.cfg.conflict_wait.min(keel_core::units::MAX_DURATION);
     let fence = loop {
         match store.claim(&skey, &owner, &fp, lease).await {
             Ok(Claim::New { fence }) => {

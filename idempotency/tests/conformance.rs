@@ -202,6 +202,38 @@ async fn same_key_other_resource(store: Arc<dyn IdempotencyStore>) {
     assert_eq!(app.seen.execs(), 1);
 }
 
+/// Leases and retention far beyond what the config reader accepts (set in code) work as
+/// "very long" instead of overflowing the clock or `PEXPIRE`.
+async fn huge_durations(store: Arc<dyn IdempotencyStore>) {
+    let key = format!("huge-{}", keel_idempotency::new_owner());
+    let claim = store.claim(&key, "o1", "fp", Duration::MAX).await.unwrap();
+    assert!(
+        matches!(claim, keel_idempotency::Claim::New { .. }),
+        "{claim:?}"
+    );
+    store.renew(&key, "o1", Duration::MAX).await.unwrap();
+    store
+        .complete(&key, "o1", bytes::Bytes::from_static(b"r"), Duration::MAX)
+        .await
+        .unwrap();
+    let again = store.claim(&key, "o2", "fp", Duration::MAX).await.unwrap();
+    assert!(
+        matches!(again, keel_idempotency::Claim::Completed(_)),
+        "{again:?}"
+    );
+    let run = Idempotent::new(store)
+        .lease(Duration::MAX)
+        .ttl(Duration::MAX)
+        .wait(Duration::MAX);
+    let v: u32 = run
+        .run(&format!("{key}-fn"), || async {
+            Ok::<_, std::io::Error>(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+}
+
 async fn tenants(store: Arc<dyn IdempotencyStore>) {
     let app = start(store, test_config()).await;
     let c = client();
@@ -587,7 +619,7 @@ macro_rules! conformance {
     ($store:ident) => {
         mod $store {
             use super::*;
-            conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, same_key_other_resource, tenants,
+            conformance!(@tests $store; thousand_over_fifty, missing_and_malformed, mismatch, same_key_other_resource, huge_durations, tenants,
                 slow_handler_outlives_lease, lease_lost, disconnect, panic_and_5xx_release, store_down,
                 function_api, hot_policy, wait_then_replay_and_body_limit, scope_from_header_and_extension);
         }

@@ -410,7 +410,10 @@ fn a_refused_document_polled_again_is_refused_quietly() {
     assert!(!Arc::ptr_eq(&second, &config.last_error().unwrap()));
     // Fixed: applied.
     std::fs::write(&f, "[shop]\nmax_items = 7\n").unwrap();
-    assert_eq!(config.reload_if_changed().unwrap(), ReloadOutcome::Applied(2));
+    assert_eq!(
+        config.reload_if_changed().unwrap(),
+        ReloadOutcome::Applied(2)
+    );
     assert!(config.last_error().is_none());
 }
 

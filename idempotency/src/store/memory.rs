@@ -17,6 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use keel_core::units::MAX_DURATION;
 use tokio::time::Instant;
 
 use super::{BoxFuture, Claim, IdempotencyStore, Ownership};
@@ -116,7 +117,7 @@ impl MemoryStore {
                     owner: owner.to_owned(),
                 },
                 fingerprint: fp.to_owned(),
-                expires: now + lease,
+                expires: now + lease.min(MAX_DURATION),
             },
         );
         Ok(Claim::New { fence })
@@ -164,7 +165,7 @@ impl IdempotencyStore for MemoryStore {
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         let r = self.if_owner(key, owner, |m, now| {
             if let Some(e) = m.get_mut(key) {
-                e.expires = now + lease;
+                e.expires = now + lease.min(MAX_DURATION);
             }
         });
         Box::pin(async move { Ok(r) })
@@ -180,7 +181,7 @@ impl IdempotencyStore for MemoryStore {
         let r = self.if_owner(key, owner, |m, now| {
             if let Some(e) = m.get_mut(key) {
                 e.state = State::Completed(record);
-                e.expires = now + retention;
+                e.expires = now + retention.min(MAX_DURATION);
             }
         });
         Box::pin(async move { Ok(r) })

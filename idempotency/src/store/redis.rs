@@ -115,8 +115,12 @@ fn no_script(e: &redis::RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) || e.code() == Some("NOSCRIPT")
 }
 
+/// Whole milliseconds, at least 1, at most [`keel_core::units::MAX_DURATION`]'s (a longer lease
+/// or retention set in code would overflow `PEXPIRE`).
 fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(d.min(keel_core::units::MAX_DURATION).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl RedisStore {
@@ -260,17 +264,13 @@ impl RedisStore {
                     .await
                 {
                     Ok(r) => r.map(|(v, n)| (v, Some(n))),
-                    Err(_) => {
-                        return Err(IdempotencyError::TimedOut)
-                    }
+                    Err(_) => return Err(IdempotencyError::TimedOut),
                 }
             } else {
                 match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut conn)).await
                 {
                     Ok(r) => r.map(|v| (v, None)),
-                    Err(_) => {
-                        return Err(IdempotencyError::TimedOut)
-                    }
+                    Err(_) => return Err(IdempotencyError::TimedOut),
                 }
             };
             match res {
@@ -326,7 +326,7 @@ impl RedisStore {
         let lease_ms = ms(lease).to_string();
         // The fence counter must outlive any record of the key: keep it a day at least.
         let fence_ttl = ms(Duration::from_secs(86_400))
-            .max(ms(lease) * 4)
+            .max(ms(lease).saturating_mul(4))
             .to_string();
         let wait = self.replicas > 0;
         let (v, acked) = self
