@@ -25,6 +25,11 @@ use crate::{
 /// It grows with every claim of a key. Send it with downstream writes, and have the downstream
 /// refuse a token lower than the highest it has seen for the key: a stale owner's late write is
 /// then rejected even if it outlived its lease unnoticed.
+///
+/// Present only on requests that claimed a key: a request without a key on a route where the
+/// key is optional, or one run without idempotency because the store failed and the route fails
+/// open, has none. On such routes take it as `Option<Extension<FencingToken>>` (a plain
+/// `Extension<FencingToken>` would answer those requests with a 500).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
