@@ -225,9 +225,8 @@ fn main() {
     let claim_args = [
         "EVALSHA",
         claim,
-        "2",
+        "1",
         "rb:{__rand_int__}",
-        "rb:{__rand_int__}:fence",
         "owner0123456789abcdef0123456789ab",
         "fp0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab",
         "10000",

@@ -43,7 +43,8 @@ fn stat(info: &str, line_prefix: &str, field: &str) -> u64 {
 
 /// Commands the scripts run inside Redis: counted by INFO, but no round trip of ours.
 const IN_SCRIPT: &[&str] = &[
-    "hmget", "incr", "incrby", "set", "exists", "pexpire", "hset", "hdel", "time", "pttl", "del",
+    "get", "hmget", "incr", "incrby", "set", "exists", "pexpire", "hset", "hdel", "time", "pttl",
+    "del",
 ];
 
 /// (EVALSHA calls, commands sent by clients other than our INFO), over one long-lived connection.
@@ -264,13 +265,13 @@ async fn script_flush_is_survived_and_fences_grow() {
         panic!()
     };
     assert!(f2 > f1);
-    // Record and fence counter share one hash tag (one cluster slot).
+    // One key per idempotency key: the released record keeps the fencing token.
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("t:*")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(keys.iter().all(|k| k.contains("{k}")));
 }
 
@@ -303,10 +304,10 @@ async fn durability_wait_longer_than_store_timeout_fails_closed_and_releases() {
     // come back as a durability failure (claim released), not as a timeout that keeps the key.
     let server = RedisServer::start();
     let config = IdempotencyConfig {
-        store_timeout: Duration::from_millis(100),
+        store_timeout: Duration::from_millis(500),
         durability: Durability {
             replicas: 1,
-            timeout: Duration::from_millis(400),
+            timeout: Duration::from_millis(1500),
         },
         ..cfg(&server)
     };
@@ -361,4 +362,45 @@ async fn a_claim_applied_after_its_timeout_is_given_back() {
         "the retry runs: {statuses:?}"
     );
     assert_eq!(app.seen.execs(), 1);
+}
+
+/// The fencing token grows across a lapsed lease and a release, and a lapsed owner can neither
+/// renew, complete nor release: the lease ends by the time in the record (Redis's clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_grow_across_a_lapsed_lease() {
+    use keel_idempotency::Ownership;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&cfg(&server)).await.unwrap();
+    let short = Duration::from_millis(50);
+    let Ok(Claim::New { fence: f1 }) = store.claim("k", "o1", "f", short).await else {
+        panic!()
+    };
+    match store.claim("k", "o2", "f", short).await {
+        Ok(Claim::InProgress {
+            retry_after: Some(d),
+        }) => assert!(d <= short, "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let Ok(Claim::New { fence: f2 }) = store.claim("k", "o2", "f", short * 100).await else {
+        panic!("the lapsed lease is taken over")
+    };
+    assert!(f2 > f1, "{f2} > {f1}");
+    assert_eq!(
+        store.renew("k", "o1", short).await.unwrap(),
+        Ownership::Stale
+    );
+    assert_eq!(
+        store
+            .complete("k", "o1", bytes::Bytes::from_static(b"x"), short)
+            .await
+            .unwrap(),
+        Ownership::Stale
+    );
+    assert_eq!(store.release("k", "o1").await.unwrap(), Ownership::Stale);
+    assert_eq!(store.release("k", "o2").await.unwrap(), Ownership::Owner);
+    let Ok(Claim::New { fence: f3 }) = store.claim("k", "o3", "g", short).await else {
+        panic!("a released key is claimable, whatever the fingerprint")
+    };
+    assert!(f3 > f2, "{f3} > {f2}");
 }

@@ -5,13 +5,21 @@
 //! Scripts are loaded when the store connects; after a Redis restart the first call meets
 //! `NOSCRIPT`, loads the script again and retries once.
 //!
-//! Keys: `{prefix}{<hash>}` holds the record (a hash: state, owner, fingerprint, result) and
-//! `{prefix}{<hash>}:fence` the fencing counter. The `{<hash>}` hash tag puts both on one
-//! cluster slot, as a script's keys must be. The fence counter is kept for a day, or four leases,
-//! after each claim, so it outlives a released or lapsed record; when it is absent (expired, or
-//! lost in a failover) it is seeded from the Redis server's clock (`TIME`, in microseconds), so
-//! tokens keep growing across a lost counter as long as that clock does not step back. All
-//! times are the Redis server's: leases and retention are `PEXPIRE`s, never a client clock.
+//! Keys: one per idempotency key, `{prefix}{<hash>}` (the `{<hash>}` hash tag is the whole key's
+//! slot in a cluster). Its value is a string: a fixed header (state, fencing token, the lease's
+//! end), owner and fingerprint, then the stored answer. A script reads it with one `GET`, checks
+//! fields at fixed offsets, and writes it with one `SET ... PX`: a first request costs Redis six
+//! commands in all (claim: `GET`, `TIME`, `SET`; complete: `GET`, `TIME`, `SET`), one key, and no
+//! second key for the fencing counter.
+//!
+//! Leases end by the time written in the record (the Redis server's clock), not by the key's
+//! expiry: an in-progress record, and a released one, is kept a day (or four leases), so the
+//! next claim of its key continues from its fencing token even after a lapsed lease or a
+//! release. A completed record is kept for the retention `ttl`. When no record exists (never
+//! claimed, retention over, or lost in a failover) the token is seeded from the server's clock
+//! (`TIME`, in microseconds), so tokens keep growing across a lost record as long as that clock
+//! does not step back by more than the time since the last claim. All times are the Redis
+//! server's, never a client clock.
 //!
 //! What Redis alone gives: with one primary and no failover, claims are linearizable. With
 //! asynchronous replication, a failover can lose a claim or a completion acknowledged by the old
@@ -30,63 +38,97 @@ use tracing::warn;
 use super::{BoxFuture, Claim, IdempotencyStore, Ownership};
 use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 
-const CLAIM: &str = r"
-local r = redis.call('HMGET', KEYS[1], 's', 'f', 'r')
-if r[1] then
-  if r[2] ~= ARGV[2] then return {3} end
-  if r[1] == 'c' then return {2, r[3]} end
-  return {1, redis.call('PTTL', KEYS[1])}
-end
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then
+// One string per key: a fixed header, then owner and fingerprint (length-prefixed), then the
+// stored answer. Header: state (`p` in progress, `c` completed, `r` released), the fencing token
+// (20 digits), the lease's end in the server's milliseconds (13 digits; zeros unless `p`).
+// Scripts read fields at fixed offsets with `string.sub`: no parsing, one `GET` and one `SET`.
+//
+// `NOW` is the server's clock in milliseconds (`TIME`).
+const NOW: &str = r"
+local function now_ms()
   local t = redis.call('TIME')
-  n = redis.call('INCRBY', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local function owner_of(v)
+  local ol = tonumber(string.sub(v, 35, 37))
+  return string.sub(v, 38, 37 + ol), ol
+end
+";
+
+// KEYS[1] record; ARGV: owner, fingerprint, lease ms, keep ms (how long an in-progress or
+// released record, and so its fencing token, is kept).
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+local now, t = now_ms()
+local n
+if v then
+  local s = string.sub(v, 1, 1)
+  if s ~= 'r' then
+    local ol = tonumber(string.sub(v, 35, 37))
+    local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
+    local ends = tonumber(string.sub(v, 22, 34))
+    if s == 'c' or ends > now then
+      if string.sub(v, 41 + ol, 40 + ol + fl) ~= ARGV[2] then return {3} end
+      if s == 'c' then return {2, string.sub(v, 41 + ol + fl)} end
+      return {1, ends - now}
+    end
+  end
+  n = tonumber(string.sub(v, 2, 21)) + 1
+else
+  n = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+redis.call('SET', KEYS[1], 'p' .. string.format('%020d', n)
+  .. string.format('%013d', now + tonumber(ARGV[3]))
+  .. string.format('%03d', #ARGV[1]) .. ARGV[1] .. string.format('%03d', #ARGV[2]) .. ARGV[2],
+  'PX', ARGV[4])
 return {0, n}
 ";
 
+// ARGV: owner, lease ms, keep ms.
 const RENEW: &str = r"
-local r = redis.call('HMGET', KEYS[1], 's', 'o')
-if r[1] == 'p' and r[2] == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
+local now = now_ms()
+if tonumber(string.sub(v, 22, 34)) <= now then return 0 end
+redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + tonumber(ARGV[2]))
+  .. string.sub(v, 35), 'PX', ARGV[3])
+return 1
 ";
 
+// ARGV: owner, the answer to keep, retention ms.
 const COMPLETE: &str = r"
-local r = redis.call('HMGET', KEYS[1], 's', 'o')
-if r[1] == 'p' and r[2] == ARGV[1] then
-  redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
-end
-return 0
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end
+local _, ol = owner_of(v)
+if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
+if tonumber(string.sub(v, 22, 34)) <= now_ms() then return 0 end
+local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
+redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 21) .. '0000000000000'
+  .. string.sub(v, 35, 40 + ol + fl) .. ARGV[2], 'PX', ARGV[3])
+return 1
 ";
 
+// ARGV: owner, keep ms. The record stays, released, for its fencing token.
 const RELEASE: &str = r"
-local r = redis.call('HMGET', KEYS[1], 's', 'o')
-if r[1] == 'p' and r[2] == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
+if tonumber(string.sub(v, 22, 34)) <= now_ms() then return 0 end
+redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
+return 1
 ";
 
-/// One Lua script, known by its SHA-1.
+/// One Lua script (the shared helpers, then its body), known by its SHA-1.
 struct Script {
-    source: &'static str,
+    source: String,
     sha: String,
 }
 
 impl Script {
-    fn new(source: &'static str) -> Self {
+    fn new(body: &str) -> Self {
+        let source = format!("{NOW}{body}");
         Self {
+            sha: redis::Script::new(&source).get_hash().to_owned(),
             source,
-            sha: redis::Script::new(source).get_hash().to_owned(),
         }
     }
 }
@@ -113,6 +155,15 @@ impl std::fmt::Debug for RedisStore {
 
 fn no_script(e: &redis::RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) || e.code() == Some("NOSCRIPT")
+}
+
+/// The longest owner or fingerprint a record holds (its length is written in three digits).
+const MAX_FIELD: usize = 999;
+
+/// How long an in-progress or released record is kept, so that its fencing token outlives it:
+/// a day, or four leases if longer. (Its lease ends earlier, by the time written inside it.)
+fn keep_ms(lease: Duration) -> u64 {
+    ms(Duration::from_secs(86_400)).max(ms(lease).saturating_mul(4))
 }
 
 /// Whole milliseconds, at least 1, at most [`keel_core::units::MAX_DURATION`]'s (a longer lease
@@ -211,7 +262,7 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), IdempotencyError> {
         let mut pipe = redis::pipe();
         for s in self.scripts.iter() {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
+            pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source);
         }
         let mut conn = self.conn.clone();
         let _: Vec<String> = self.bounded(pipe.query_async(&mut conn)).await?;
@@ -322,22 +373,23 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<Claim, IdempotencyError> {
         let rk = self.record_key(key);
-        let fk = format!("{rk}:fence");
+        if owner.len() > MAX_FIELD || fp.len() > MAX_FIELD {
+            return Err(IdempotencyError::Protocol(format!(
+                "owner and fingerprint are limited to {MAX_FIELD} bytes in the Redis store"
+            )));
+        }
         let lease_ms = ms(lease).to_string();
-        // The fence counter must outlive any record of the key: keep it a day at least.
-        let fence_ttl = ms(Duration::from_secs(86_400))
-            .max(ms(lease).saturating_mul(4))
-            .to_string();
+        let keep = keep_ms(lease).to_string();
         let wait = self.replicas > 0;
         let (v, acked) = self
             .run(
                 0,
-                &[&rk, &fk],
+                &[&rk],
                 &[
                     owner.as_bytes(),
                     fp.as_bytes(),
                     lease_ms.as_bytes(),
-                    fence_ttl.as_bytes(),
+                    keep.as_bytes(),
                 ],
                 wait,
             )
@@ -345,7 +397,9 @@ impl RedisStore {
         let claim = parse_claim(v)?;
         if let (Claim::New { .. }, Some(acked)) = (&claim, acked) {
             if acked < self.replicas {
-                let _ = self.owner_checked(3, key, &[owner.as_bytes()]).await;
+                let _ = self
+                    .owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
+                    .await;
                 return Err(IdempotencyError::Durability {
                     acked,
                     wanted: self.replicas,
@@ -408,8 +462,13 @@ impl IdempotencyStore for RedisStore {
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("renew", async move {
             let lease_ms = ms(lease).to_string();
-            self.owner_checked(1, key, &[owner.as_bytes(), lease_ms.as_bytes()])
-                .await
+            let keep = keep_ms(lease).to_string();
+            self.owner_checked(
+                1,
+                key,
+                &[owner.as_bytes(), lease_ms.as_bytes(), keep.as_bytes()],
+            )
+            .await
         })
     }
 
@@ -433,7 +492,10 @@ impl IdempotencyStore for RedisStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("release", async move {
-            self.owner_checked(3, key, &[owner.as_bytes()]).await
+            // The lease is not known here: keep the released record (its fencing token) a day.
+            let keep = keep_ms(Duration::ZERO).to_string();
+            self.owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
+                .await
         })
     }
 }
