@@ -145,9 +145,7 @@ async fn supervise(
                         // A new address starts afresh, up, like a new instance: the old
                         // address's verdict says nothing about it, and a check that passes
                         // while up never clears it.
-                        update(&health, &writer, |m| {
-                            m.remove(&i.id);
-                        });
+                        forget(&health, &writer, i);
                     }
                     let task = tokio::spawn(check_one(
                         i.clone(),
@@ -160,11 +158,9 @@ async fn supervise(
                 }
             }
         }
-        for (id, (_, task)) in std::mem::replace(&mut checks, keep) {
+        for (_, (gone, task)) in std::mem::replace(&mut checks, keep) {
             task.abort();
-            update(&health, &writer, |m| {
-                m.remove(&id);
-            });
+            forget(&health, &writer, &gone);
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
@@ -181,6 +177,18 @@ fn update(health: &Live<HealthMap>, writer: &Mutex<()>, f: impl FnOnce(&mut Heal
     let mut m = (*health.get()).clone();
     f(&mut m);
     health.store_if_changed(m);
+}
+
+/// Drops the verdict on `instance` (it left the set, or moved): if it was down, its
+/// `keel_discovery_instance_down` goes back to 0, since no check of it will say so now.
+fn forget(health: &Live<HealthMap>, writer: &Mutex<()>, instance: &Instance) {
+    let mut was_down = false;
+    update(health, writer, |m| {
+        was_down = m.remove(&instance.id).is_some()
+    });
+    if was_down {
+        metrics::gauge!(telemetry::INSTANCE_DOWN, "service" => instance.service.to_string(), "instance" => instance.id.to_string()).set(0.0);
+    }
 }
 
 fn jittered(d: Duration, jitter: f64) -> Duration {
@@ -361,5 +369,64 @@ mod tests {
             "the new address passes every check, yet the instance is still down: {:?}",
             map.load()
         );
+    }
+
+    /// The `keel_discovery_instance_down` value of `id` in a Prometheus rendering.
+    fn down_gauge(rendered: &str, id: &str) -> Option<f64> {
+        rendered
+            .lines()
+            .find(|l| {
+                l.starts_with(telemetry::INSTANCE_DOWN) && l.contains(&format!("instance=\"{id}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_down_gauge_is_cleared_when_a_down_instance_leaves_or_moves() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // A current-thread runtime: the checks run on this thread, under this recorder.
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let svc = ServiceName::new("svc").unwrap();
+        let leaves = Instance::new(svc.clone(), "127.0.0.1:1".parse().unwrap()).with_id("leaves");
+        let moves = Instance::new(svc.clone(), "127.0.0.1:2".parse().unwrap()).with_id("moves");
+        let set = Live::new(vec![leaves.clone(), moves.clone()]);
+        let (_tx, rx) = watch::channel(true);
+        let w = InstanceWatch::new(svc, set.clone(), rx);
+        // Ports 1 and 2 fail, every other passes.
+        let probe: Probe = Arc::new(|i: Instance| {
+            Box::pin(async move {
+                if i.addr.port() <= 2 {
+                    Err("refused".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        });
+        let config = HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            fall: 1,
+            rise: 1,
+            jitter: Ratio::ZERO,
+            ..Default::default()
+        };
+        let checker = HealthChecker::with_probe(w, config, Shutdown::new(), probe);
+        let map = checker.health();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(map.load().len(), 2, "both down");
+        let r = handle.render();
+        assert_eq!(down_gauge(&r, "leaves"), Some(1.0), "{r}");
+        assert_eq!(down_gauge(&r, "moves"), Some(1.0), "{r}");
+        // One leaves the set, the other moves to an address that passes.
+        let mut moved = moves.clone();
+        moved.addr = "127.0.0.1:3".parse().unwrap();
+        set.store(vec![moved]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(map.load().is_empty(), "{:?}", map.load());
+        let r = handle.render();
+        assert_eq!(down_gauge(&r, "leaves"), Some(0.0), "left while down: {r}");
+        assert_eq!(down_gauge(&r, "moves"), Some(0.0), "moved while down: {r}");
     }
 }
