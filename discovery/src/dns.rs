@@ -2,12 +2,12 @@
 //!
 //! The re-resolve interval follows the answer's TTL, bounded by `min_ttl` (so a zero TTL does
 //! not become a busy loop) and `max_ttl` (so a day-long TTL does not hide changes for a day).
-//! SRV records map as nginx's `resolve service=` does: the lowest priority present are the
-//! primaries, every higher priority is `AdminState::Backup`; the SRV weight becomes the weight (0
-//! counts as 1). SRV targets are resolved from the additional section when the server sent it,
-//! else by an A/AAAA lookup. A record that cannot become an instance (port 0, a target that does
-//! not resolve) is skipped and counted; an empty or failed answer goes through the
-//! registry-loss guard like every other backend.
+//! SRV records map as nginx's `resolve service=` does: the lowest priority among the usable
+//! records are the primaries, every higher priority is `AdminState::Backup`; the SRV weight
+//! becomes the weight (0 counts as 1). SRV targets are resolved from the additional section when
+//! the server sent it, else by an A/AAAA lookup. A record that cannot become an instance (port 0,
+//! a target that does not resolve) is skipped and counted; an empty or failed answer goes through
+//! the registry-loss guard like every other backend.
 
 use std::{
     collections::BTreeMap,
@@ -171,8 +171,7 @@ async fn resolve(
                     _ => None,
                 })
                 .collect();
-            let primary = srvs.iter().map(|s| s.priority).min();
-            let mut set = Vec::new();
+            let mut usable = Vec::new();
             for srv in srvs {
                 if srv.port == 0 {
                     skip(service, &srv.target.to_string(), "port 0");
@@ -206,21 +205,34 @@ async fn resolve(
                 for ip in ips {
                     let i = Instance::new(service.clone(), SocketAddr::new(ip, srv.port))
                         .with_weight(u32::from(srv.weight.max(1)))
-                        .with_state(if Some(srv.priority) == primary {
-                            AdminState::Up
-                        } else {
-                            AdminState::Backup
-                        })
                         .with_tag("srv_priority", srv.priority.to_string());
                     match i.validate() {
-                        Ok(()) => set.push(i),
+                        Ok(()) => usable.push((srv.priority, i)),
                         Err(e) => skip(service, &srv.target.to_string(), e),
                     }
                 }
             }
-            Ok((set, ttl))
+            Ok((by_priority(usable), ttl))
         }
     }
+}
+
+/// As nginx's `resolve service=`: the lowest priority among the records that became instances
+/// are the primaries, every higher priority is `Backup`. Chosen after the unusable records are
+/// skipped, so that a lowest priority made only of those does not turn every instance into a
+/// backup.
+fn by_priority(usable: Vec<(u16, Instance)>) -> Vec<Instance> {
+    let primary = usable.iter().map(|(p, _)| *p).min();
+    usable
+        .into_iter()
+        .map(|(p, i)| {
+            i.with_state(if Some(p) == primary {
+                AdminState::Up
+            } else {
+                AdminState::Backup
+            })
+        })
+        .collect()
 }
 
 async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
@@ -266,5 +278,28 @@ impl Registry for DnsDiscovery {
 impl Discovery for DnsDiscovery {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lowest_usable_priority_is_primary() {
+        let s = ServiceName::new("api").unwrap();
+        let at = |p: u16| Instance::new(s.clone(), SocketAddr::from(([127, 0, 0, 1], p)));
+        // Priority 5 had only unusable records: they never get here.
+        let set = by_priority(vec![(10, at(1)), (20, at(2)), (10, at(3))]);
+        let states: Vec<_> = set.iter().map(|i| (i.addr.port(), i.state)).collect();
+        assert_eq!(
+            states,
+            vec![
+                (1, AdminState::Up),
+                (2, AdminState::Backup),
+                (3, AdminState::Up)
+            ]
+        );
+        assert!(by_priority(Vec::new()).is_empty());
     }
 }

@@ -178,3 +178,41 @@ async fn srv_priority_makes_backups_weight_is_kept_and_bad_records_are_skipped()
     let w = d.watch(&svc("api")).unwrap();
     wait_len(&w, 3, LIMIT).await;
 }
+
+#[tokio::test]
+async fn when_every_lowest_priority_srv_record_is_unusable_the_next_priority_is_primary() {
+    let zone: Zone = Default::default();
+    {
+        let mut z = zone.lock().unwrap();
+        z.insert(
+            ("_http._tcp.api.test.".into(), RecordType::SRV),
+            vec![
+                srv(5, 1, 0, "d.test."),          // port 0: skipped
+                srv(5, 1, 8000, "nowhere.test."), // does not resolve: skipped
+                srv(10, 1, 8001, "a.test."),
+                srv(10, 1, 8002, "b.test."),
+                srv(20, 1, 8003, "c.test."),
+            ],
+        );
+        z.insert(("a.test.".into(), RecordType::A), vec![a([127, 0, 0, 1])]);
+        z.insert(("b.test.".into(), RecordType::A), vec![a([127, 0, 0, 2])]);
+        z.insert(("c.test.".into(), RecordType::A), vec![a([127, 0, 0, 3])]);
+        z.insert(("d.test.".into(), RecordType::A), vec![a([127, 0, 0, 4])]);
+    }
+    let server = dns_server(zone.clone()).await;
+    let cfg = config(
+        server,
+        DnsConfig {
+            name: "_http._tcp.{service}.test.".into(),
+            record: DnsRecord::Srv,
+            ..Default::default()
+        },
+    );
+    let d = DnsDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let (set, _) = d.resolve(&svc("api")).await.unwrap();
+    assert_eq!(set.len(), 3, "{set:?}");
+    let by_port: HashMap<u16, _> = set.iter().map(|i| (i.addr.port(), i.state)).collect();
+    assert_eq!(by_port[&8001], AdminState::Up, "{set:?}");
+    assert_eq!(by_port[&8002], AdminState::Up, "{set:?}");
+    assert_eq!(by_port[&8003], AdminState::Backup, "{set:?}");
+}
