@@ -380,9 +380,26 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
                 match (op.as_deref(), id) {
                     (Some("put"), Some(id)) => {
                         let data: Option<Vec<u8>> = entry.get("data");
-                        if let Some(i) = data.and_then(|d| parse_record(&service, &id, &d)) {
-                            raw.insert(i.id.to_string(), i);
-                            changed = true;
+                        let parsed = match data {
+                            Some(d) => parse_record(&service, &id, &d),
+                            None => {
+                                telemetry::malformed(service.as_str(), BACKEND);
+                                tracing::warn!(entry = %entry.id, instance = %id, "skipping change event without data");
+                                None
+                            }
+                        };
+                        match parsed {
+                            Some(i) => {
+                                raw.insert(i.id.to_string(), i);
+                                changed = true;
+                            }
+                            // A record overwritten by garbage: the old content is no longer true.
+                            None => {
+                                if raw.remove(&id).is_some() {
+                                    tracing::warn!(instance = %id, "its record was replaced by one that cannot be read; dropped");
+                                    changed = true;
+                                }
+                            }
                         }
                     }
                     (Some("del"), Some(id)) => changed |= raw.remove(&id).is_some(),

@@ -191,3 +191,35 @@ async fn after_a_redis_restart_watchers_recover_and_registrations_come_back() {
     tokio::time::timeout(LIMIT, w2.ready()).await.unwrap();
     assert_eq!(ports(&w2), vec![9501, 9502, 9503]);
 }
+
+#[tokio::test]
+async fn an_unreadable_update_drops_the_record_it_replaces() {
+    let prefix = unique_prefix("disc-garbled");
+    let mut cfg = config(shared_redis_url(), prefix.clone());
+    // No heartbeat, expiry or periodic re-read during the test repairs anything.
+    cfg.ttl = Duration::from_secs(30);
+    cfg.resync = Duration::from_secs(600);
+    let d = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("ledger");
+    let w = d.watch(&s).unwrap();
+    let mut regs = Vec::new();
+    for p in 9501..9504 {
+        regs.push(d.register(inst(&s, p)).await.unwrap());
+    }
+    wait_len(&w, 3, LIMIT).await;
+    // The record of 9503 is overwritten by something unreadable.
+    let id = inst(&s, 9503).id.to_string();
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = c
+        .xadd(
+            format!("{prefix}:{{ledger}}:events"),
+            "*",
+            &[("op", "put"), ("id", id.as_str()), ("data", "{garbled")],
+        )
+        .await
+        .unwrap();
+    // The old content is no longer true: it goes, as with etcd.
+    wait_len(&w, 2, LIMIT).await;
+    assert_eq!(ports(&w), vec![9501, 9502]);
+}
