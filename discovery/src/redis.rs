@@ -7,7 +7,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `keel:{payments}:inst:{id}` | string | the [`Instance`] as JSON, `PX ttl` |
+//! | `keel:{payments}:inst:{id}` | string | the [`Instance`] as JSON, plus `owner`, `PX ttl` |
 //! | `keel:{payments}:alive` | sorted set | member `{id}`, score = expiry in ms of **Redis server time** |
 //! | `keel:{payments}:events` | stream | `op` = `put` (with `id`, `data` = JSON) or `del` (with `id`), `MAXLEN ~ 1000` |
 //!
@@ -17,6 +17,10 @@
 //!   process compares its own clock with another's.
 //! - Registration is one Lua script (write record, refresh the expiry score, and `XADD` a `put`
 //!   only when the content changed), so a heartbeat costs one round trip and no event.
+//! - Each registration writes a random `owner` into its record, and deregistering deletes the
+//!   record only while it still holds that owner: the id defaults to `{service}-{addr}`, so a
+//!   process restarted in place has rewritten the same key, and its predecessor's shutdown must
+//!   not delete it.
 //! - Watchers read a consistent snapshot *and the stream position it corresponds to* in one
 //!   script, then `XREAD BLOCK` from there: a change is visible within a round trip, and a watcher
 //!   that reconnects replays what it missed from its last id.
@@ -57,6 +61,11 @@ if old then return 1 else return 0 end
 ";
 
 const DEREGISTER: &str = r"
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, rec = pcall(cjson.decode, old)
+  if not ok or type(rec) ~= 'table' or rec.owner ~= ARGV[3] then return 0 end
+end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'id', ARGV[1])
@@ -155,15 +164,16 @@ fn unavailable(e: redis::RedisError) -> DiscoveryError {
 ///
 /// | key | type | content |
 /// |---|---|---|
-/// | `keel:{payments}:inst:{id}` | string | the [`Instance`] as JSON, `PX ttl` |
+/// | `keel:{payments}:inst:{id}` | string | the [`Instance`] as JSON, plus `owner`, `PX ttl` |
 /// | `keel:{payments}:alive` | sorted set | member `{id}`, score = expiry in ms of Redis server time |
 /// | `keel:{payments}:events` | stream | `op` = `put` (`id`, `data` = JSON) or `del` (`id`), `MAXLEN ~ 1000` |
 ///
 /// A registration runs one Lua script per heartbeat (every `ttl / 3`): write the record with
 /// `PX ttl`, move its expiry score (computed with Redis `TIME`), and `XADD` a `put` only if the
-/// content changed. A watcher reads the snapshot and the stream position it matches in one
-/// script, then `XREAD BLOCK`s from there; it reaps expired members (publishing `del`), replays
-/// from its last id after a reconnect, and re-reads everything every `resync`.
+/// content changed. Deregistering deletes the record only while its `owner` (random, one per
+/// registration) is still ours. A watcher reads the snapshot and the stream position it matches
+/// in one script, then `XREAD BLOCK`s from there; it reaps expired members (publishing `del`),
+/// replays from its last id after a reconnect, and re-reads everything every `resync`.
 #[derive(Clone)]
 pub struct RedisDiscovery {
     inner: Arc<Inner>,
@@ -224,6 +234,7 @@ impl Registry for RedisDiscovery {
         let lease = Arc::new(RedisLease {
             inner: self.inner.clone(),
             keys: Keys::new(&self.inner.prefix, &instance.service),
+            owner: format!("{:032x}", rand::random::<u128>()),
             first: std::sync::atomic::AtomicBool::new(true),
         });
         Box::pin(Registration::start(lease, instance))
@@ -236,9 +247,20 @@ impl Discovery for RedisDiscovery {
     }
 }
 
+/// A record as stored: the instance, and the registration that wrote it.
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    #[serde(flatten)]
+    instance: &'a Instance,
+    owner: &'a str,
+}
+
 struct RedisLease {
     inner: Arc<Inner>,
     keys: Keys,
+    /// Unique to this registration, written into its record: deregistering deletes the record
+    /// only while it is still ours.
+    owner: String,
     first: std::sync::atomic::AtomicBool,
 }
 
@@ -249,8 +271,11 @@ impl Lease for RedisLease {
         _changed: bool,
     ) -> BoxFuture<'a, Result<Beat, DiscoveryError>> {
         Box::pin(async move {
-            let json = serde_json::to_string(instance)
-                .map_err(|e| DiscoveryError::malformed(BACKEND, instance.id.as_str(), e))?;
+            let json = serde_json::to_string(&Record {
+                instance,
+                owner: &self.owner,
+            })
+            .map_err(|e| DiscoveryError::malformed(BACKEND, instance.id.as_str(), e))?;
             let mut conn = self.inner.conn().await?;
             let existed: i64 = self
                 .inner
@@ -287,6 +312,7 @@ impl Lease for RedisLease {
                 .key(&self.keys.events)
                 .arg(instance.id.as_str())
                 .arg(STREAM_MAXLEN)
+                .arg(&self.owner)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;

@@ -223,3 +223,38 @@ async fn an_unreadable_update_drops_the_record_it_replaces() {
     wait_len(&w, 2, LIMIT).await;
     assert_eq!(ports(&w), vec![9501, 9502]);
 }
+
+#[tokio::test]
+async fn deregistering_a_replaced_process_leaves_its_successors_record() {
+    let prefix = unique_prefix("disc-handover");
+    let mut cfg = config(shared_redis_url(), prefix.clone());
+    cfg.ttl = Duration::from_secs(30); // no heartbeat repairs the record during the test
+                                       // The old process and its replacement at the same address (a restart in place).
+    let old_side = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let new_side = RedisDiscovery::from_config(&cfg, Shutdown::new()).unwrap();
+    let s = svc("billing");
+    let old = old_side.register(inst(&s, 9601)).await.unwrap();
+    let new = new_side.register(inst(&s, 9601)).await.unwrap();
+    // The old one shuts down after its replacement took over.
+    old.deregister().await.unwrap();
+    let id = inst(&s, 9601).id.to_string();
+    let key = format!("{prefix}:{{billing}}:inst:{id}");
+    let alive = format!("{prefix}:{{billing}}:alive");
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let record: Option<String> = c.get(&key).await.unwrap();
+    assert!(
+        record.is_some(),
+        "the successor's record was deleted by the old process"
+    );
+    let score: Option<f64> = c.zscore(&alive, &id).await.unwrap();
+    assert!(score.is_some(), "the successor's expiry was removed");
+    let w = new_side.watch(&s).unwrap();
+    wait_len(&w, 1, LIMIT).await;
+    // Its own deregistration still removes it.
+    new.deregister().await.unwrap();
+    let record: Option<String> = c.get(&key).await.unwrap();
+    assert!(record.is_none());
+    let score: Option<f64> = c.zscore(&alive, &id).await.unwrap();
+    assert!(score.is_none());
+}
