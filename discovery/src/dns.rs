@@ -220,9 +220,16 @@ async fn resolve(
 /// As nginx's `resolve service=`: the lowest priority among the records that became instances
 /// are the primaries, every higher priority is `Backup`. Chosen after the unusable records are
 /// skipped, so that a lowest priority made only of those does not turn every instance into a
-/// backup.
-fn by_priority(usable: Vec<(u16, Instance)>) -> Vec<Instance> {
+/// backup. An address named twice (two records for one target and port, or one address in
+/// the answer's additional section twice) is one instance, at its lowest priority.
+fn by_priority(mut usable: Vec<(u16, Instance)>) -> Vec<Instance> {
     let primary = usable.iter().map(|(p, _)| *p).min();
+    let mut lowest: std::collections::HashMap<SocketAddr, u16> = std::collections::HashMap::new();
+    for (p, i) in &usable {
+        let e = lowest.entry(i.addr).or_insert(*p);
+        *e = (*e).min(*p);
+    }
+    usable.retain(|(p, i)| lowest.get(&i.addr) == Some(p) && lowest.remove(&i.addr).is_some());
     usable
         .into_iter()
         .map(|(p, i)| {
@@ -301,5 +308,9 @@ mod tests {
             ]
         );
         assert!(by_priority(Vec::new()).is_empty());
+        // One address twice: once, at its lowest priority, in its first place at that priority.
+        let set = by_priority(vec![(20, at(1)), (10, at(2)), (10, at(1)), (10, at(1))]);
+        let states: Vec<_> = set.iter().map(|i| (i.addr.port(), i.state)).collect();
+        assert_eq!(states, vec![(2, AdminState::Up), (1, AdminState::Up)]);
     }
 }
