@@ -237,7 +237,7 @@ pub(crate) struct Inner {
     service: Live<ServiceSection>,
     shutdown: Shutdown,
     pub(crate) discovery: Arc<dyn Discovery>,
-    discovery_cfg: Live<DiscoveryConfig>,
+    pub(crate) discovery_cfg: Live<DiscoveryConfig>,
     pub(crate) clients_cfg: Live<ClientsSection>,
     pub(crate) inbound: Live<InboundConfig>,
     idempotency: Live<IdempotencyConfig>,

@@ -12,7 +12,8 @@
 //!   → chaos               [clients.NAME.chaos]
 //! → keel_balance::Balance [clients.NAME.balance]
 //!     over the live instance set (static endpoints or discovery) and active health
-//!     ([clients.NAME.health]); retries and hedges avoid instances already tried
+//!     ([clients.NAME.health], else [discovery.health]); retries and hedges avoid instances
+//!     already tried
 //! → one HTTP connection pool per instance (reqwest)
 //! ```
 //!
@@ -72,7 +73,17 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
             .watch(&service)
             .map_err(|e| unknown(e.to_string()))?
     };
-    let health = follow_health(watch.clone(), cfg.project(|c| c.health.clone()), shutdown);
+    // `[discovery.health]` (read when the client is built, like the rest of `[discovery]`)
+    // checks the instances of every service called, unless the client turns on checks of its own.
+    let discovery_health = keel.inner().discovery_cfg.load().health.clone();
+    let health_cfg = cfg.project(move |c| {
+        if c.health.enabled {
+            c.health.clone()
+        } else {
+            discovery_health.clone()
+        }
+    });
+    let health = follow_health(watch.clone(), health_cfg, shutdown);
 
     let balancer = Balancer::new(
         service.clone(),

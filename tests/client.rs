@@ -530,3 +530,62 @@ async fn a_timeout_too_long_for_the_clock_is_refused_not_a_panic_per_call() {
         }
     }
 }
+
+/// `[discovery.health]` turns on active checks of the instances of the services this process
+/// calls (when a client does not turn on its own `[clients.NAME.health]`).
+#[tokio::test]
+async fn discovery_health_checks_the_instances_a_client_calls() {
+    let up = HttpBackend::start("up").await;
+    let down = HttpBackend::start("down").await;
+    down.set_healthy(false);
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        "[discovery.health]\nenabled = true\ninterval = \"20ms\"\nfall = 1\nrise = 1\n\
+         [clients.checked.balance]\nstrategy = \"round-robin\"\n",
+    )
+    .await;
+    let service = keel::ServiceName::new("checked").unwrap();
+    let discovery = keel.discovery();
+    let _a = discovery
+        .register(keel::keel_core::Instance::new(service.clone(), up.addr))
+        .await
+        .unwrap();
+    let _b = discovery
+        .register(keel::keel_core::Instance::new(service.clone(), down.addr))
+        .await
+        .unwrap();
+    let client = keel.client("checked").unwrap();
+    wait_instances(&client, 2).await;
+    // Bounded wait for the checker to have probed the failing instance.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while down
+        .behaviour
+        .health_checks
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+        || client
+            .balancer()
+            .snapshot()
+            .instances
+            .iter()
+            .any(|i| i.addr == down.addr && i.health == keel::keel_core::HealthStatus::Healthy)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failing instance was never checked: {:?}",
+            client.balancer().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = down.served();
+    for _ in 0..20 {
+        let r = client.get("/x").send().await.unwrap();
+        assert_eq!(r.served_by().map(|s| s.addr), Some(up.addr));
+    }
+    assert_eq!(
+        down.served(),
+        before,
+        "the instance failing its checks got no call"
+    );
+}
