@@ -6,7 +6,7 @@
 //!
 //!     cargo run --example quickstart
 //!     cargo run --example quickstart -- --watch path/to/keel.toml   # edit it yourself; Ctrl-C ends
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
@@ -93,6 +93,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, (what, text)) in edits.iter().enumerate() {
         println!("\n> {what}");
         let before = keel.config().generation();
+        // A refusal already shown (the broken edit's, until the fix applies) is not this edit's.
+        let refused_before = keel.config().last_error();
         if i == 1 {
             let tmp = dir.path().join(".keel.toml.tmp");
             std::fs::write(&tmp, text)?;
@@ -110,7 +112,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
                 break;
             }
-            if let Some(failure) = keel.config().last_error() {
+            if let Some(failure) = keel
+                .config()
+                .last_error()
+                .filter(|f| !refused_before.as_ref().is_some_and(|b| Arc::ptr_eq(b, f)))
+            {
                 println!("  refused: {}", failure.error);
                 println!(
                     "  still in force (generation {}): {:?}",
