@@ -404,9 +404,21 @@ impl Keel {
                 start.discovery.backend.as_str()
             ));
         }
+        // The store is built once, with these: its kind, URL, key prefix, round-trip timeout,
+        // replication acknowledgement and memory capacity.
         let i = self.inner.idempotency.load();
-        if i.store != start.idempotency.store || i.url != start.idempotency.url {
-            changes.push("idempotency store/url changed (takes effect after restart)".to_owned());
+        let s = &start.idempotency;
+        if i.store != s.store
+            || i.url != s.url
+            || i.prefix != s.prefix
+            || i.store_timeout != s.store_timeout
+            || i.durability != s.durability
+            || i.memory_capacity != s.memory_capacity
+        {
+            changes.push(
+                "idempotency store/url/prefix/store_timeout/durability/memory_capacity changed (takes effect after restart)"
+                    .to_owned(),
+            );
         }
         let clients = crate::lock(&self.inner.clients).clone();
         let cfg = self.inner.clients_cfg.load();

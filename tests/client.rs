@@ -589,3 +589,26 @@ async fn discovery_health_checks_the_instances_a_client_calls() {
         "the instance failing its checks got no call"
     );
 }
+
+/// The idempotency store is built once: a reload changing how it is built (its key prefix, its
+/// timeout, its capacity) is reported as needing a restart, not taken silently.
+#[tokio::test]
+async fn idempotency_store_keys_changed_by_a_reload_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(&dir, "[idempotency]\nprefix = \"a:\"\n").await;
+    assert!(keel.not_live_changes().is_empty());
+    let path = dir.path().join("keel.toml");
+    for edit in [
+        "prefix = \"b:\"",
+        "prefix = \"a:\"\nstore_timeout = \"2s\"",
+        "prefix = \"a:\"\nmemory_capacity = 5",
+    ] {
+        std::fs::write(&path, format!("[idempotency]\n{edit}\n")).unwrap();
+        keel.config().reload().unwrap();
+        let changes = keel.not_live_changes();
+        assert!(
+            changes.iter().any(|c| c.contains("idempotency")),
+            "{edit}: {changes:?}"
+        );
+    }
+}
