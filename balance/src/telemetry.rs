@@ -9,7 +9,8 @@ pub const REQUESTS_TOTAL: &str = "keel_balance_requests_total";
 /// Latency of completed requests, by `service` and `instance`.
 pub const REQUEST_DURATION_SECONDS: &str = "keel_balance_request_duration_seconds";
 /// Instances taken out, by `service`, `instance` and `outcome` (the reason: `passive`,
-/// `consecutive_5xx`, `consecutive_gateway_failure`, `success_rate`, `failure_percentage`).
+/// `consecutive_5xx`, `consecutive_gateway_failure`, `success_rate`, `failure_percentage`, or
+/// `external` for an ejection asked by another component, such as a per-instance breaker).
 pub const EJECTIONS_TOTAL: &str = "keel_balance_ejections_total";
 /// Picks that found no instance, by `service`.
 pub const NO_INSTANCE_TOTAL: &str = "keel_balance_no_instance_total";
