@@ -5,8 +5,8 @@
 //!
 //! Every service here is a real keel service on its own port: it registers after it is ready,
 //! heartbeats, and deregisters on shutdown. The orders service discovers payments and balances
-//! across them (P2C-EWMA by default); one payments instance is then stopped gracefully, and the
-//! orders client follows.
+//! across them (`least-request` here; P2C-EWMA is the default); one payments instance is then
+//! stopped gracefully, and the orders client follows.
 use std::{collections::BTreeMap, time::Duration};
 
 use axum::{routing::get, Router};
