@@ -46,6 +46,8 @@ pub(crate) struct ClientParts {
     pub(crate) stack: Stack,
     pub(crate) balancer: keel_balance::Balancer,
     pub(crate) resilience: keel_resilience::ClientStackLayer,
+    /// The per-instance breakers (`breaker.per_instance`), for their sampled gauges.
+    pub(crate) instance_breakers: std::sync::Arc<std::sync::Mutex<crate::transport::KeptBreakers>>,
     pub(crate) config: keel_core::Live<crate::settings::ClientConfig>,
     /// The instance set, to wait for discovery's first answer before the first call.
     pub(crate) watch: keel_discovery::InstanceWatch,
@@ -55,9 +57,10 @@ pub(crate) struct ClientParts {
 }
 
 impl Client {
-    /// Sets this client's sampled gauges (its bulkhead's calls in flight).
+    /// Sets this client's sampled gauges (its bulkhead's calls in flight, its breakers' states).
     pub(crate) fn publish_gauges(&self) {
         self.parts.resilience.publish_gauges();
+        crate::transport::KeptBreakers::publish(&self.parts.instance_breakers);
     }
 }
 

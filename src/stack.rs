@@ -29,7 +29,7 @@ use tower::Layer;
 use crate::{
     client::{Client, ClientParts, Stack},
     settings::ClientConfig,
-    transport::TransportFactory,
+    transport::{KeptBreakers, TransportFactory},
     ClientError, Keel,
 };
 
@@ -92,6 +92,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
     )
     .map_err(|e| unknown(e.to_string()))?
     .with_health(health);
+    let instance_breakers = std::sync::Arc::<std::sync::Mutex<KeptBreakers>>::default();
     let balance = Balance::new(
         balancer.clone(),
         TransportFactory {
@@ -99,7 +100,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
             service: std::sync::Arc::from(service.as_str()),
             breaker: cfg.project(|c| c.resilience().breaker.clone()),
             balancer: balancer.clone(),
-            breakers: Default::default(),
+            breakers: instance_breakers.clone(),
         },
     );
 
@@ -111,6 +112,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         stack,
         balancer,
         resilience,
+        instance_breakers,
         watch: watch.clone(),
         static_endpoints: !initial.endpoints.is_empty(),
         target: initial.service.clone(),

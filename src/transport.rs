@@ -72,7 +72,7 @@ pub(crate) struct TransportFactory {
     pub(crate) balancer: Balancer,
     /// Every instance's breaker, kept for a while after the instance leaves (see
     /// [`TransportFactory::breaker_for`]).
-    pub(crate) breakers: Mutex<KeptBreakers>,
+    pub(crate) breakers: Arc<Mutex<KeptBreakers>>,
 }
 
 /// The per-instance breakers, by instance and address, and when they were last aged.
@@ -128,6 +128,18 @@ impl TransportFactory {
         });
         entry.gone_since = None;
         entry.breaker.clone()
+    }
+}
+
+impl KeptBreakers {
+    /// Sets the `keel_breaker_state` gauge of each instance in the set: forced open and disabled
+    /// are configuration, not transitions, so only sampling shows them (`/metrics` calls this).
+    pub(crate) fn publish(kept: &Mutex<Self>) {
+        for k in keel_core::lock(kept).by_instance.values() {
+            if Arc::strong_count(&k.breaker) > 1 {
+                k.breaker.publish();
+            }
+        }
     }
 }
 
@@ -378,7 +390,7 @@ mod tests {
             service: Arc::from("pay"),
             breaker: Live::new(BreakerConfig::default()),
             balancer,
-            breakers: Mutex::default(),
+            breakers: Arc::default(),
         }
     }
 
@@ -393,6 +405,36 @@ mod tests {
     /// Time for the next join to age the breakers.
     async fn later(d: Duration) {
         tokio::time::advance(d + AGE_EVERY).await;
+    }
+
+    /// `keel_breaker_state` of an instance in the set shows forced open (3) once sampled, as the
+    /// per-service breaker's does; an instance that left is not sampled.
+    #[test]
+    fn instance_breaker_gauges_are_sampled() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let mut f = factory();
+            f.breaker = Live::new(BreakerConfig {
+                forced_open: true,
+                ..BreakerConfig::default()
+            });
+            let held = f.breaker_for(&instance("a", 1));
+            drop(f.breaker_for(&instance("b", 2)));
+            KeptBreakers::publish(&f.breakers);
+            let text = handle.render();
+            let state = |id: &str| {
+                text.lines()
+                    .find(|l| {
+                        l.starts_with("keel_breaker_state{")
+                            && l.contains(&format!("instance=\"{id}\""))
+                    })
+                    .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            };
+            assert_eq!(state("a").as_deref(), Some("3"), "{text}");
+            assert_ne!(state("b").as_deref(), Some("3"), "{text}");
+            drop(held);
+        });
     }
 
     #[tokio::test(start_paused = true)]
