@@ -283,3 +283,30 @@ async fn client_timeout_and_weights_change_live_and_bad_edits_are_shown() {
     assert_eq!(fail, 5, "the 20ms timeout is still in force");
     shutdown.trigger();
 }
+
+/// A refused edit whose values carry a password: `/keel/status` says what is wrong and where,
+/// and does not repeat the password.
+#[tokio::test]
+async fn refused_edits_do_not_show_passwords_on_status() {
+    let env = keel::keel_core::config::EnvMap::new();
+    let shutdown = Shutdown::new();
+    let keel = Keel::builder("secretive")
+        .shutdown(shutdown.clone())
+        .env_map(env.clone())
+        .build()
+        .await
+        .unwrap();
+    // A URL the idempotency validator refuses, and a URL set where a table belongs.
+    env.set("KEEL__IDEMPOTENCY__STORE", "redis");
+    env.set("KEEL__IDEMPOTENCY__URL", "http://:hunter2@cache:6379/");
+    env.set("KEEL__INBOUND", "redis://:hunter3@cache:6379/");
+    assert!(keel.config().reload().is_err());
+    let status = keel.status().to_string();
+    assert!(status.contains("idempotency.url"), "{status}");
+    assert!(status.contains("KEEL__INBOUND"), "{status}");
+    assert!(
+        !status.contains("hunter2") && !status.contains("hunter3"),
+        "{status}"
+    );
+    shutdown.trigger();
+}

@@ -61,14 +61,15 @@ impl DnsDiscovery {
     pub fn from_config(cfg: &DiscoveryConfig, shutdown: Shutdown) -> Result<Self, DiscoveryError> {
         let bad = |e: &dyn std::fmt::Display| DiscoveryError::Config(format!("dns: {e}"));
         let mut builder = match cfg.url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => {
-                let url = url.trim_start_matches("dns://").trim_end_matches('/');
+            Some(given) => {
+                let url = given.trim_start_matches("dns://").trim_end_matches('/');
                 let server: SocketAddr = url
                     .parse()
                     .or_else(|_| url.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
                     .map_err(|_| {
                         DiscoveryError::Config(format!(
-                            "discovery.url {url:?} must be ip or ip:port of a DNS server"
+                            "discovery.url {:?} must be ip or ip:port of a DNS server",
+                            keel_core::config::redact_userinfo(given)
                         ))
                     })?;
                 let mut udp = ConnectionConfig::udp();
@@ -312,5 +313,19 @@ mod tests {
         let set = by_priority(vec![(20, at(1)), (10, at(2)), (10, at(1)), (10, at(1))]);
         let states: Vec<_> = set.iter().map(|i| (i.addr.port(), i.state)).collect();
         assert_eq!(states, vec![(2, AdminState::Up), (1, AdminState::Up)]);
+    }
+
+    #[test]
+    fn a_refused_url_is_quoted_without_its_password() {
+        let cfg = DiscoveryConfig {
+            backend: crate::Backend::Dns,
+            url: Some("dns://admin:hunter2@10.0.0.2:53".to_owned()),
+            ..Default::default()
+        };
+        let e = DnsDiscovery::from_config(&cfg, Shutdown::new())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("dns://admin:***@10.0.0.2:53"), "{e}");
     }
 }

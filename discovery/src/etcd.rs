@@ -172,7 +172,8 @@ impl EtcdDiscovery {
             .to_owned();
         if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
             return Err(DiscoveryError::Config(format!(
-                "discovery.url {endpoint:?} must be http://host:port for etcd"
+                "discovery.url {:?} must be http://host:port for etcd",
+                keel_core::config::redact_userinfo(&endpoint)
             )));
         }
         let http = reqwest::Client::builder()
@@ -563,6 +564,20 @@ fn apply_watch_message(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_refused_url_is_quoted_without_its_password() {
+        let cfg = DiscoveryConfig {
+            backend: crate::Backend::Etcd,
+            url: Some("etcd://root:hunter2@127.0.0.1:2379".to_owned()),
+            ..Default::default()
+        };
+        let e = EtcdDiscovery::from_config(&cfg, Shutdown::new())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("etcd://root:***@127.0.0.1:2379"), "{e}");
+    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

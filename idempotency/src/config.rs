@@ -259,7 +259,7 @@ impl IdempotencyConfig {
         if self.store == StoreKind::Redis && !self.url.starts_with("redis") {
             return Err(format!(
                 "idempotency.url {:?} is not a redis:// URL",
-                self.url
+                keel_core::config::redact_userinfo(&self.url)
             ));
         }
         if self.store_timeout.is_zero() {
@@ -283,6 +283,18 @@ mod tests {
         let v = serde_json::to_value(&c).unwrap();
         let back: IdempotencyConfig = serde_json::from_value(v).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_refused_url_is_quoted_without_its_password() {
+        let c = IdempotencyConfig {
+            store: StoreKind::Redis,
+            url: "http://:hunter2@cache:6379/".to_owned(),
+            ..IdempotencyConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("http://:***@cache:6379/"), "{e}");
     }
 
     #[test]

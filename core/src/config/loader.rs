@@ -12,7 +12,10 @@ use arc_swap::ArcSwapOption;
 use config::{FileFormat, Format, Map, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
-use super::origin::{line_of, Origin};
+use super::{
+    origin::{line_of, Origin},
+    redact::redact_userinfo,
+};
 use crate::{lock, telemetry, ConfigError, Live, LiveWatch};
 
 const ENV_ORIGIN: &str = "the environment";
@@ -888,6 +891,7 @@ impl Config {
                     Some((path, rest)) => (format!("{name}.{path}"), rest.to_owned()),
                     None => (name.to_owned(), reason),
                 };
+                let reason = redact_userinfo(&reason).into_owned();
                 ConfigError::Invalid {
                     origin: sources.origin_of(inputs, merged, &key),
                     key,
@@ -896,6 +900,7 @@ impl Config {
             }
             SectionError::Config(e) => {
                 let (rel_key, reason) = flatten(e);
+                let reason = redact_userinfo(&unquote_strings(&reason)).into_owned();
                 let mut key = match rel_key {
                     Some(k) if !k.is_empty() => {
                         if k.starts_with('[') {
@@ -990,6 +995,44 @@ fn flatten(e: config::ConfigError) -> (Option<String>, String) {
         config::ConfigError::NotFound(k) => (Some(k), "missing".to_owned()),
         other => (None, other.to_string()),
     }
+}
+
+/// A type error without the string it found, which may be a secret set at the wrong key (a URL
+/// with its password, a token): serde's `invalid type: string "…", expected …` (and `invalid
+/// value: …`) and config's `expected …, found string "…"` say `a string` instead.
+fn unquote_strings(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(i) = [
+        "invalid type: string \"",
+        "invalid value: string \"",
+        "found string \"",
+    ]
+    .iter()
+    .filter_map(|p| rest.find(p).map(|i| i + p.len()))
+    .min()
+    {
+        // `i` is just past the opening quote; the literal is `Debug`-escaped.
+        let opening = i - "string \"".len();
+        out.push_str(&rest[..opening]);
+        out.push_str("a string");
+        let mut escaped = false;
+        let mut close = rest.len();
+        for (j, c) in rest[i..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    close = i + j + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `"a.b[2].c: reason"` → `("a.b[2].c", "reason")`, when the text before `": "` looks like a

@@ -27,6 +27,7 @@
 
 mod loader;
 mod origin;
+mod redact;
 mod service;
 mod watch;
 
@@ -35,6 +36,7 @@ pub use self::{
         Config, ConfigLoader, EnvMap, OverrideValue, ReloadFailure, ReloadOutcome, Validator,
     },
     origin::Origin,
+    redact::redact_userinfo,
     service::ServiceSection,
     watch::{file_event_may_change, ConfigWatcher, WatchOptions},
 };

@@ -570,3 +570,35 @@ mod props {
         }
     }
 }
+
+/// A URL with a password, or any string, set where it does not belong (or refused by a
+/// validator that quotes it) must not be repeated whole by the error, which `/keel/status` and
+/// the logs show.
+#[test]
+fn errors_do_not_repeat_secrets() {
+    const URL: &str = "redis://:hunter2@cache:6379/";
+    for var in [
+        "KEEL__SHOP",
+        "KEEL__SHOP__LIMITS",
+        "KEEL__SHOP__MAX_ITEMS",
+        "KEEL__SHOP__FEATURED",
+    ] {
+        let env = EnvMap::new();
+        env.set(var, URL);
+        let (err, _) = load_err("", &env);
+        let text = err.to_string();
+        assert!(!text.contains("hunter2"), "{var}: {text}");
+        assert!(text.contains(var), "{var}: {text}");
+    }
+    // A validator that quotes the value it refuses.
+    let env = EnvMap::new();
+    env.set("KEEL__SHOP__CURRENCY", URL);
+    let mut l = ConfigLoader::new().with_env_map(env);
+    l.register_with::<Shop>("shop", |s| {
+        Err(format!("currency: {:?} is not a currency", s.currency))
+    })
+    .unwrap();
+    let text = l.load().unwrap_err().to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("redis://:***@cache:6379/"), "{text}");
+}

@@ -134,7 +134,7 @@ impl RedisGcra {
             }
             self.down_until
                 .store(self.now_ms() + 1000, Ordering::Relaxed);
-            tracing::warn!(url = %self.url, "rate limit store unreachable; using this instance's local share");
+            tracing::warn!(url = %keel_core::config::redact_userinfo(&self.url), "rate limit store unreachable; using this instance's local share");
         }
         (self.fallback.check(key, share, max_keys), Source::Fallback)
     }
