@@ -364,6 +364,8 @@ struct Sources {
 struct Inputs {
     files: Vec<(PathBuf, String)>,
     env: BTreeMap<String, String>,
+    /// Variables with the prefix whose name or value is not UTF-8 (names made lossy): refused.
+    env_not_utf8: Vec<String>,
     digest: u64,
 }
 
@@ -377,32 +379,58 @@ impl Sources {
             })?;
             files.push((path.clone(), text));
         }
+        let mut env_not_utf8 = Vec::new();
         let env = match &self.env_prefix {
             None => BTreeMap::new(),
             Some(prefix) => {
                 let wanted = format!("{}__", prefix.to_ascii_lowercase());
+                let ours = |k: &str| k.to_ascii_lowercase().starts_with(&wanted);
                 let all: BTreeMap<String, String> = match &self.env {
                     EnvSource::Process => std::env::vars_os()
-                        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                        .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+                            (Ok(k), Ok(v)) => Some((k, v)),
+                            (k, _) => {
+                                let k = k.unwrap_or_else(|k| k.to_string_lossy().into_owned());
+                                if ours(&k) {
+                                    env_not_utf8.push(k);
+                                }
+                                None
+                            }
+                        })
                         .collect(),
                     EnvSource::Map(m) => m.snapshot(),
                 };
-                all.into_iter()
-                    .filter(|(k, _)| k.to_ascii_lowercase().starts_with(&wanted))
-                    .collect()
+                all.into_iter().filter(|(k, _)| ours(k)).collect()
             }
         };
+        env_not_utf8.sort();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         files.hash(&mut h);
         env.hash(&mut h);
+        env_not_utf8.hash(&mut h);
         Ok(Inputs {
             files,
             env,
+            env_not_utf8,
             digest: h.finish(),
         })
     }
 
     fn build(&self, inputs: &Inputs) -> Result<config::Config, ConfigError> {
+        let mut not_utf8: Vec<ConfigError> = inputs
+            .env_not_utf8
+            .iter()
+            .map(|var| ConfigError::Invalid {
+                key: self.key_of_env_var(var),
+                origin: Origin::Env { var: var.clone() },
+                reason: "is not valid UTF-8".to_owned(),
+            })
+            .collect();
+        match not_utf8.len() {
+            0 => {}
+            1 => return Err(not_utf8.remove(0)),
+            _ => return Err(ConfigError::Many(not_utf8)),
+        }
         let mut builder = config::Config::builder();
         for (path, text) in &inputs.files {
             builder = builder.add_source(TextSource::new(path, text)?);
@@ -467,24 +495,56 @@ impl Sources {
             }
             match probe.rfind('.') {
                 Some(i) => probe.truncate(i),
-                None => return Origin::Default,
+                // Not in the document as a path (`KEEL____X` is the key `.x`, `KEEL__SHOP__`
+                // is `shop.`): the variable that spells it, if one does.
+                None => {
+                    return match self.find_env_var(inputs, key) {
+                        Some(var) => Origin::Env { var },
+                        None => Origin::Default,
+                    }
+                }
             }
         }
     }
 
     fn env_var_for(&self, inputs: &Inputs, key: &str) -> String {
+        self.find_env_var(inputs, key).unwrap_or_else(|| {
+            let prefix = self.env_prefix.clone().unwrap_or_default();
+            format!("{prefix}__{}", key.replace('.', "__").to_ascii_uppercase())
+        })
+    }
+
+    /// The variable whose name maps to `key`, if any.
+    fn find_env_var(&self, inputs: &Inputs, key: &str) -> Option<String> {
         let wanted = key.replace('.', "__").to_ascii_lowercase();
-        let prefix = self.env_prefix.clone().unwrap_or_default();
+        let prefix = format!(
+            "{}__",
+            self.env_prefix
+                .as_deref()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        );
         inputs
             .env
             .keys()
-            .find(|k| {
-                k.to_ascii_lowercase()
-                    .strip_prefix(&format!("{}__", prefix.to_ascii_lowercase()))
-                    == Some(wanted.as_str())
-            })
+            .find(|k| k.to_ascii_lowercase().strip_prefix(&prefix) == Some(wanted.as_str()))
             .cloned()
-            .unwrap_or_else(|| format!("{prefix}__{}", wanted.to_ascii_uppercase()))
+    }
+
+    /// The key path a variable's name maps to: `KEEL__SHOP__CURRENCY` is `shop.currency`.
+    fn key_of_env_var(&self, var: &str) -> String {
+        let lower = var.to_ascii_lowercase();
+        let prefix = format!(
+            "{}__",
+            self.env_prefix
+                .as_deref()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        );
+        lower
+            .strip_prefix(&prefix)
+            .unwrap_or(&lower)
+            .replace("__", ".")
     }
 }
 

@@ -602,3 +602,17 @@ fn errors_do_not_repeat_secrets() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("redis://:***@cache:6379/"), "{text}");
 }
+
+#[test]
+fn env_variables_with_empty_segments_are_named() {
+    for var in ["KEEL____X", "KEEL__SHOP__", "KEEL__SHOP____CURRENCY"] {
+        let env = EnvMap::new();
+        env.set(var, "1");
+        let (err, _) = load_err("", &env);
+        assert_eq!(
+            err.origins(),
+            vec![&Origin::Env { var: var.into() }],
+            "{var}: {err}"
+        );
+    }
+}
