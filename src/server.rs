@@ -11,7 +11,8 @@
 //!
 //! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
 //! deregistered) → a short grace so callers notice → stop accepting → in-flight requests finish
-//! within `service.drain_timeout` → return.
+//! within `service.drain_timeout` → return. A shutdown that comes while the registration is in
+//! flight waits for it (up to 2 s) and deregisters it; the service is then never marked ready.
 
 use std::{
     net::SocketAddr,
@@ -43,6 +44,10 @@ pub(crate) fn prometheus() -> Option<PrometheusHandle> {
         .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
         .clone()
 }
+
+/// How long shutdown waits for the registry: for a registration in flight to answer, and for
+/// draining and deregistering.
+const REGISTRY_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Readiness and draining, shared by the admin routes and the lifecycle.
 #[derive(Debug, Default)]
@@ -99,16 +104,36 @@ impl Keel {
                 let _ = stop_rx.await;
             });
         let mut task = tokio::spawn(async move { server.await });
+        let registering = self.on_ready(addr);
+        tokio::pin!(registering);
         let registered = tokio::select! {
-            r = self.on_ready(addr) => r,
-            _ = shutdown.triggered() => Ok(()),
+            r = &mut registering => r,
+            _ = shutdown.triggered() => {
+                // The registry may have written the record already: let the registration
+                // answer (bounded, as deregistration is), so that `on_stopping` removes it
+                // instead of leaving it to its TTL.
+                state.draining.store(true, Ordering::SeqCst);
+                match tokio::time::timeout(REGISTRY_BOUND, &mut registering).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "registration failed during shutdown");
+                    }
+                    Err(_) => {
+                        tracing::warn!("registration still in flight at shutdown; if it lands, the record will expire by itself");
+                    }
+                }
+                Ok(())
+            }
         };
         if let Err(e) = registered {
             task.abort();
             return Err(e);
         }
-        state.ready.store(true, Ordering::SeqCst);
-        tracing::info!(service = %self.name(), %addr, "serving");
+        // Not ready when shutdown has begun (a shutdown just after this is seen below).
+        if !shutdown.is_triggered() {
+            state.ready.store(true, Ordering::SeqCst);
+            tracing::info!(service = %self.name(), %addr, "serving");
+        }
 
         tokio::select! {
             _ = shutdown.triggered() => {}
@@ -259,7 +284,7 @@ impl Keel {
                 }
                 r.deregister().await
             };
-            match tokio::time::timeout(std::time::Duration::from_secs(2), leave).await {
+            match tokio::time::timeout(REGISTRY_BOUND, leave).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "could not deregister; the record will expire by itself");

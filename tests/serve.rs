@@ -310,3 +310,105 @@ async fn refused_edits_do_not_show_passwords_on_status() {
     );
     shutdown.trigger();
 }
+
+/// A registry whose `register` writes the record at once and answers only when let go, as a
+/// Redis or etcd write whose reply is still on its way.
+struct SlowRegistry {
+    memory: keel::keel_discovery::MemoryDiscovery,
+    entered: std::sync::Arc<tokio::sync::Notify>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+    abandoned: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Tells when the registration in flight is dropped before it answered.
+struct Abandoned(Option<std::sync::Arc<tokio::sync::Notify>>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            n.notify_one();
+        }
+    }
+}
+
+impl keel::keel_discovery::Discover for SlowRegistry {
+    fn watch(
+        &self,
+        service: &keel::ServiceName,
+    ) -> Result<keel::keel_discovery::InstanceWatch, keel::keel_discovery::DiscoveryError> {
+        self.memory.watch(service)
+    }
+}
+
+impl keel::keel_discovery::Registry for SlowRegistry {
+    fn register(
+        &self,
+        instance: keel::keel_core::Instance,
+    ) -> keel::keel_discovery::BoxFuture<
+        '_,
+        Result<keel::keel_discovery::Registration, keel::keel_discovery::DiscoveryError>,
+    > {
+        Box::pin(async move {
+            self.memory.upsert(instance.clone());
+            let mut abandoned = Abandoned(Some(self.abandoned.clone()));
+            self.entered.notify_one();
+            self.release.notified().await;
+            abandoned.0 = None;
+            self.memory.register(instance).await
+        })
+    }
+}
+
+impl keel::keel_discovery::Discovery for SlowRegistry {
+    fn backend(&self) -> &'static str {
+        "slow"
+    }
+}
+
+/// Shutdown while the registration is in flight: the record it wrote is removed when it
+/// answers, and the service is never marked ready.
+#[tokio::test]
+async fn shutdown_during_registration_deregisters_what_was_registered() {
+    use keel::keel_discovery::Discover;
+    let memory = keel::keel_discovery::MemoryDiscovery::new();
+    let slow = SlowRegistry {
+        memory: memory.clone(),
+        entered: Default::default(),
+        release: Default::default(),
+        abandoned: Default::default(),
+    };
+    let (entered, release, abandoned) = (
+        slow.entered.clone(),
+        slow.release.clone(),
+        slow.abandoned.clone(),
+    );
+    let shutdown = Shutdown::new();
+    let keel = Keel::builder("slow-to-register")
+        .shutdown(shutdown.clone())
+        .set("service.drain_grace", "0s")
+        .discovery(std::sync::Arc::new(slow))
+        .build()
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let k = keel.clone();
+    let task = tokio::spawn(async move { k.serve_with_listener(listener, Router::new()).await });
+    entered.notified().await;
+    shutdown.trigger();
+    // Let go of the registration only once serve has seen the shutdown: it has either dropped
+    // the registration in flight or is draining while it waits for it.
+    tokio::select! {
+        _ = abandoned.notified() => {}
+        _ = async {
+            while keel.status()["draining"] != true {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        } => {}
+    }
+    assert!(!keel.is_ready());
+    release.notify_one();
+    task.await.unwrap().unwrap();
+    assert!(!keel.is_ready());
+    let left = memory.watch(keel.name()).unwrap().snapshot();
+    assert!(left.is_empty(), "still registered: {left:?}");
+}
