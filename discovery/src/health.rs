@@ -347,15 +347,7 @@ mod tests {
                 }
             })
         });
-        let config = HealthCheckConfig {
-            enabled: true,
-            interval: Duration::from_secs(1),
-            fall: 1,
-            rise: 1,
-            jitter: Ratio::ZERO,
-            ..Default::default()
-        };
-        let checker = HealthChecker::with_probe(w, config, Shutdown::new(), probe);
+        let checker = HealthChecker::with_probe(w, every_second(), Shutdown::new(), probe);
         let map = checker.health();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(map.load().contains_key(&old.id), "down at the old address");
@@ -369,6 +361,18 @@ mod tests {
             "the new address passes every check, yet the instance is still down: {:?}",
             map.load()
         );
+    }
+
+    /// Checks every second, one failure to go down and one pass to come back.
+    fn every_second() -> HealthCheckConfig {
+        HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            fall: 1,
+            rise: 1,
+            jitter: Ratio::ZERO,
+            ..Default::default()
+        }
     }
 
     /// The `keel_discovery_instance_down` value of `id` in a Prometheus rendering.
@@ -404,15 +408,7 @@ mod tests {
                 }
             })
         });
-        let config = HealthCheckConfig {
-            enabled: true,
-            interval: Duration::from_secs(1),
-            fall: 1,
-            rise: 1,
-            jitter: Ratio::ZERO,
-            ..Default::default()
-        };
-        let checker = HealthChecker::with_probe(w, config, Shutdown::new(), probe);
+        let checker = HealthChecker::with_probe(w, every_second(), Shutdown::new(), probe);
         let map = checker.health();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(map.load().len(), 2, "both down");

@@ -514,16 +514,21 @@ impl Sources {
         })
     }
 
-    /// The variable whose name maps to `key`, if any.
-    fn find_env_var(&self, inputs: &Inputs, key: &str) -> Option<String> {
-        let wanted = key.replace('.', "__").to_ascii_lowercase();
-        let prefix = format!(
+    /// The variables' prefix with its separator, lower-case: `keel__`.
+    fn env_prefix_lower(&self) -> String {
+        format!(
             "{}__",
             self.env_prefix
                 .as_deref()
                 .unwrap_or_default()
                 .to_ascii_lowercase()
-        );
+        )
+    }
+
+    /// The variable whose name maps to `key`, if any.
+    fn find_env_var(&self, inputs: &Inputs, key: &str) -> Option<String> {
+        let wanted = key.replace('.', "__").to_ascii_lowercase();
+        let prefix = self.env_prefix_lower();
         inputs
             .env
             .keys()
@@ -534,13 +539,7 @@ impl Sources {
     /// The key path a variable's name maps to: `KEEL__SHOP__CURRENCY` is `shop.currency`.
     fn key_of_env_var(&self, var: &str) -> String {
         let lower = var.to_ascii_lowercase();
-        let prefix = format!(
-            "{}__",
-            self.env_prefix
-                .as_deref()
-                .unwrap_or_default()
-                .to_ascii_lowercase()
-        );
+        let prefix = self.env_prefix_lower();
         lower
             .strip_prefix(&prefix)
             .unwrap_or(&lower)
