@@ -17,14 +17,22 @@ pub fn redact_userinfo(text: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
+        // The character before the scheme, if a quote, opened the value: only that quote closes
+        // it (`'` and `` ` `` are legal inside userinfo, so they cannot end every value).
+        let scheme = rest[..i]
+            .trim_end_matches(|c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        let opener = scheme
+            .chars()
+            .next_back()
+            .filter(|c| matches!(c, '\'' | '`'));
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The value ends at whitespace or at a closing quote (`\"` inside a `Debug` string is
-        // part of the value).
+        // The value ends at whitespace, at its opening quote, or at an unescaped `"` (`\"`
+        // inside a `Debug` string is part of the value; a URL holds no bare `"`).
         let mut end = tail.len();
         let mut prev = '\0';
         for (j, c) in tail.char_indices() {
-            if c.is_whitespace() || matches!(c, '\'' | '`') || (c == '"' && prev != '\\') {
+            if c.is_whitespace() || Some(c) == opener || (c == '"' && prev != '\\') {
                 end = j;
                 break;
             }
@@ -65,6 +73,12 @@ mod tests {
                 "url \"redis://:***@h:1/\" and http://a:***@c, redis://x",
             ),
             ("redis://:pa/ss@host", "redis://:***@host"),
+            ("\"http://:pa'ss@h/\"", "\"http://:***@h/\""),
+            ("redis://:p`w@h", "redis://:***@h"),
+            (
+                "'redis://:pw@h' or `redis://u:pw@h`",
+                "'redis://:***@h' or `redis://u:***@h`",
+            ),
         ] {
             assert_eq!(redact_userinfo(given), want, "{given}");
         }
