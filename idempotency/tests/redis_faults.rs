@@ -404,3 +404,62 @@ async fn fences_grow_across_a_lapsed_lease() {
     };
     assert!(f3 > f2, "{f3} > {f2}");
 }
+
+/// A key holding a record of an earlier format (a hash) is never taken for an absent one: a
+/// claim answers "in progress", the owner-checked operations refuse, nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_an_earlier_format_is_in_progress_not_absent() {
+    use keel_idempotency::Ownership;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&cfg(&server)).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // The old store's completed record: a hash under the same key.
+    let key = "t:{old}";
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg("s")
+        .arg("c")
+        .arg("o")
+        .arg("o1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key)
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match store.claim("old", "o2", "f", Duration::from_secs(5)).await {
+        Ok(Claim::InProgress { retry_after }) => {
+            assert!(retry_after.is_some_and(|d| d <= Duration::from_secs(60)))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store
+            .renew("old", "o1", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Ownership::Stale
+    );
+    assert_eq!(
+        store
+            .complete(
+                "old",
+                "o1",
+                bytes::Bytes::from_static(b"x"),
+                Duration::from_secs(5)
+            )
+            .await
+            .unwrap(),
+        Ownership::Stale
+    );
+    assert_eq!(store.release("old", "o1").await.unwrap(), Ownership::Stale);
+    // An absent key is still claimed at once.
+    assert!(matches!(
+        store.claim("new", "o2", "f", Duration::from_secs(5)).await,
+        Ok(Claim::New { .. })
+    ));
+}

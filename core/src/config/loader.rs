@@ -734,7 +734,9 @@ impl Config {
         T: DeserializeOwned + PartialEq + Send + Sync + 'static,
     {
         check_section_name(name)?;
-        let _guard = lock(&self.inner.reload_lock);
+        let mut guard = lock(&self.inner.reload_lock);
+        // A new section changes what a refused document is refused for: report it again.
+        guard.rejected = None;
         {
             let sections = self
                 .inner

@@ -13,9 +13,10 @@
 //! second key for the fencing counter.
 //!
 //! Leases end by the time written in the record (the Redis server's clock), not by the key's
-//! expiry: an in-progress record, and a released one, is kept a day (or four leases), so the
-//! next claim of its key continues from its fencing token even after a lapsed lease or a
-//! release. A completed record is kept for the retention `ttl`. When no record exists (never
+//! expiry: an in-progress record is kept a day (or four leases, if longer) and a released one a
+//! day, so the next claim of its key continues from its fencing token even after a lapsed lease
+//! or a release. A key holding anything else (a record of an earlier format) is answered "in
+//! progress", never taken for an absent one. A completed record is kept for the retention `ttl`. When no record exists (never
 //! claimed, retention over, or lost in a failover) the token is seeded from the server's clock
 //! (`TIME`, in microseconds), so tokens keep growing across a lost record as long as that clock
 //! does not step back by more than the time since the last claim. All times are the Redis
@@ -49,6 +50,13 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t
 end
+-- The record (false when there is none), and whether the key holds something else: a record
+-- of an earlier format, which is never read as absent.
+local function record()
+  local v = redis.pcall('GET', KEYS[1])
+  if type(v) == 'table' and v.err then return false, true end
+  return v, false
+end
 local function owner_of(v)
   local ol = tonumber(string.sub(v, 35, 37))
   return string.sub(v, 38, 37 + ol), ol
@@ -58,7 +66,9 @@ end
 // KEYS[1] record; ARGV: owner, fingerprint, lease ms, keep ms (how long an in-progress or
 // released record, and so its fencing token, is kept).
 const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v, foreign = record()
+-- Not a record of ours (an earlier format): in progress, never a second execution.
+if foreign then return {1, redis.call('PTTL', KEYS[1])} end
 local now, t = now_ms()
 local n
 if v then
@@ -86,7 +96,7 @@ return {0, n}
 
 // ARGV: owner, lease ms, keep ms.
 const RENEW: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = record()
 if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
 local now = now_ms()
 if tonumber(string.sub(v, 22, 34)) <= now then return 0 end
@@ -97,7 +107,7 @@ return 1
 
 // ARGV: owner, the answer to keep, retention ms.
 const COMPLETE: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = record()
 if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end
 local _, ol = owner_of(v)
 if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
@@ -110,7 +120,7 @@ return 1
 
 // ARGV: owner, keep ms. The record stays, released, for its fencing token.
 const RELEASE: &str = r"
-local v = redis.call('GET', KEYS[1])
+local v = record()
 if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
 if tonumber(string.sub(v, 22, 34)) <= now_ms() then return 0 end
 redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
@@ -374,7 +384,8 @@ impl RedisStore {
     ) -> Result<Claim, IdempotencyError> {
         let rk = self.record_key(key);
         if owner.len() > MAX_FIELD || fp.len() > MAX_FIELD {
-            return Err(IdempotencyError::Protocol(format!(
+            // A caller's mistake, not a store failure: a fail-open route must not run on it.
+            return Err(IdempotencyError::Config(format!(
                 "owner and fingerprint are limited to {MAX_FIELD} bytes in the Redis store"
             )));
         }
