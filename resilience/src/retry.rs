@@ -774,6 +774,10 @@ where
         // With a deadline of its own, an inherited one already spent ends the call here.
         let failed = (!total.is_zero() && deadline.is_some_and(|d| d <= now))
             .then_some(ResilienceError::DeadlineExceeded);
+        if let Some(e) = &failed {
+            // Counted as the fused stack counts it.
+            crate::deadline::deadline_metric(e);
+        }
         let cfg = shared.policy.get();
         shared.first.increment(1);
         shared.budget.deposit_at(now);
@@ -945,6 +949,40 @@ mod tests {
         assert_eq!(
             r.extensions().get::<RetryStopped>(),
             Some(&RetryStopped(ResilienceError::BudgetExhausted))
+        );
+    }
+
+    /// A call whose inherited deadline is already spent is counted in `keel_deadline_total`, as
+    /// the fused stack counts it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_spent_inherited_deadline_is_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let layer = RetryLayer::for_stack(
+            Arc::from("spent"),
+            Live::new(RetryConfig::default()),
+            Live::new(crate::TimeoutConfig::default()),
+            tokio::time::Instant::now(),
+        );
+        let inner = service_fn(|_req: http::Request<String>| async {
+            Ok::<_, BoxError>(http::Response::new(()))
+        });
+        let mut req = http::Request::new(String::new());
+        req.extensions_mut()
+            .insert(DeadlineExt(tokio::time::Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let e = layer.layer(inner).oneshot(req).await.unwrap_err();
+        assert_eq!(
+            ResilienceError::find(e.as_ref()),
+            Some(&ResilienceError::DeadlineExceeded)
+        );
+        let text = handle.render();
+        assert!(
+            text.lines().any(|l| l
+                .starts_with("keel_deadline_total{outcome=\"deadline_exceeded\"}")
+                && l.ends_with(" 1")),
+            "{text}"
         );
     }
 
