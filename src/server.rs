@@ -11,15 +11,18 @@
 //!
 //! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
 //! deregistered) → a short grace so callers notice → stop accepting → in-flight requests finish
-//! within `service.drain_timeout` → return. A shutdown that comes while the registration is in
+//! within `service.drain_timeout` (connections still open then are closed) → return. A shutdown that comes while the registration is in
 //! flight waits for it (up to 2 s) and deregisters it; the service is then never marked ready.
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         OnceLock,
     },
+    task::{Context, Poll},
     time::SystemTime,
 };
 
@@ -32,6 +35,8 @@ use axum::{
     Json, Router,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Instrument;
 
 use crate::{trace::TraceContext, Error, Keel};
@@ -57,6 +62,96 @@ pub(crate) struct ServerState {
     pub(crate) local_addr: OnceLock<SocketAddr>,
     /// The inbound shedding limiter, once serving, for its gauges.
     pub(crate) shed: OnceLock<std::sync::Arc<keel_resilience::ConcurrencyLimiter>>,
+}
+
+/// The listener `serve` accepts on: every connection it hands out can be cut at once, so that
+/// a drain that runs out of `drain_timeout` ends the requests (and upgraded connections) still
+/// in flight rather than leaving them running after `serve` has returned.
+struct DrainListener {
+    inner: tokio::net::TcpListener,
+    cut: CancellationToken,
+}
+
+impl axum::serve::Listener for DrainListener {
+    type Io = Cuttable;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Cuttable, SocketAddr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        let cut = Box::pin(self.cut.clone().cancelled_owned());
+        (Cuttable { io, cut }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that fails every read and write once its listener's token is cancelled (the
+/// connection's task is woken then, and ends).
+struct Cuttable {
+    io: tokio::net::TcpStream,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Cuttable {
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "drain_timeout passed",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for Cuttable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Cuttable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 impl Keel {
@@ -99,6 +194,13 @@ impl Keel {
         let router = self.admin_router().merge(app);
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // Each connection runs in a task of its own, which aborting the server's task leaves
+        // running: `cut` ends them all when the drain runs out of time.
+        let cut = CancellationToken::new();
+        let listener = DrainListener {
+            inner: listener,
+            cut: cut.clone(),
+        };
         let server =
             axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move {
                 let _ = stop_rx.await;
@@ -126,6 +228,7 @@ impl Keel {
             }
         };
         if let Err(e) = registered {
+            cut.cancel();
             task.abort();
             return Err(e);
         }
@@ -158,7 +261,8 @@ impl Keel {
             Ok(Ok(result)) => result.map_err(Error::Io)?,
             Ok(Err(e)) => return Err(Error::Io(std::io::Error::other(e))),
             Err(_) => {
-                tracing::warn!(timeout = ?service.drain_timeout, "in-flight requests did not finish in time");
+                tracing::warn!(timeout = ?service.drain_timeout, "in-flight requests did not finish in time; ending them");
+                cut.cancel();
                 task.abort();
             }
         }

@@ -1,0 +1,73 @@
+//! The inbound side of keel.serve on real sockets: shedding, rate limits, deadlines, drain.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{routing::get, Router};
+use keel::{keel_core::Shutdown, Keel};
+
+async fn start(
+    keel: &Keel,
+    app: Router,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), keel::Error>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let k = keel.clone();
+    let task = tokio::spawn(async move { k.serve_with_listener(listener, app).await });
+    for _ in 0..200 {
+        if keel.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(keel.is_ready());
+    (addr, task)
+}
+
+async fn build(name: &str, sets: &[(&str, &str)]) -> (Keel, Shutdown) {
+    let shutdown = Shutdown::new();
+    let mut b = Keel::builder(name)
+        .shutdown(shutdown.clone())
+        .set("service.drain_grace", "0s");
+    for (k, v) in sets {
+        b = b.set(*k, *v);
+    }
+    (b.build().await.unwrap(), shutdown)
+}
+
+/// After `drain_timeout`, a request still in flight is ended: serve has returned, and the
+/// caller is not left waiting on a connection nobody will finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_ends_requests_still_in_flight() {
+    let (keel, shutdown) = build("drain-timeout", &[("service.drain_timeout", "100ms")]).await;
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let e2 = entered.clone();
+    let app = Router::new().route(
+        "/forever",
+        get(move || {
+            let e2 = e2.clone();
+            async move {
+                e2.notify_one();
+                std::future::pending::<&'static str>().await
+            }
+        }),
+    );
+    let (addr, task) = start(&keel, app).await;
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!("http://{addr}/forever"))
+            .send()
+            .await
+    });
+    entered.notified().await;
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    // Hang guard only: the connection must be closed once serve has returned.
+    let r = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the request outlived serve: its connection was never closed")
+        .unwrap();
+    assert!(r.is_err(), "{r:?}");
+}
