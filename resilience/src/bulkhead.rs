@@ -530,7 +530,8 @@ where
 }
 
 /// Inbound shedding: a concurrency limit (fixed or adaptive) in front of a server, answering
-/// 503 with `Retry-After: 1` when full.
+/// 503 with `Retry-After: 1` when full (after waiting up to `max_wait` for a slot, and no
+/// longer than the caller's deadline: 504 if that passes first).
 #[derive(Debug, Clone)]
 pub struct LoadShed<S> {
     inner: S,
@@ -567,13 +568,41 @@ impl<S> Layer<S> for LoadShedLayer {
     }
 }
 
+/// A request waiting for a slot (`max_wait`), then the inner service's future.
+type WaitFut<RB, E> = Pin<Box<dyn Future<Output = Result<http::Response<RB>, E>> + Send>>;
+
 pin_project! {
     /// [`LoadShed`]'s future.
     pub struct ShedFuture<F, RB, E> {
         #[pin]
         inner: crate::util::EitherResponse<F, RB, E>,
         permit: Option<ConcurrencyPermit>,
+        waiting: Option<WaitFut<RB, E>>,
     }
+}
+
+/// How an inbound response feeds the adaptive limit (`None`: the rate limit below refused the
+/// request, which says nothing about the load).
+fn inbound_outcome<RB, E>(r: &Result<http::Response<RB>, E>) -> Option<Outcome> {
+    match r {
+        Ok(res) if res.extensions().get::<OwnRefusal>().is_some() => None,
+        Ok(res) => Some(HttpClassifier::default().classify_response(res)),
+        Err(_) => Some(Outcome::Failure(FailureClass::Other)),
+    }
+}
+
+/// The answer to a request refused without a slot: 503 with `Retry-After: 1`, or 504 when the
+/// caller's deadline passed while it waited.
+fn refusal<RB: Default>(status: http::StatusCode) -> http::Response<RB> {
+    let mut res = http::Response::new(RB::default());
+    *res.status_mut() = status;
+    if status == http::StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+    }
+    res
 }
 
 impl<F, RB, E> Future for ShedFuture<F, RB, E>
@@ -584,15 +613,13 @@ where
     type Output = Result<http::Response<RB>, E>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(waiting) = this.waiting {
+            return waiting.as_mut().poll(cx);
+        }
         let r = std::task::ready!(this.inner.poll(cx));
         if let Some(mut p) = this.permit.take() {
-            let o = match &r {
-                // The rate limit below refused it: no sample (the slot is given back on drop).
-                Ok(res) if res.extensions().get::<OwnRefusal>().is_some() => None,
-                Ok(res) => Some(HttpClassifier::default().classify_response(res)),
-                Err(_) => Some(Outcome::Failure(FailureClass::Other)),
-            };
-            if let Some(o) = o {
+            // The rate limit below refused it: no sample (the slot is given back on drop).
+            if let Some(o) = inbound_outcome(&r) {
                 p.record(&o);
             }
         }
@@ -602,8 +629,11 @@ where
 
 impl<S, B, RB> Service<http::Request<B>> for LoadShed<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<RB>>,
-    RB: Default,
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Default + Send + 'static,
 {
     type Response = http::Response<RB>;
     type Error = S::Error;
@@ -614,24 +644,49 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match self.limiter.try_acquire() {
-            Some(permit) => ShedFuture {
+        if let Some(permit) = self.limiter.try_acquire() {
+            return ShedFuture {
                 inner: crate::util::EitherResponse::inner(self.inner.call(req)),
                 permit: Some(permit),
-            },
-            None => {
-                self.limiter.shed();
-                let mut res = http::Response::new(RB::default());
-                *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                res.headers_mut().insert(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from_static("1"),
-                );
-                ShedFuture {
-                    inner: crate::util::EitherResponse::ready(res),
-                    permit: None,
+                waiting: None,
+            };
+        }
+        if self.limiter.policy.load().max_wait.is_zero() {
+            self.limiter.shed();
+            return ShedFuture {
+                inner: crate::util::EitherResponse::ready(refusal(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                )),
+                permit: None,
+                waiting: None,
+            };
+        }
+        // Waits up to `max_wait` for a slot, and no longer than the caller's deadline.
+        let deadline = req
+            .extensions()
+            .get::<keel_core::request::Deadline>()
+            .map(|d| d.0);
+        let limiter = self.limiter.clone();
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        let waiting: WaitFut<RB, S::Error> = Box::pin(async move {
+            let mut permit = match limiter.acquire_before(deadline).await {
+                Ok(p) => p,
+                Err(ResilienceError::DeadlineExceeded) => {
+                    return Ok(refusal(http::StatusCode::GATEWAY_TIMEOUT))
                 }
+                Err(_) => return Ok(refusal(http::StatusCode::SERVICE_UNAVAILABLE)),
+            };
+            let r = svc.call(req).await;
+            if let Some(o) = inbound_outcome(&r) {
+                permit.record(&o);
             }
+            r
+        });
+        ShedFuture {
+            inner: crate::util::EitherResponse::ready(http::Response::new(RB::default())),
+            permit: None,
+            waiting: Some(waiting),
         }
     }
 }
