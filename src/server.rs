@@ -27,7 +27,7 @@ use std::{
 };
 
 use axum::{
-    extract::{Request, State},
+    extract::{MatchedPath, Request, State},
     http::{header, HeaderValue, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -182,15 +182,28 @@ impl Keel {
         // handler's own calls. The admin routes sit beside the application's, under none of
         // these, so probes still answer under overload.
         let inbound = &self.inner().inbound;
+        let rate_limit = inbound.project(|i| i.rate_limit.clone());
         let stack = keel_resilience::ServerStackLayer::new(
             self.name().as_str(),
             inbound.project(|i| i.bulkhead.clone()),
-            inbound.project(|i| i.rate_limit.clone()),
+            rate_limit.clone(),
         );
         let _ = state.shed.set(stack.shed_limiter().clone());
+        // A rate limit keyed by `path` is per route: it reads the route axum matched.
+        let route_key = tower::util::MapRequestLayer::new(move |mut req: Request| {
+            let rl = rate_limit.load();
+            if rl.enabled && rl.key == keel_resilience::KeySource::Path {
+                if let Some(route) = req.extensions().get::<MatchedPath>() {
+                    let route = keel_core::request::Route(route.as_str().into());
+                    req.extensions_mut().insert(route);
+                }
+            }
+            req
+        });
         let app = app
             .layer(axum::middleware::from_fn(trace_layer))
-            .layer(stack);
+            .layer(stack)
+            .layer(route_key);
         let router = self.admin_router().merge(app);
         let shutdown = self.shutdown().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -111,3 +111,41 @@ async fn inbound_max_wait_is_honoured() {
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
+
+/// `key = "path"` keys by route: `/items/1` and `/items/2` share `/items/{id}`'s limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_key_is_the_route() {
+    let (keel, shutdown) = build(
+        "rl-route",
+        &[
+            ("inbound.rate_limit.enabled", "true"),
+            ("inbound.rate_limit.rate", "0.001"),
+            ("inbound.rate_limit.burst", "2"),
+            ("inbound.rate_limit.key", "path"),
+        ],
+    )
+    .await;
+    let app = Router::new()
+        .route("/items/{id}", get(|| async { "item" }))
+        .route("/other", get(|| async { "other" }));
+    let (addr, task) = start(&keel, app).await;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = http
+            .get(format!("http://{addr}/items/{i}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    let r = http
+        .get(format!("http://{addr}/other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "another route has its own limit");
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}

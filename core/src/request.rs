@@ -19,6 +19,11 @@ impl Deadline {
     }
 }
 
+/// Request extension: the route a server matched for the request (`/items/{id}`), set by the
+/// server for a rate limit keyed by `path`, so that every URL of one route shares its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route(pub std::sync::Arc<str>);
+
 /// Request extension: which attempt of a call this is. A balancer avoids the instances in
 /// `avoid` (those that failed earlier attempts, or serve the other hedge) when it can.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -392,7 +392,8 @@ pub enum KeySource {
     /// One limit for all calls.
     #[default]
     Global,
-    /// The request path (route).
+    /// The request path; inbound under `keel.serve`, the route it matched (`/items/{id}`), so
+    /// every URL of a route shares its limit.
     Path,
     /// The value of a header (caller, tenant); calls without it share the key `""`.
     Header(http::HeaderName),

@@ -52,7 +52,11 @@ pub struct RateLimiter {
 pub fn request_key<'a, B>(key: &KeySource, req: &'a http::Request<B>) -> &'a str {
     match key {
         KeySource::Global => "",
-        KeySource::Path => req.uri().path(),
+        // The route a server matched, when it says (every URL of a route shares its limit).
+        KeySource::Path => req
+            .extensions()
+            .get::<keel_core::request::Route>()
+            .map_or(req.uri().path(), |r| &r.0),
         KeySource::Header(h) => req
             .headers()
             .get(h)
