@@ -1,30 +1,12 @@
 //! The inbound side of keel.serve on real sockets: shedding, rate limits, deadlines, drain.
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
 use axum::{routing::get, Router};
+use common::start;
 use keel::{keel_core::Shutdown, Keel};
-
-async fn start(
-    keel: &Keel,
-    app: Router,
-) -> (
-    std::net::SocketAddr,
-    tokio::task::JoinHandle<Result<(), keel::Error>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let k = keel.clone();
-    let task = tokio::spawn(async move { k.serve_with_listener(listener, app).await });
-    for _ in 0..200 {
-        if keel.is_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(keel.is_ready());
-    (addr, task)
-}
 
 async fn build(name: &str, sets: &[(&str, &str)]) -> (Keel, Shutdown) {
     let shutdown = Shutdown::new();

@@ -2,32 +2,14 @@
 //! live client configuration, refused edits shown on /keel/status. (Draining under load is in
 //! tests/fleet.rs, across processes.)
 
+mod common;
+
 use std::{path::Path, time::Duration};
 
 use axum::{extract::State, http::HeaderMap, routing::get, Router};
+use common::start;
 use keel::{keel_core::Shutdown, Keel};
 use keel_testkit::HttpBackend;
-
-async fn start(
-    keel: &Keel,
-    app: Router,
-) -> (
-    std::net::SocketAddr,
-    tokio::task::JoinHandle<Result<(), keel::Error>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let k = keel.clone();
-    let task = tokio::spawn(async move { k.serve_with_listener(listener, app).await });
-    for _ in 0..200 {
-        if keel.is_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(keel.is_ready());
-    (addr, task)
-}
 
 fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
