@@ -612,3 +612,47 @@ async fn idempotency_store_keys_changed_by_a_reload_are_reported() {
         );
     }
 }
+
+/// A per-try timeout drops the attempt, and with it the balancer's answer naming the instance:
+/// the retry used to know nothing to avoid, so with a hash strategy every attempt went back to
+/// the same slow instance. The timeout now names the instance: the retry goes to another one,
+/// and an error says which instance did not answer.
+#[tokio::test]
+async fn a_retry_after_a_per_try_timeout_goes_to_another_instance() {
+    let a = HttpBackend::start("a").await;
+    let b = HttpBackend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let keel = keel_with(
+        &dir,
+        &format!(
+            "[clients.pay.balance]\nstrategy = \"ring-hash\"\n\n[clients.pay.timeout]\nper_try = \"300ms\"\ntotal = \"10s\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            a.addr, b.addr
+        ),
+    )
+    .await;
+    let pay = keel.client("pay").unwrap();
+    wait_instances(&pay, 2).await;
+    // A key the ring sends to `a`.
+    let mut key = None;
+    for i in 0..100 {
+        let k = format!("k{i}");
+        let r = pay.get("/x").hash_key(&k).send().await.unwrap();
+        if r.served_by().map(|s| s.addr) == Some(a.addr) {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.expect("a key routed to a");
+    a.set_latency(Duration::from_secs(30));
+    let r = pay.get("/x").hash_key(&key).send().await.unwrap();
+    assert_eq!(r.text(), "b");
+    assert_eq!(r.served_by().map(|s| s.addr), Some(b.addr));
+    // A POST is not retried; its error names the instance that timed out.
+    let err = pay.post("/x").hash_key(&key).send().await.unwrap_err();
+    assert!(matches!(err, ClientError::Upstream { .. }), "{err}");
+    assert!(err.to_string().contains(&a.addr.to_string()), "{err}");
+    assert_eq!(
+        keel_resilience::classify_error(&err),
+        keel_resilience::Outcome::Failure(keel_resilience::FailureClass::Timeout)
+    );
+}

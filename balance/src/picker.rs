@@ -1032,6 +1032,11 @@ impl Drop for Picked {
         if !self.done {
             self.release();
             self.entry.metrics.request(Outcome::Cancelled);
+            // For a per-try timeout that dropped this attempt: which instance did not answer.
+            keel_core::request::note_abandoned(keel_core::request::ServedBy {
+                id: self.entry.instance.id.clone(),
+                addr: self.entry.instance.addr,
+            });
         }
     }
 }

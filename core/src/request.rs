@@ -103,6 +103,22 @@ impl Tried {
 
 thread_local! {
     static ATTEMPT_END: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// The instance of the last attempt dropped unanswered on this thread ([`note_abandoned`]).
+    static ABANDONED: std::cell::Cell<Option<ServedBy>> = const { std::cell::Cell::new(None) };
+}
+
+/// Notes that an attempt to `served_by` was dropped before it was answered. Balancers call it
+/// from their pick's drop; a per-try timeout that has just dropped its attempt reads it with
+/// [`take_abandoned`], so that its error names the instance that did not answer in time, and a
+/// retry avoids it. Cold: nothing is noted for an attempt that is answered.
+pub fn note_abandoned(served_by: ServedBy) {
+    ABANDONED.with(|c| c.set(Some(served_by)));
+}
+
+/// Takes what [`note_abandoned`] noted last on this thread. Take it once before dropping an
+/// attempt (to clear what an earlier one left) and once after.
+pub fn take_abandoned() -> Option<ServedBy> {
+    ABANDONED.with(std::cell::Cell::take)
 }
 
 /// Runs `f` (a synchronous `Service::call` of the layers below a per-try timeout) with `end` as

@@ -262,6 +262,22 @@ where
     }
 }
 
+/// The error of an attempt its timer ended, after the attempt was dropped: wrapped in an
+/// [`InstanceFailure`] naming the instance it went to when a balancer below noted it
+/// ([`keel_core::request::note_abandoned`]), so that the error says which instance did not
+/// answer and a retry avoids it.
+///
+/// [`InstanceFailure`]: keel_core::request::InstanceFailure
+pub(crate) fn timer_error(e: ResilienceError) -> BoxError {
+    match keel_core::request::take_abandoned() {
+        Some(served_by) => Box::new(keel_core::request::InstanceFailure {
+            served_by,
+            source: Box::new(e),
+        }),
+        None => Box::new(e),
+    }
+}
+
 /// The per-try timer of a pending attempt, made on its first `Pending` (an answer ready at once
 /// needs no timer): `Ready(error)` once it fires — `DeadlineExceeded` past the total deadline
 /// (the call is over), `Timeout` before it (only this try is) — counted in the deadline metric.

@@ -550,7 +550,10 @@ where
                             this.ctx.deadline,
                             cx
                         ));
-                        Err(Box::new(e) as BoxError)
+                        // Dropped first, so that a balancer below notes the instance it went to.
+                        let _ = keel_core::request::take_abandoned();
+                        this.fast.set(None);
+                        Err(crate::per_try::timer_error(e))
                     }
                 };
                 this.fast.set(None);
