@@ -619,13 +619,24 @@ async fn idempotency_store_keys_changed_by_a_reload_are_reported() {
 /// and an error says which instance did not answer.
 #[tokio::test]
 async fn a_retry_after_a_per_try_timeout_goes_to_another_instance() {
+    per_try_timeout_then_retry("").await;
+}
+
+/// The same through the layered attempt path (taken while chaos is on, as for hedged and waiting
+/// attempts).
+#[tokio::test]
+async fn a_retry_after_a_per_try_timeout_goes_to_another_instance_layered() {
+    per_try_timeout_then_retry("[clients.pay.chaos]\nenabled = true\n\n").await;
+}
+
+async fn per_try_timeout_then_retry(extra: &str) {
     let a = HttpBackend::start("a").await;
     let b = HttpBackend::start("b").await;
     let dir = tempfile::tempdir().unwrap();
     let keel = keel_with(
         &dir,
         &format!(
-            "[clients.pay.balance]\nstrategy = \"ring-hash\"\n\n[clients.pay.timeout]\nper_try = \"300ms\"\ntotal = \"10s\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
+            "{extra}[clients.pay.balance]\nstrategy = \"ring-hash\"\n\n[clients.pay.timeout]\nper_try = \"300ms\"\ntotal = \"10s\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n\n[[clients.pay.endpoints]]\naddr = \"{}\"\n",
             a.addr, b.addr
         ),
     )

@@ -347,7 +347,8 @@ where
     type Output = Result<http::Response<T>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let mut state = self.project().state;
+        let (res, breaker, bulkhead, end) = match state.as_mut().project() {
             Proj::Called {
                 fut,
                 sleep,
@@ -355,31 +356,35 @@ where
                 deadline,
                 breaker,
                 bulkhead,
-            } => {
-                let res = match fut.poll(cx) {
-                    Poll::Ready(r) => r.map_err(Into::into),
-                    Poll::Pending => {
-                        let e = std::task::ready!(poll_timer(sleep, *end, *deadline, cx));
-                        Err(Box::new(e) as BoxError)
-                    }
-                };
-                // The breaker's classification (its `failure_codes`) feeds the bulkhead too.
-                let outcome = match breaker.take() {
-                    Some(p) => p.classify_and_record(&res, *end),
-                    None => crate::classify::Classifier::classify(
-                        &crate::classify::HttpClassifier::default(),
-                        &res,
-                    ),
-                };
-                if let Some(mut p) = bulkhead.take() {
-                    p.record(&outcome);
+            } => match fut.poll(cx) {
+                Poll::Ready(r) => (r.map_err(Into::into), breaker.take(), bulkhead.take(), *end),
+                Poll::Pending => {
+                    let e = std::task::ready!(poll_timer(sleep, *end, *deadline, cx));
+                    let held = (breaker.take(), bulkhead.take(), *end);
+                    // Dropped first, so that a balancer below notes the instance it went to.
+                    let _ = keel_core::request::take_abandoned();
+                    state.set(State::Failed { error: None });
+                    (Err(timer_error(e)), held.0, held.1, held.2)
                 }
-                Poll::Ready(res)
+            },
+            Proj::Boxed { fut } => return fut.as_mut().poll(cx),
+            Proj::Failed { error } => {
+                return Poll::Ready(Err(Box::new(
+                    error.take().unwrap_or(ResilienceError::DeadlineExceeded),
+                )))
             }
-            Proj::Boxed { fut } => fut.as_mut().poll(cx),
-            Proj::Failed { error } => Poll::Ready(Err(Box::new(
-                error.take().unwrap_or(ResilienceError::DeadlineExceeded),
-            ))),
+        };
+        // The breaker's classification (its `failure_codes`) feeds the bulkhead too.
+        let outcome = match breaker {
+            Some(p) => p.classify_and_record(&res, end),
+            None => crate::classify::Classifier::classify(
+                &crate::classify::HttpClassifier::default(),
+                &res,
+            ),
+        };
+        if let Some(mut p) = bulkhead {
+            p.record(&outcome);
         }
+        Poll::Ready(res)
     }
 }
