@@ -338,16 +338,8 @@ mod tests {
         let (_tx, rx) = watch::channel(true);
         let w = InstanceWatch::new(svc.clone(), set.clone(), rx);
         // The old address fails, the new one passes.
-        let probe: Probe = Arc::new(|i: Instance| {
-            Box::pin(async move {
-                if i.addr.port() == 1 {
-                    Err("refused".to_owned())
-                } else {
-                    Ok(())
-                }
-            })
-        });
-        let checker = HealthChecker::with_probe(w, every_second(), Shutdown::new(), probe);
+        let checker =
+            HealthChecker::with_probe(w, every_second(), Shutdown::new(), failing_up_to(1));
         let map = checker.health();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(map.load().contains_key(&old.id), "down at the old address");
@@ -361,6 +353,19 @@ mod tests {
             "the new address passes every check, yet the instance is still down: {:?}",
             map.load()
         );
+    }
+
+    /// A probe that fails for ports up to `last` and passes for every other.
+    fn failing_up_to(last: u16) -> Probe {
+        Arc::new(move |i: Instance| {
+            Box::pin(async move {
+                if i.addr.port() <= last {
+                    Err("refused".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        })
     }
 
     /// Checks every second, one failure to go down and one pass to come back.
@@ -398,17 +403,8 @@ mod tests {
         let set = Live::new(vec![leaves.clone(), moves.clone()]);
         let (_tx, rx) = watch::channel(true);
         let w = InstanceWatch::new(svc, set.clone(), rx);
-        // Ports 1 and 2 fail, every other passes.
-        let probe: Probe = Arc::new(|i: Instance| {
-            Box::pin(async move {
-                if i.addr.port() <= 2 {
-                    Err("refused".to_owned())
-                } else {
-                    Ok(())
-                }
-            })
-        });
-        let checker = HealthChecker::with_probe(w, every_second(), Shutdown::new(), probe);
+        let checker =
+            HealthChecker::with_probe(w, every_second(), Shutdown::new(), failing_up_to(2));
         let map = checker.health();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(map.load().len(), 2, "both down");

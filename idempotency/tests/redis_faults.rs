@@ -193,18 +193,16 @@ async fn paused_redis_loses_the_lease() {
     assert_eq!(app.seen.lease_lost_seen.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durability_without_replicas_fails_closed() {
-    let server = RedisServer::start();
-    let config = IdempotencyConfig {
-        durability: Durability {
-            replicas: 1,
-            timeout: Duration::from_millis(50),
-        },
-        ..cfg(&server)
-    };
-    let store = RedisStore::connect(&config).await.unwrap();
-    let r = store.claim("k", "o1", "f", Duration::from_secs(5)).await;
+/// Claims `k` through a store with `config` (asking for a replica there is none of): the claim
+/// fails as a durability failure, and was released, so a store without durability claims the
+/// key at once. Returns both stores (the plain one holds `k` as owner `o2`) and the error.
+async fn claim_fails_for_durability_and_is_released(
+    server: &RedisServer,
+    config: &IdempotencyConfig,
+    lease: Duration,
+) -> (RedisStore, RedisStore, IdempotencyError) {
+    let store = RedisStore::connect(config).await.unwrap();
+    let r = store.claim("k", "o1", "f", lease).await;
     assert!(
         matches!(
             r,
@@ -215,13 +213,27 @@ async fn durability_without_replicas_fails_closed() {
         ),
         "{r:?}"
     );
-    assert!(r.unwrap_err().is_retryable());
-    // The failed claim was released: a store without durability claims the key at once.
-    let plain = RedisStore::connect(&cfg(&server)).await.unwrap();
+    let plain = RedisStore::connect(&cfg(server)).await.unwrap();
     assert!(matches!(
-        plain.claim("k", "o2", "f", Duration::from_secs(5)).await,
+        plain.claim("k", "o2", "f", lease).await,
         Ok(Claim::New { .. })
     ));
+    (store, plain, r.unwrap_err())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_without_replicas_fails_closed() {
+    let server = RedisServer::start();
+    let config = IdempotencyConfig {
+        durability: Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(50),
+        },
+        ..cfg(&server)
+    };
+    let (store, plain, e) =
+        claim_fails_for_durability_and_is_released(&server, &config, Duration::from_secs(5)).await;
+    assert!(e.is_retryable());
     // A completion waits for replicas too; too few acknowledgements are logged, not fatal
     // (the handler already ran), and the record is stored.
     let done = store
@@ -311,23 +323,7 @@ async fn durability_wait_longer_than_store_timeout_fails_closed_and_releases() {
         },
         ..cfg(&server)
     };
-    let store = RedisStore::connect(&config).await.unwrap();
-    let r = store.claim("k", "o1", "f", Duration::from_secs(30)).await;
-    assert!(
-        matches!(
-            r,
-            Err(IdempotencyError::Durability {
-                acked: 0,
-                wanted: 1
-            })
-        ),
-        "{r:?}"
-    );
-    let plain = RedisStore::connect(&cfg(&server)).await.unwrap();
-    assert!(matches!(
-        plain.claim("k", "o2", "f", Duration::from_secs(30)).await,
-        Ok(Claim::New { .. })
-    ));
+    claim_fails_for_durability_and_is_released(&server, &config, Duration::from_secs(30)).await;
 }
 
 /// A claim that reaches Redis only after its timeout (Redis paused) is given back: the client's

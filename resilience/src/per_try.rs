@@ -262,13 +262,15 @@ where
     }
 }
 
-/// The error of an attempt its timer ended, after the attempt was dropped: wrapped in an
-/// [`InstanceFailure`] naming the instance it went to when a balancer below noted it
-/// ([`keel_core::request::note_abandoned`]), so that the error says which instance did not
-/// answer and a retry avoids it.
+/// The error of an attempt its timer ended. `drop_attempt` drops the attempt first, so that a
+/// balancer below notes the instance it went to ([`keel_core::request::note_abandoned`]); the
+/// error is then wrapped in an [`InstanceFailure`] naming it, so that it says which instance did
+/// not answer and a retry avoids it.
 ///
 /// [`InstanceFailure`]: keel_core::request::InstanceFailure
-pub(crate) fn timer_error(e: ResilienceError) -> BoxError {
+pub(crate) fn timer_error(e: ResilienceError, drop_attempt: impl FnOnce()) -> BoxError {
+    let _ = keel_core::request::take_abandoned(); // what an earlier drop left
+    drop_attempt();
     match keel_core::request::take_abandoned() {
         Some(served_by) => Box::new(keel_core::request::InstanceFailure {
             served_by,
@@ -361,10 +363,8 @@ where
                 Poll::Pending => {
                     let e = std::task::ready!(poll_timer(sleep, *end, *deadline, cx));
                     let held = (breaker.take(), bulkhead.take(), *end);
-                    // Dropped first, so that a balancer below notes the instance it went to.
-                    let _ = keel_core::request::take_abandoned();
-                    state.set(State::Failed { error: None });
-                    (Err(timer_error(e)), held.0, held.1, held.2)
+                    let err = timer_error(e, || state.set(State::Failed { error: None }));
+                    (Err(err), held.0, held.1, held.2)
                 }
             },
             Proj::Boxed { fut } => return fut.as_mut().poll(cx),

@@ -550,10 +550,7 @@ where
                             this.ctx.deadline,
                             cx
                         ));
-                        // Dropped first, so that a balancer below notes the instance it went to.
-                        let _ = keel_core::request::take_abandoned();
-                        this.fast.set(None);
-                        Err(crate::per_try::timer_error(e))
+                        Err(crate::per_try::timer_error(e, || this.fast.set(None)))
                     }
                 };
                 this.fast.set(None);
