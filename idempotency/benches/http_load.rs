@@ -138,6 +138,24 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let redis = RedisServer::start();
+    // KEEL_BENCH_PIN=1: Redis gets CPU 1 to itself; this process (server, probes) and the load
+    // generators it spawns (wrk, redis-benchmark) share CPU 0. That stands for a deployment where
+    // Redis runs on its own host, so its CPU is not taken from the service; without it, all of
+    // them share both CPUs.
+    let pinned = std::env::var("KEEL_BENCH_PIN").is_ok_and(|v| v == "1");
+    if pinned {
+        let taskset = |args: &[&str]| {
+            let ok = std::process::Command::new("taskset")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "taskset {args:?} failed (util-linux)");
+        };
+        let redis_pid = redis.pid().unwrap().to_string();
+        taskset(&["-a", "-p", "-c", "1", &redis_pid]);
+        taskset(&["-a", "-p", "-c", "0", &std::process::id().to_string()]);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -210,13 +228,22 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     println!(
-        "keel-idempotency http_load: wrk -t1, {secs}s per run, {rounds} interleaved rounds (median shown), server on {workers} tokio worker(s)"
+        "keel-idempotency http_load: wrk -t1, {secs}s per run, {rounds} interleaved rounds (median shown), server on {workers} tokio worker(s){}",
+        if pinned { "; Redis pinned to CPU 1, the rest to CPU 0" } else { "" }
     );
     // Interleaved rounds, so drifting load on a shared machine hits every variant alike.
     let mut samples: Vec<(u32, &str, Vec<Wrk>)> = Vec::new();
+    // KEEL_BENCH_ROUTES=/plain,/redis runs only those (for profiling one route); the ratios
+    // below need all four.
+    let only = std::env::var("KEEL_BENCH_ROUTES").ok();
     for c in [1, conns] {
         for path in ["/plain", "/redis", "/memory", "/by-hand"] {
-            samples.push((c, path, Vec::new()));
+            if only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|r| r == path))
+            {
+                samples.push((c, path, Vec::new()));
+            }
         }
     }
     let port = redis.port();
@@ -253,6 +280,9 @@ fn main() {
             );
             runs.push(w);
         }
+        if only.is_some() {
+            continue;
+        }
         // redis-benchmark in the same round: (c=1 claim rps, c=1 p50 ms, c=N claim, c=N complete).
         let (c1, p1) = redis_benchmark(port, 1, n / 10, &claim_args);
         let (cl, _) = redis_benchmark(port, conns, n, &claim_args);
@@ -278,6 +308,9 @@ fn main() {
             runs.iter().map(|w| format!("{:.0}", w.rps)).collect::<Vec<_>>().join(", ")
         );
         rows.push((c, path, w));
+    }
+    if only.is_some() {
+        return;
     }
     let get = |c: u32, p: &str| {
         rows.iter()

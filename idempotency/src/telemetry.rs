@@ -9,6 +9,9 @@ pub const LEASE_RENEWALS_TOTAL: &str = "keel_idempotency_lease_renewals_total";
 pub const COMPLETES_TOTAL: &str = "keel_idempotency_completes_total";
 /// Store round-trip latency in seconds, by `op`: `claim`, `renew`, `complete`, `release`.
 pub const STORE_DURATION_SECONDS: &str = "keel_idempotency_store_duration_seconds";
+/// Commands written to Redis together as one pipeline, per write (the Redis store gathers the
+/// commands of concurrent requests).
+pub const STORE_PIPELINE_COMMANDS: &str = "keel_idempotency_store_pipeline_commands";
 /// Requests let through without idempotency because the store failed and the route fails open.
 pub const FAIL_OPEN_TOTAL: &str = "keel_idempotency_fail_open_total";
 
@@ -24,6 +27,11 @@ pub fn describe() {
         STORE_DURATION_SECONDS,
         metrics::Unit::Seconds,
         "Idempotency store round trip latency, by op"
+    );
+    metrics::describe_histogram!(
+        STORE_PIPELINE_COMMANDS,
+        metrics::Unit::Count,
+        "Commands written to Redis as one pipeline, per write"
     );
     metrics::describe_counter!(
         FAIL_OPEN_TOTAL,
@@ -46,4 +54,9 @@ pub(crate) fn complete(result: &'static str) {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
     metrics::histogram!(STORE_DURATION_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn pipeline(commands: usize) {
+    metrics::histogram!(STORE_PIPELINE_COMMANDS).record(commands as f64);
 }

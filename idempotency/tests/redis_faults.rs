@@ -459,3 +459,103 @@ async fn a_record_of_an_earlier_format_is_in_progress_not_absent() {
         Ok(Claim::New { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn concurrent_claims_each_get_their_own_answer() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&cfg(&server)).await.unwrap());
+    // One key already completed, one in progress: their answers must reach their own callers.
+    let Ok(Claim::New { .. }) = store.claim("done", "o", "f", Duration::from_secs(5)).await else {
+        panic!()
+    };
+    store
+        .complete(
+            "done",
+            "o",
+            bytes::Bytes::from_static(b"answer"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let Ok(Claim::New { .. }) = store.claim("busy", "o", "f", Duration::from_secs(5)).await else {
+        panic!()
+    };
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = match i {
+                    7 => "done".to_owned(),
+                    9 => "busy".to_owned(),
+                    _ => format!("k{i}"),
+                };
+                (
+                    i,
+                    store.claim(&key, "o2", "f", Duration::from_secs(5)).await,
+                )
+            })
+        })
+        .collect();
+    for t in tasks {
+        match t.await.unwrap() {
+            (7, Ok(Claim::Completed(r))) => assert_eq!(&r[..], b"answer"),
+            (9, Ok(Claim::InProgress { .. })) => {}
+            (i, Ok(Claim::New { .. })) if i != 7 && i != 9 => {}
+            (i, other) => panic!("claim {i}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_script_flush_is_survived_by_a_pipelined_burst() {
+    let server = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&cfg(&server)).await.unwrap());
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .claim(&format!("k{i}"), "o", "f", Duration::from_secs(5))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(matches!(r, Ok(Claim::New { .. })), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_claim_dropped_while_queued_is_never_sent() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&cfg(&server)).await.unwrap();
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    {
+        // Polled once (queued for the connection's pump, which has not run yet), then dropped.
+        let mut gone = store.claim("gone", "o", "f", Duration::from_secs(5));
+        assert!(futures_util::poll!(&mut gone).is_pending());
+    }
+    let r = store.claim("kept", "o", "f", Duration::from_secs(5)).await;
+    assert!(matches!(r, Ok(Claim::New { .. })), "{r:?}");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("t:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys, vec!["t:{kept}".to_owned()]);
+}

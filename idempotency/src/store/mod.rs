@@ -20,6 +20,8 @@ use crate::{
     IdempotencyError,
 };
 
+#[cfg(feature = "redis")]
+mod batch;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

@@ -147,6 +147,7 @@ impl Script {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    batch: super::batch::Batcher,
     prefix: String,
     timeout: Duration,
     replicas: u32,
@@ -239,6 +240,7 @@ impl RedisStore {
 
     fn with_conn(conn: ConnectionManager, cfg: &IdempotencyConfig) -> Self {
         Self {
+            batch: super::batch::Batcher::start(conn.clone()),
             conn,
             prefix: cfg.prefix.clone(),
             timeout: cfg.store_timeout,
@@ -328,9 +330,14 @@ impl RedisStore {
                     Err(_) => return Err(IdempotencyError::TimedOut),
                 }
             } else {
-                match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut conn)).await
-                {
-                    Ok(r) => r.map(|v| (v, None)),
+                // Pipelined with the other requests' commands of the moment.
+                match tokio::time::timeout(self.timeout, self.batch.call(cmd.clone())).await {
+                    Ok(Ok(r)) => r.map(|v| (v, None)),
+                    Ok(Err(super::batch::PumpGone)) => {
+                        return Err(IdempotencyError::Unavailable(
+                            "the store's connection task has stopped".to_owned(),
+                        ))
+                    }
                     Err(_) => return Err(IdempotencyError::TimedOut),
                 }
             };
