@@ -405,7 +405,7 @@ impl Keel {
             ));
         }
         // The store is built once, with these: its kind, URL, key prefix, round-trip timeout,
-        // replication acknowledgement and memory capacity.
+        // replication acknowledgement and memory capacity and byte budget.
         let i = self.inner.idempotency.load();
         let s = &start.idempotency;
         if i.store != s.store
@@ -414,9 +414,10 @@ impl Keel {
             || i.store_timeout != s.store_timeout
             || i.durability != s.durability
             || i.memory_capacity != s.memory_capacity
+            || i.memory_max_bytes != s.memory_max_bytes
         {
             changes.push(
-                "idempotency store/url/prefix/store_timeout/durability/memory_capacity changed (takes effect after restart)"
+                "idempotency store/url/prefix/store_timeout/durability/memory_capacity/memory_max_bytes changed (takes effect after restart)"
                     .to_owned(),
             );
         }

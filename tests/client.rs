@@ -602,6 +602,7 @@ async fn idempotency_store_keys_changed_by_a_reload_are_reported() {
         "prefix = \"b:\"",
         "prefix = \"a:\"\nstore_timeout = \"2s\"",
         "prefix = \"a:\"\nmemory_capacity = 5",
+        "prefix = \"a:\"\nmemory_max_bytes = 2000000",
     ] {
         std::fs::write(&path, format!("[idempotency]\n{edit}\n")).unwrap();
         keel.config().reload().unwrap();

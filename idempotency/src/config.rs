@@ -173,10 +173,18 @@ pub struct IdempotencyConfig {
     #[serde(with = "serde_duration")]
     pub store_timeout: Duration,
     /// Most keys the memory store holds. Each key is kept for `ttl` once completed, so the
-    /// store sustains about `memory_capacity / ttl` new keys per second (100,000 a day, about
-    /// 1.2 per second, by default); past that, new claims are refused (503) rather than old
-    /// answers forgotten. Raise it, shorten `ttl`, or use Redis for more.
+    /// store keeps every answer for its whole retention up to about `memory_capacity / ttl` new
+    /// keys per second (100,000 a day, about 1.2 per second, by default). Past that it evicts
+    /// completed answers, the one whose retention ends first first (counted in
+    /// `keel_idempotency_memory_evictions_total`): **an evicted key can execute again**, and the
+    /// retention actually kept shrinks to `memory_capacity / rate`. Claims in progress are never
+    /// evicted; when they alone fill the store, new claims are refused (503, or run without
+    /// idempotency on a route that fails open). Raise it, shorten `ttl`, or use Redis for more.
     pub memory_capacity: usize,
+    /// Most bytes the memory store holds (keys, fingerprints and stored answers, plus about
+    /// 256 bytes of bookkeeping per key), evicting as `memory_capacity` does. 64 MiB by
+    /// default; at least `max_body_bytes`.
+    pub memory_max_bytes: usize,
 }
 
 impl Default for IdempotencyConfig {
@@ -206,6 +214,7 @@ impl Default for IdempotencyConfig {
             durability: Durability::default(),
             store_timeout: Duration::from_secs(1),
             memory_capacity: 100_000,
+            memory_max_bytes: crate::store::DEFAULT_MEMORY_MAX_BYTES,
         }
     }
 }
@@ -268,6 +277,12 @@ impl IdempotencyConfig {
         if self.memory_capacity == 0 {
             return Err("idempotency.memory_capacity must be above 0".to_owned());
         }
+        if self.store == StoreKind::Memory && self.memory_max_bytes < self.max_body_bytes {
+            return Err(format!(
+                "idempotency.memory_max_bytes ({}) must be at least idempotency.max_body_bytes ({}), or no large answer could be stored",
+                self.memory_max_bytes, self.max_body_bytes
+            ));
+        }
         Ok(())
     }
 }
@@ -313,6 +328,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.fingerprint, Fingerprint::None);
+        // A memory store too small for one answer.
+        let c: IdempotencyConfig = serde_json::from_value(
+            serde_json::json!({"max_body_bytes": 4096, "memory_max_bytes": 4095}),
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().contains("memory_max_bytes"));
         assert!(StorePolicy::All.stores(503));
         assert!(!StorePolicy::SuccessAndClientErrors.stores(503));
     }

@@ -24,8 +24,10 @@ pub enum IdempotencyError {
         /// Replicas required.
         wanted: u32,
     },
-    /// The memory store is full of live entries. Retrying later may help.
-    #[error("idempotency memory store is full ({0} entries)")]
+    /// The memory store is full of claims in progress (completed answers are evicted to make
+    /// room; claims in progress never are), or a completed answer cannot fit beside them.
+    /// Retrying later may help.
+    #[error("idempotency memory store is full of claims in progress ({0} entries)")]
     Full(usize),
     /// The store answered something this version cannot read. Retrying will not help.
     #[error("idempotency store answered unexpectedly: {0}")]

@@ -47,6 +47,11 @@
 //!   could not be ruled out. Fail open only per route, for handlers idempotent by themselves. A
 //!   completion that could not be stored leaves the key claimed until its lease expires; a retry
 //!   after that runs again (the store never recorded the first run).
+//! - **The memory store is bounded** (`memory_capacity` keys, `memory_max_bytes` bytes). When
+//!   full it evicts completed answers, the one whose retention ends first first (counted in
+//!   `keel_idempotency_memory_evictions_total`): **an evicted key can execute again**. Claims in
+//!   progress are never evicted; when they alone fill it, new claims get 503 (`store-full`),
+//!   or run without idempotency on a route that fails open. Use Redis when evictions happen.
 //!
 //! ## Order of work
 //!
@@ -57,7 +62,8 @@
 //!
 //! `keel_idempotency_claims_total{outcome}`, `keel_idempotency_lease_renewals_total{result}`,
 //! `keel_idempotency_completes_total{result}`, `keel_idempotency_store_duration_seconds{op}`,
-//! `keel_idempotency_fail_open_total` (names in [`telemetry`]). Logs and spans carry a prefix of
+//! `keel_idempotency_fail_open_total`, `keel_idempotency_memory_evictions_total` (names in
+//! [`telemetry`]). Logs and spans carry a prefix of
 //! the hashed storage key, never the client's key.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -92,5 +98,6 @@ pub use self::{
     service::{Idempotency, IdempotencyScope, REPLAYED_HEADER},
     store::{
         new_owner, store_from_config, BoxFuture, Claim, IdempotencyStore, MemoryStore, Ownership,
+        DEFAULT_MEMORY_MAX_BYTES,
     },
 };

@@ -38,7 +38,7 @@ use crate::{
     problem::problem,
     record::StoredResponse,
     store::{new_owner, Claim, IdempotencyStore, Ownership},
-    telemetry,
+    telemetry, IdempotencyError,
 };
 
 /// The tenant or principal a request acts for, set as a request extension by authentication.
@@ -163,7 +163,16 @@ fn replay(stored: StoredResponse) -> Response<Body> {
     r
 }
 
-fn store_unavailable() -> Response<Body> {
+fn store_unavailable(e: &IdempotencyError) -> Response<Body> {
+    if let IdempotencyError::Full(_) = e {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-full",
+            "Idempotency store full",
+            "The request was not processed: the idempotency store is full of requests in progress; retry later.",
+            Some(1),
+        );
+    }
     problem(
         StatusCode::SERVICE_UNAVAILABLE,
         "store-unavailable",
@@ -381,7 +390,7 @@ where
                     return call_inner(inner, req).await;
                 }
                 warn!(key = key::short(&skey), error = %e, "idempotency store failed; refusing (fail closed)");
-                return Ok(store_unavailable());
+                return Ok(store_unavailable(&e));
             }
         }
     };
@@ -528,6 +537,66 @@ mod tests {
             );
         }
         tower::ServiceExt::oneshot(app.clone(), req).await.unwrap()
+    }
+
+    async fn problem_type(r: Response<Body>) -> String {
+        assert_eq!(
+            r.headers()[http::header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        v["type"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A memory store of one key: a request in progress fills it (another key gets a 503 saying
+    /// so); once answered, that answer is evicted for the next key, and its key runs again.
+    #[tokio::test]
+    async fn a_full_memory_store_refuses_while_in_progress_and_evicts_answers() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let layer = IdempotencyLayer::new(
+            Arc::new(MemoryStore::new(1)),
+            Live::new(IdempotencyConfig::default()),
+        );
+        let handler = {
+            let (runs, gate) = (runs.clone(), gate.clone());
+            move || {
+                let (runs, gate, started_tx) = (runs.clone(), gate.clone(), started_tx.clone());
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = started_tx.send(());
+                    gate.acquire().await.unwrap().forget();
+                    n.to_string()
+                }
+            }
+        };
+        let app = axum::Router::new().route("/pay", axum::routing::post(handler).layer(layer));
+        let first = tokio::spawn({
+            let app = app.clone();
+            async move { send(&app, &[("idempotency-key", b"a")]).await }
+        });
+        started.recv().await.unwrap();
+        let r = send(&app, &[("idempotency-key", b"b")]).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(http::header::RETRY_AFTER));
+        assert_eq!(problem_type(r).await, "store-full");
+        gate.add_permits(3);
+        assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+        // "a" is answered: its answer makes room for "b", and "a" runs again afterwards.
+        for key in [&b"b"[..], b"a"] {
+            let r = send(&app, &[("idempotency-key", key)]).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.headers().get(REPLAYED_HEADER).is_none());
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

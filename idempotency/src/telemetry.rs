@@ -14,6 +14,9 @@ pub const STORE_DURATION_SECONDS: &str = "keel_idempotency_store_duration_second
 pub const STORE_PIPELINE_COMMANDS: &str = "keel_idempotency_store_pipeline_commands";
 /// Requests let through without idempotency because the store failed and the route fails open.
 pub const FAIL_OPEN_TOTAL: &str = "keel_idempotency_fail_open_total";
+/// Completed answers the memory store evicted before their retention ended, to make room for new
+/// keys (each such key can execute again).
+pub const MEMORY_EVICTIONS_TOTAL: &str = "keel_idempotency_memory_evictions_total";
 
 /// Registers the descriptions of the metrics above with the installed recorder.
 pub fn describe() {
@@ -36,6 +39,10 @@ pub fn describe() {
     metrics::describe_counter!(
         FAIL_OPEN_TOTAL,
         "Requests served without idempotency because the store failed and the route fails open"
+    );
+    metrics::describe_counter!(
+        MEMORY_EVICTIONS_TOTAL,
+        "Completed idempotency answers evicted from the full memory store before their retention ended"
     );
 }
 

@@ -1,18 +1,33 @@
 //! The embedded default store: one process, no network.
 //!
 //! Same semantics as Redis (atomic claim, owner-checked writes, fencing, lease and retention
-//! TTLs), on `tokio::time` so tests can pause and advance the clock. It is bounded: when full it
-//! first drops expired entries (one sweep per 100 ms at most, as a sweep walks every entry under
-//! the lock); if every entry is still live it refuses new claims with
-//! [`IdempotencyError::Full`] (a 503) rather than forget a completed key, because forgetting is
-//! exactly the silent double execution this crate exists to prevent.
+//! TTLs), on `tokio::time` so tests can pause and advance the clock.
+//!
+//! ## Bounded, and what it does when full
+//!
+//! It holds at most `capacity` keys and about `max_bytes` bytes (keys, fingerprints, owners and
+//! stored answers, plus a fixed estimate of the bookkeeping per key). To make room for a claim
+//! (or for the answer of a completion) it first drops expired entries, then **evicts completed
+//! answers, the one whose retention ends first first** (with one retention for every route, the
+//! oldest first), each counted in `keel_idempotency_memory_evictions_total`.
+//!
+//! **An evicted key can execute again**: its answer is forgotten before its retention ended, so
+//! a retry with that key runs the handler a second time instead of getting the replay. Under a
+//! sustained rate of new keys above about `capacity / ttl` per second (or `max_bytes`' worth of
+//! answers per `ttl`) the retention actually kept shrinks to `capacity / rate`; watch the
+//! eviction counter, and raise the limits, shorten `ttl` or use Redis when it moves.
+//!
+//! Claims in progress are never evicted. When they alone fill the store, a new claim is refused
+//! with [`IdempotencyError::Full`] (503 + `Retry-After`, or run without idempotency on a route
+//! that fails open), and so is a completion whose answer cannot fit beside them.
+//!
+//! Every operation is O(log n): entries are indexed by the end of their lease (in progress) or of
+//! their retention (completed), so expired entries and eviction candidates are found at the front
+//! of an ordered map instead of by walking every entry.
 
 use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -21,49 +36,179 @@ use keel_core::units::MAX_DURATION;
 use tokio::time::Instant;
 
 use super::{BoxFuture, Claim, IdempotencyStore, Ownership};
-use crate::IdempotencyError;
+use crate::{telemetry, IdempotencyError};
+
+/// Default byte budget of a memory store: 64 MiB.
+pub const DEFAULT_MEMORY_MAX_BYTES: usize = 64 << 20;
+
+/// What one entry costs beside its strings and answer: the map slot, its two allocations' headers
+/// and its place in an index. An estimate (measured layouts are about 250–400 bytes).
+const ENTRY_OVERHEAD: usize = 256;
 
 enum State {
-    InProgress { owner: String },
+    InProgress { owner: Box<str> },
     Completed(Bytes),
 }
 
 struct Entry {
     state: State,
-    fingerprint: String,
+    fingerprint: Box<str>,
     expires: Instant,
+    /// The fencing token of the claim that made the entry: unique, so `(expires, fence)` names
+    /// the entry in its index.
+    fence: u64,
+    /// What the entry counts against `max_bytes`.
+    size: usize,
 }
 
-/// An in-process [`IdempotencyStore`]: bounded, TTL-evicting.
+impl Entry {
+    fn index(&self) -> (Instant, u64) {
+        (self.expires, self.fence)
+    }
+    fn in_progress(&self) -> bool {
+        matches!(self.state, State::InProgress { .. })
+    }
+}
+
+fn entry_size(key: &str, fingerprint: &str, owner: &str, record: usize) -> usize {
+    ENTRY_OVERHEAD
+        .saturating_add(key.len())
+        .saturating_add(fingerprint.len())
+        .saturating_add(owner.len())
+        .saturating_add(record)
+}
+
+/// Everything under the store's one lock.
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Arc<str>, Entry>,
+    /// Entries in progress, by the end of their lease.
+    leases: BTreeMap<(Instant, u64), Arc<str>>,
+    /// Completed entries, by the end of their retention: the eviction order.
+    completed: BTreeMap<(Instant, u64), Arc<str>>,
+    bytes_in_progress: usize,
+    bytes_completed: usize,
+    fence: u64,
+}
+
+impl Inner {
+    fn bytes(&self) -> usize {
+        self.bytes_in_progress + self.bytes_completed
+    }
+
+    fn insert(&mut self, key: Arc<str>, e: Entry) {
+        if e.in_progress() {
+            self.bytes_in_progress += e.size;
+            self.leases.insert(e.index(), key.clone());
+        } else {
+            self.bytes_completed += e.size;
+            self.completed.insert(e.index(), key.clone());
+        }
+        self.map.insert(key, e);
+    }
+
+    fn remove(&mut self, key: &str) -> Option<(Arc<str>, Entry)> {
+        let (k, e) = self.map.remove_entry(key)?;
+        self.unindex(&e);
+        Some((k, e))
+    }
+
+    fn unindex(&mut self, e: &Entry) {
+        if e.in_progress() {
+            self.bytes_in_progress -= e.size;
+            self.leases.remove(&e.index());
+        } else {
+            self.bytes_completed -= e.size;
+            self.completed.remove(&e.index());
+        }
+    }
+
+    /// Drops the entries whose lease or retention ended (at the front of each index).
+    fn purge_expired(&mut self, now: Instant) {
+        for completed in [false, true] {
+            loop {
+                let index = if completed {
+                    &mut self.completed
+                } else {
+                    &mut self.leases
+                };
+                let Some(entry) = index.first_entry() else {
+                    break;
+                };
+                if entry.key().0 > now {
+                    break;
+                }
+                let key = entry.remove();
+                if let Some(e) = self.map.remove(&*key) {
+                    if completed {
+                        self.bytes_completed -= e.size;
+                    } else {
+                        self.bytes_in_progress -= e.size;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Evicts the completed entry whose retention ends first; false when there is none.
+    fn evict_one(&mut self) -> bool {
+        let Some((_, key)) = self.completed.pop_first() else {
+            return false;
+        };
+        if let Some(e) = self.map.remove(&*key) {
+            self.bytes_completed -= e.size;
+        }
+        true
+    }
+}
+
+/// An in-process [`IdempotencyStore`]: bounded in keys and bytes, TTL-expiring, evicting
+/// completed answers (never claims in progress) when full. See the module documentation above
+/// for what eviction means for the guarantee.
 pub struct MemoryStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    inner: Mutex<Inner>,
     capacity: usize,
-    fence: AtomicU64,
-    last_sweep: Mutex<Option<Instant>>,
+    max_bytes: usize,
 }
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
     }
 }
 
+/// Counts evictions once the lock is released.
+fn count_evictions(n: u64) {
+    if n > 0 {
+        metrics::counter!(telemetry::MEMORY_EVICTIONS_TOTAL).increment(n);
+    }
+}
+
 impl MemoryStore {
-    /// A store holding at most `capacity` keys.
+    /// A store holding at most `capacity` keys, and at most [`DEFAULT_MEMORY_MAX_BYTES`] bytes
+    /// (see [`with_max_bytes`](Self::with_max_bytes)).
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner::default()),
             capacity: capacity.max(1),
-            fence: AtomicU64::new(0),
-            last_sweep: Mutex::new(None),
+            max_bytes: DEFAULT_MEMORY_MAX_BYTES,
         }
     }
 
-    /// How many keys it holds (expired ones included until swept).
+    /// The same store holding at most about `max_bytes` bytes: keys, fingerprints, owners and
+    /// stored answers, plus an estimate of the bookkeeping of each key (256 bytes).
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// How many keys it holds (expired ones included until dropped by a later claim).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     /// Whether it holds no key.
@@ -71,8 +216,18 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        keel_core::lock(&self.entries)
+    /// The bytes it counts against its budget now (an estimate; see
+    /// [`with_max_bytes`](Self::with_max_bytes)).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        keel_core::lock(&self.inner)
+    }
+
+    fn full(&self, g: &Inner) -> IdempotencyError {
+        IdempotencyError::Full(g.map.len())
     }
 
     fn claim_now(
@@ -83,10 +238,10 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Claim, IdempotencyError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        if let Some(e) = map.get(key) {
+        let mut g = self.lock();
+        if let Some(e) = g.map.get(key) {
             if e.expires > now {
-                if e.fingerprint != fp {
+                if *e.fingerprint != *fp {
                     return Ok(Claim::Mismatch);
                 }
                 return Ok(match &e.state {
@@ -97,51 +252,137 @@ impl MemoryStore {
                 });
             }
         }
-        if map.len() >= self.capacity && !map.contains_key(key) {
-            // A sweep is O(n) under the lock: at most one per 100ms while full, so an overloaded
-            // store answers `Full` quickly instead of sweeping on every claim.
-            let mut last = keel_core::lock(&self.last_sweep);
-            if last.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100)) {
-                *last = Some(now);
-                map.retain(|_, e| e.expires > now);
-            }
-            if map.len() >= self.capacity {
-                return Err(IdempotencyError::Full(map.len()));
-            }
+        // What the key held has expired: it makes room for the new claim in any case.
+        let old = g.remove(key).map(|(k, _)| k);
+        g.purge_expired(now);
+        let size = entry_size(key, fp, owner, 0);
+        // Claims in progress are never evicted: when they alone leave no room, refuse without
+        // evicting anything.
+        if g.leases.len() >= self.capacity
+            || g.bytes_in_progress.saturating_add(size) > self.max_bytes
+        {
+            return Err(self.full(&g));
         }
-        let fence = self.fence.fetch_add(1, Ordering::Relaxed) + 1;
-        map.insert(
-            key.to_owned(),
+        let mut evicted = 0;
+        while g.map.len() >= self.capacity || g.bytes().saturating_add(size) > self.max_bytes {
+            if !g.evict_one() {
+                break;
+            }
+            evicted += 1;
+        }
+        g.fence += 1;
+        let fence = g.fence;
+        let key = old.unwrap_or_else(|| Arc::from(key));
+        g.insert(
+            key,
             Entry {
                 state: State::InProgress {
-                    owner: owner.to_owned(),
+                    owner: owner.into(),
                 },
-                fingerprint: fp.to_owned(),
+                fingerprint: fp.into(),
                 expires: now + lease.min(MAX_DURATION),
+                fence,
+                size,
             },
         );
+        drop(g);
+        count_evictions(evicted);
         Ok(Claim::New { fence })
     }
 
-    /// Runs `f` on the entry if `owner` holds it in progress and its lease has not run out.
-    fn if_owner(
+    /// Whether `owner` holds `key` in progress with its lease running.
+    fn held(g: &Inner, key: &str, owner: &str, now: Instant) -> bool {
+        matches!(
+            g.map.get(key),
+            Some(Entry { state: State::InProgress { owner: o }, expires, .. }) if **o == *owner && *expires > now
+        )
+    }
+
+    fn renew_now(&self, key: &str, owner: &str, lease: Duration) -> Ownership {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if !Self::held(&g, key, owner, now) {
+            return Ownership::Stale;
+        }
+        if let Some((k, mut e)) = g.remove(key) {
+            e.expires = now + lease.min(MAX_DURATION);
+            g.insert(k, e);
+        }
+        Ownership::Owner
+    }
+
+    fn complete_now(
         &self,
         key: &str,
         owner: &str,
-        f: impl FnOnce(&mut HashMap<String, Entry>, Instant),
-    ) -> Ownership {
+        record: Bytes,
+        retention: Duration,
+    ) -> Result<Ownership, IdempotencyError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        let held = matches!(
-            map.get(key),
-            Some(Entry { state: State::InProgress { owner: o }, expires, .. }) if o == owner && *expires > now
-        );
-        if held {
-            f(&mut map, now);
-            Ownership::Owner
-        } else {
-            Ownership::Stale
+        let mut g = self.lock();
+        if !Self::held(&g, key, owner, now) {
+            return Ok(Ownership::Stale);
         }
+        let Some((old_size, fp_len)) = g.map.get(key).map(|e| (e.size, e.fingerprint.len())) else {
+            return Ok(Ownership::Stale);
+        };
+        let size = ENTRY_OVERHEAD
+            .saturating_add(key.len())
+            .saturating_add(fp_len)
+            .saturating_add(record.len());
+        // Even with every completed answer evicted, this one would not fit beside the claims in
+        // progress: refuse, and leave the claim as it was.
+        if (g.bytes_in_progress - old_size).saturating_add(size) > self.max_bytes {
+            return Err(self.full(&g));
+        }
+        let Some((k, mut e)) = g.remove(key) else {
+            return Ok(Ownership::Stale);
+        };
+        let mut evicted = 0;
+        while g.bytes().saturating_add(size) > self.max_bytes {
+            if !g.evict_one() {
+                break;
+            }
+            evicted += 1;
+        }
+        e.state = State::Completed(record);
+        e.expires = now + retention.min(MAX_DURATION);
+        e.size = size;
+        g.insert(k, e);
+        drop(g);
+        count_evictions(evicted);
+        Ok(Ownership::Owner)
+    }
+
+    fn release_now(&self, key: &str, owner: &str) -> Ownership {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if !Self::held(&g, key, owner, now) {
+            return Ownership::Stale;
+        }
+        g.remove(key);
+        Ownership::Owner
+    }
+
+    /// Checks that the map, the indices and the byte counts agree (tests).
+    #[cfg(test)]
+    fn check(&self) {
+        let g = self.lock();
+        assert_eq!(g.map.len(), g.leases.len() + g.completed.len());
+        let (mut bp, mut bc) = (0, 0);
+        for (k, e) in &g.map {
+            let index = if e.in_progress() {
+                bp += e.size;
+                &g.leases
+            } else {
+                bc += e.size;
+                &g.completed
+            };
+            assert_eq!(index.get(&e.index()).map(|k| &**k), Some(&**k));
+        }
+        assert_eq!((bp, bc), (g.bytes_in_progress, g.bytes_completed));
+        assert!(g.map.len() <= self.capacity);
+        assert!(g.bytes() <= self.max_bytes);
     }
 }
 
@@ -163,11 +404,7 @@ impl IdempotencyStore for MemoryStore {
         owner: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        let r = self.if_owner(key, owner, |m, now| {
-            if let Some(e) = m.get_mut(key) {
-                e.expires = now + lease.min(MAX_DURATION);
-            }
-        });
+        let r = self.renew_now(key, owner, lease);
         Box::pin(async move { Ok(r) })
     }
 
@@ -178,13 +415,8 @@ impl IdempotencyStore for MemoryStore {
         record: Bytes,
         retention: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        let r = self.if_owner(key, owner, |m, now| {
-            if let Some(e) = m.get_mut(key) {
-                e.state = State::Completed(record);
-                e.expires = now + retention.min(MAX_DURATION);
-            }
-        });
-        Box::pin(async move { Ok(r) })
+        let r = self.complete_now(key, owner, record, retention);
+        Box::pin(async move { r })
     }
 
     fn release<'a>(
@@ -192,39 +424,201 @@ impl IdempotencyStore for MemoryStore {
         key: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-        let r = self.if_owner(key, owner, |m, _| {
-            m.remove(key);
-        });
+        let r = self.release_now(key, owner);
         Box::pin(async move { Ok(r) })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
+    use proptest::prelude::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    async fn new(s: &MemoryStore, key: &str) -> u64 {
+        match s.claim(key, "o", "f", S).await {
+            Ok(Claim::New { fence }) => fence,
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    async fn done(s: &MemoryStore, key: &str, ttl: Duration) {
+        let r = s.complete(key, "o", Bytes::from(key.to_owned()), ttl).await;
+        assert_eq!(r.unwrap(), Ownership::Owner, "{key}");
+    }
+
+    /// Counts `keel_idempotency_memory_evictions_total` (thread-local: current-thread tests).
+    #[derive(Default)]
+    struct Evictions(Arc<AtomicU64>);
+
+    impl Evictions {
+        fn get(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl metrics::Recorder for Evictions {
+        fn describe_counter(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_gauge(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(
+            &self,
+            key: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Counter {
+            if key.name() == telemetry::MEMORY_EVICTIONS_TOTAL {
+                metrics::Counter::from_arc(self.0.clone())
+            } else {
+                metrics::Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn bounded_and_evicts_expired() {
+        let rec = Evictions::default();
+        let _g = metrics::set_default_local_recorder(&rec);
         let s = MemoryStore::new(2);
-        let l = Duration::from_secs(1);
+        new(&s, "a").await;
+        new(&s, "b").await;
         assert!(matches!(
-            s.claim("a", "o", "f", l).await,
-            Ok(Claim::New { .. })
-        ));
-        assert!(matches!(
-            s.claim("b", "o", "f", l).await,
-            Ok(Claim::New { .. })
-        ));
-        assert!(matches!(
-            s.claim("c", "o", "f", l).await,
+            s.claim("c", "o", "f", S).await,
             Err(IdempotencyError::Full(2))
         ));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(matches!(
-            s.claim("c", "o", "f", l).await,
-            Ok(Claim::New { .. })
-        ));
+        tokio::time::advance(2 * S).await;
+        new(&s, "c").await;
         assert_eq!(s.len(), 1);
+        assert_eq!(rec.get(), 0, "expired entries are not evictions");
+        s.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_evicts_the_completed_answer_nearest_its_end() {
+        let rec = Evictions::default();
+        let _g = metrics::set_default_local_recorder(&rec);
+        let s = MemoryStore::new(3);
+        for (k, ttl) in [("a", 30), ("b", 10), ("c", 20)] {
+            new(&s, k).await;
+            done(&s, k, Duration::from_secs(ttl)).await;
+        }
+        // Full of completed answers: a new key still runs, and "b" (ends first) makes room.
+        new(&s, "d").await;
+        assert_eq!(rec.get(), 1);
+        assert_eq!(s.len(), 3);
+        for k in ["a", "c"] {
+            assert!(matches!(
+                s.claim(k, "o2", "f", S).await,
+                Ok(Claim::Completed(_))
+            ));
+        }
+        // The evicted key is forgotten: it can execute again (and evicts "c" to do so).
+        new(&s, "b").await;
+        assert_eq!(rec.get(), 2);
+        assert!(matches!(
+            s.claim("a", "o2", "f", S).await,
+            Ok(Claim::Completed(_))
+        ));
+        s.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_in_progress_are_never_evicted() {
+        let rec = Evictions::default();
+        let _g = metrics::set_default_local_recorder(&rec);
+        let s = MemoryStore::new(2);
+        new(&s, "a").await;
+        new(&s, "b").await;
+        done(&s, "a", S * 60).await;
+        new(&s, "c").await;
+        assert_eq!(rec.get(), 1, "a (completed) made room");
+        // Only claims in progress now: refused, typed, retryable, a store failure (503).
+        let e = s.claim("d", "o", "f", S).await.unwrap_err();
+        assert!(matches!(e, IdempotencyError::Full(2)), "{e:?}");
+        assert!(e.is_retryable() && e.is_store_failure());
+        assert_eq!(rec.get(), 1);
+        // Both claims are intact: their owners renew and complete them.
+        for k in ["b", "c"] {
+            assert_eq!(s.renew(k, "o", S).await.unwrap(), Ownership::Owner);
+            done(&s, k, S * 60).await;
+        }
+        s.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_in_bytes_too() {
+        let rec = Evictions::default();
+        let _g = metrics::set_default_local_recorder(&rec);
+        let one = entry_size("k0", "f", "", 1000);
+        let s = MemoryStore::new(1000).with_max_bytes(3 * one);
+        for i in 0..3 {
+            let k = format!("k{i}");
+            new(&s, &k).await;
+            s.complete(&k, "o", Bytes::from(vec![0; 1000]), S * 60)
+                .await
+                .unwrap();
+        }
+        assert_eq!(rec.get(), 0);
+        new(&s, "k3").await;
+        assert_eq!(rec.get(), 1, "a claim past the byte budget evicts");
+        s.complete("k3", "o", Bytes::from(vec![0; 1000]), S * 60)
+            .await
+            .unwrap();
+        assert!(s.bytes() <= 3 * one);
+        assert_eq!(s.len(), 3);
+        // An answer that cannot fit even with every completed answer gone is refused, and its
+        // claim stays as it was.
+        new(&s, "huge").await;
+        let e = s
+            .complete("huge", "o", Bytes::from(vec![0; 4 * one]), S * 60)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IdempotencyError::Full(_)), "{e:?}");
+        assert_eq!(s.release("huge", "o").await.unwrap(), Ownership::Owner);
+        s.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_lease_is_not_dropped_at_its_first_end() {
+        let s = MemoryStore::new(2);
+        new(&s, "a").await;
+        tokio::time::advance(S / 2).await;
+        assert_eq!(s.renew("a", "o", S).await.unwrap(), Ownership::Owner);
+        tokio::time::advance(S * 7 / 10).await;
+        // The lease first ended 200ms ago; renewed, it runs 300ms more.
+        new(&s, "b").await;
+        done(&s, "a", S).await;
+        s.check();
     }
 
     #[tokio::test(start_paused = true)]
@@ -251,5 +645,81 @@ mod tests {
                 .unwrap(),
             Ownership::Owner
         );
+        s.check();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Claim(u8, u8),
+        Renew(u8, u8),
+        Complete(u8, u8, u16, u8),
+        Release(u8, u8),
+        Advance(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..12u8, 0..3u8).prop_map(|(k, o)| Op::Claim(k, o)),
+            (0..12u8, 0..3u8).prop_map(|(k, o)| Op::Renew(k, o)),
+            (0..12u8, 0..3u8, 0..3000u16, 1..20u8)
+                .prop_map(|(k, o, n, t)| Op::Complete(k, o, n, t)),
+            (0..12u8, 0..3u8).prop_map(|(k, o)| Op::Release(k, o)),
+            (0..3000u16).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of operations keeps the indices, byte counts and bounds consistent, and
+        /// never evicts a claim in progress: its owner can always complete it within its lease.
+        #[test]
+        fn bookkeeping_holds(ops in proptest::collection::vec(op(), 1..200)) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = MemoryStore::new(6).with_max_bytes(4 * entry_size("k00", "f", "o0", 1500));
+                // What each key's owner believes it holds, and until when.
+                let mut held: HashMap<String, (String, Instant)> = HashMap::new();
+                for op in ops {
+                    let now = Instant::now();
+                    match op {
+                        Op::Claim(k, o) => {
+                            let (k, o) = (format!("k{k:02}"), format!("o{o}"));
+                            if let Ok(Claim::New { .. }) = s.claim(&k, &o, "f", S).await {
+                                held.insert(k, (o, now + S));
+                            }
+                        }
+                        Op::Renew(k, o) => {
+                            let (k, o) = (format!("k{k:02}"), format!("o{o}"));
+                            if s.renew(&k, &o, S).await.unwrap() == Ownership::Owner {
+                                held.insert(k, (o, now + S));
+                            }
+                        }
+                        Op::Complete(k, o, n, t) => {
+                            let (k, o) = (format!("k{k:02}"), format!("o{o}"));
+                            let live = held.get(&k).is_some_and(|(h, end)| *h == o && *end > now);
+                            let r = s.complete(&k, &o, Bytes::from(vec![0; usize::from(n)]), S * u32::from(t)).await;
+                            match r {
+                                Ok(Ownership::Owner) => { prop_assert!(live); held.remove(&k); }
+                                Ok(Ownership::Stale) => prop_assert!(!live, "a live claim was lost"),
+                                Err(_) => prop_assert!(live),
+                            }
+                        }
+                        Op::Release(k, o) => {
+                            let (k, o) = (format!("k{k:02}"), format!("o{o}"));
+                            let live = held.get(&k).is_some_and(|(h, end)| *h == o && *end > now);
+                            let r = s.release(&k, &o).await.unwrap();
+                            prop_assert_eq!(r == Ownership::Owner, live);
+                            if live { held.remove(&k); }
+                        }
+                        Op::Advance(ms) => tokio::time::advance(Duration::from_millis(u64::from(ms))).await,
+                    }
+                    s.check();
+                }
+                Ok(())
+            })?;
+        }
     }
 }

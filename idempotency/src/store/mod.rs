@@ -26,7 +26,7 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use self::memory::MemoryStore;
+pub use self::memory::{MemoryStore, DEFAULT_MEMORY_MAX_BYTES};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
@@ -170,7 +170,9 @@ pub async fn store_from_config(
 ) -> Result<Arc<dyn IdempotencyStore>, IdempotencyError> {
     cfg.validate().map_err(IdempotencyError::Config)?;
     Ok(match cfg.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(cfg.memory_capacity)),
+        StoreKind::Memory => Arc::new(
+            MemoryStore::new(cfg.memory_capacity).with_max_bytes(cfg.memory_max_bytes),
+        ),
         #[cfg(feature = "redis")]
         StoreKind::Redis => Arc::new(RedisStore::connect(cfg).await?),
         #[cfg(not(feature = "redis"))]
