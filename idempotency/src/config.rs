@@ -23,7 +23,8 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StorePolicy {
-    /// 2xx and 4xx are stored; anything else releases the key so the client can retry.
+    /// Every answer below 500 is stored: 2xx, 3xx (a redirect such as 303 See Other after a
+    /// POST reports work done) and 4xx. 5xx releases the key so the client can retry.
     #[default]
     SuccessAndClientErrors,
     /// Every status is stored, 5xx included.
@@ -35,9 +36,7 @@ impl StorePolicy {
     pub fn stores(self, status: u16) -> bool {
         match self {
             Self::All => true,
-            Self::SuccessAndClientErrors => {
-                (200..300).contains(&status) || (400..500).contains(&status)
-            }
+            Self::SuccessAndClientErrors => status < 500,
         }
     }
 }
@@ -336,5 +335,6 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("memory_max_bytes"));
         assert!(StorePolicy::All.stores(503));
         assert!(!StorePolicy::SuccessAndClientErrors.stores(503));
+        assert!(StorePolicy::SuccessAndClientErrors.stores(303));
     }
 }

@@ -9,7 +9,7 @@
 //!    *mismatch* → 422; *store down* → 503 + `Retry-After`, or run without idempotency when the
 //!    route fails open.
 //! 4. *New*: the handler runs with [`FencingToken`] and [`LeaseLost`] in its extensions while the
-//!    watchdog renews the lease. Its response is stored (2xx/4xx by default) with one owner-checked
+//!    watchdog renews the lease. Its response is stored (below 500 by default) with one owner-checked
 //!    completion, or the key is released (5xx, panic, body too large). A completion refused as
 //!    stale owner turns into a 409, so the client retries and gets the canonical answer.
 //! 5. Dropped mid-way (client gone): a guard releases the key (owner-checked) or lets it expire.
@@ -597,6 +597,35 @@ mod tests {
             assert!(r.headers().get(REPLAYED_HEADER).is_none());
         }
         assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    /// A POST answered with a redirect (303 See Other, "created, look there") has done its work:
+    /// its duplicate gets the same redirect, not a second execution.
+    #[tokio::test]
+    async fn a_redirect_is_stored_and_replayed() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let layer = IdempotencyLayer::new(
+            Arc::new(MemoryStore::new(100)),
+            Live::new(IdempotencyConfig::default()),
+        );
+        let app = axum::Router::new().route(
+            "/pay",
+            axum::routing::post({
+                let runs = runs.clone();
+                move || async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    axum::response::Redirect::to(&format!("/payments/{n}"))
+                }
+            })
+            .layer(layer),
+        );
+        for replayed in [false, true] {
+            let r = send(&app, &[("idempotency-key", b"r")]).await;
+            assert_eq!(r.status(), StatusCode::SEE_OTHER);
+            assert_eq!(r.headers()[http::header::LOCATION], "/payments/0");
+            assert_eq!(r.headers().contains_key(REPLAYED_HEADER), replayed);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
