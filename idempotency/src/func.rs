@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::{
     key,
     lease::{with_lease, FencingToken, LeaseLost},
-    store::{new_owner, Claim, IdempotencyStore, Ownership},
+    store::{detached, new_owner, Claim, IdempotencyStore, Ownership},
     telemetry, IdempotencyError,
 };
 
@@ -117,6 +117,11 @@ impl Idempotent {
     }
 
     /// Like [`run`](Self::run), giving the closure its fencing token and lease-lost signal.
+    ///
+    /// Dropping the returned future (the caller gives up): while the claim is in flight it is
+    /// given back; while the closure runs, the key stays claimed until its lease ends (nothing
+    /// renews it any more), so a half-done closure is not raced by its retry; a completion or
+    /// release already on its way runs to its end.
     pub async fn run_fenced<T, E, F, Fut>(&self, key: &str, f: F) -> Result<T, RunError<E>>
     where
         T: Serialize + DeserializeOwned,
@@ -127,7 +132,13 @@ impl Idempotent {
         let owner = new_owner();
         let until = tokio::time::Instant::now() + self.wait.min(keel_core::units::MAX_DURATION);
         let fence = loop {
-            match self.store.claim(&skey, &owner, "", self.lease).await {
+            // Dropped while the claim is in flight (the caller gave up): the claim may have
+            // taken effect with nothing run; give it back rather than hold it a whole lease.
+            let mut in_flight =
+                ClaimInFlight(Some((self.store.clone(), skey.clone(), owner.clone())));
+            let claim = self.store.claim(&skey, &owner, "", self.lease).await;
+            in_flight.0 = None;
+            match claim {
                 Ok(Claim::New { fence }) => {
                     telemetry::claim("new");
                     break fence;
@@ -163,41 +174,61 @@ impl Idempotent {
         let work =
             AssertUnwindSafe(async { f(FencingToken(fence), lost.clone()).await }).catch_unwind();
         let out = with_lease(self.store.as_ref(), &skey, &owner, self.lease, &lost, work).await;
+        // From here on, a release or completion runs to its end even if the caller gives up.
+        let give_back = || {
+            let (store, skey, owner) = (self.store.clone(), skey.clone(), owner.clone());
+            detached(async move {
+                let _ = store.release(&skey, &owner).await;
+                telemetry::complete("released");
+            })
+        };
         let value = match out {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                let _ = self.store.release(&skey, &owner).await;
-                telemetry::complete("released");
+                give_back().await;
                 return Err(RunError::Failed(e));
             }
             Err(panic) => {
-                let _ = self.store.release(&skey, &owner).await;
-                telemetry::complete("released");
+                give_back().await;
                 std::panic::resume_unwind(panic);
             }
         };
         let raw = match serde_json::to_vec(&value) {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.store.release(&skey, &owner).await;
-                telemetry::complete("released");
+                give_back().await;
                 return Err(IdempotencyError::Serde(e.to_string()).into());
             }
         };
-        let done = self
-            .store
-            .complete(&skey, &owner, raw.into(), self.ttl)
-            .await
-            .inspect_err(|_| telemetry::complete("error"))?;
+        let (store, ttl) = (self.store.clone(), self.ttl);
+        let done = detached(async move {
+            let r = store.complete(&skey, &owner, raw.into(), ttl).await;
+            telemetry::complete(match r {
+                Ok(Ownership::Owner) => "ok",
+                Ok(Ownership::Stale) => "stale_owner",
+                Err(_) => "error",
+            });
+            r
+        })
+        .await?;
         match done {
-            Ownership::Owner => {
-                telemetry::complete("ok");
-                Ok(value)
-            }
-            Ownership::Stale => {
-                telemetry::complete("stale_owner");
-                Err(IdempotencyError::StaleOwner.into())
-            }
+            Ownership::Owner => Ok(value),
+            Ownership::Stale => Err(IdempotencyError::StaleOwner.into()),
+        }
+    }
+}
+
+/// Gives a claim back (owner-checked, in the background) when dropped while still set.
+struct ClaimInFlight(Option<(Arc<dyn IdempotencyStore>, String, String)>);
+
+impl Drop for ClaimInFlight {
+    fn drop(&mut self) {
+        if let (Some((store, key, owner)), Ok(rt)) =
+            (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(async move {
+                let _ = store.release(&key, &owner).await;
+            });
         }
     }
 }
@@ -224,6 +255,40 @@ mod tests {
             .await
             .expect("key released after the panic");
         assert_eq!(v, 7);
+    }
+
+    /// The caller goes away while the completion is on its way to the store: the closure ran,
+    /// so its result is still stored, and the next call gets it instead of an "in progress".
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_in_flight_outlives_the_caller() {
+        let store = crate::testing::Slow::new(Duration::ZERO, Duration::from_millis(100));
+        let once = Idempotent::new(store);
+        let gone = tokio::time::timeout(
+            Duration::from_millis(50),
+            once.run("k", || async { Ok::<u8, ()>(1) }),
+        )
+        .await;
+        assert!(gone.is_err(), "dropped while completing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let v: u8 = once.run("k", || async { Ok::<_, ()>(2) }).await.unwrap();
+        assert_eq!(v, 1, "the first result was stored");
+    }
+
+    /// The caller goes away while the claim is on its way back: nothing ran, so the key is given
+    /// back instead of being held for a whole lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_in_flight_is_given_back_when_the_caller_goes_away() {
+        let store = crate::testing::Slow::new(Duration::from_millis(100), Duration::ZERO);
+        let once = Idempotent::new(store);
+        let gone = tokio::time::timeout(
+            Duration::from_millis(50),
+            once.run("k", || async { Ok::<u8, ()>(1) }),
+        )
+        .await;
+        assert!(gone.is_err(), "dropped while claiming");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let v: u8 = once.run("k", || async { Ok::<_, ()>(2) }).await.unwrap();
+        assert_eq!(v, 2, "the key was free: the second call ran");
     }
 
     /// Records the `result` label of every `completes_total` increment.

@@ -81,6 +81,8 @@ mod record;
 mod service;
 mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 
 #[cfg(feature = "redis")]
 pub use self::store::RedisStore;

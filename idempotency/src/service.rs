@@ -9,10 +9,13 @@
 //!    *mismatch* → 422; *store down* → 503 + `Retry-After`, or run without idempotency when the
 //!    route fails open.
 //! 4. *New*: the handler runs with [`FencingToken`] and [`LeaseLost`] in its extensions while the
-//!    watchdog renews the lease. Its response is stored (below 500 by default) with one owner-checked
-//!    completion, or the key is released (5xx, panic, body too large). A completion refused as
-//!    stale owner turns into a 409, so the client retries and gets the canonical answer.
-//! 5. Dropped mid-way (client gone): a guard releases the key (owner-checked) or lets it expire.
+//!    watchdog renews the lease. Its response is stored (below 500 by default) with one
+//!    owner-checked completion, or the key is released (5xx, panic, body too large). A completion
+//!    refused as stale owner turns into a 409, so the client retries and gets the canonical
+//!    answer.
+//! 5. Dropped mid-way (client gone): a claim in flight is given back (owner-checked; nothing
+//!    ran); while the handler runs, a guard releases the key (owner-checked) or lets it expire,
+//!    per `on_cancel`; a completion or release already on its way runs to its end.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -22,6 +25,7 @@ use std::{
 };
 
 use axum::{body::Body, extract::MatchedPath};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -37,7 +41,7 @@ use crate::{
     lease::{with_lease, FencingToken, LeaseLost},
     problem::problem,
     record::StoredResponse,
-    store::{new_owner, Claim, IdempotencyStore, Ownership},
+    store::{detached, new_owner, Claim, Detached, IdempotencyStore, Ownership},
     telemetry, IdempotencyError,
 };
 
@@ -116,27 +120,54 @@ fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Releases the key when dropped while armed (client disconnect), per policy.
+/// What a dropped request (client gone) leaves to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    /// Nothing is held.
+    No,
+    /// A claim is in flight: it may have taken effect, and nothing ran, so it is given back
+    /// (owner-checked: a no-op if it never took effect), whatever `on_cancel` says.
+    Claiming,
+    /// The handler runs: the key is released or left to expire, per `on_cancel`.
+    Running,
+}
+
+/// Acts for a request dropped mid-way (client disconnect), per [`Armed`].
 struct CancelGuard {
     store: Arc<dyn IdempotencyStore>,
     key: String,
     owner: String,
     release: bool,
-    armed: bool,
+    armed: Armed,
+}
+
+impl CancelGuard {
+    /// Disarms the guard and hands over the store, key and owner it held.
+    fn disarm(mut self) -> (Arc<dyn IdempotencyStore>, String, String) {
+        self.armed = Armed::No;
+        (
+            self.store.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.owner),
+        )
+    }
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        telemetry::complete("cancelled");
-        if !self.release {
-            debug!(
-                key = key::short(&self.key),
-                "request dropped; lease left to expire"
-            );
-            return;
+        match self.armed {
+            Armed::No => return,
+            Armed::Claiming => {}
+            Armed::Running => {
+                telemetry::complete("cancelled");
+                if !self.release {
+                    debug!(
+                        key = key::short(&self.key),
+                        "request dropped; lease left to expire"
+                    );
+                    return;
+                }
+            }
         }
         let (store, key, owner) = (
             self.store.clone(),
@@ -150,6 +181,34 @@ impl Drop for CancelGuard {
             });
         }
     }
+}
+
+/// Releases the key (owner-checked) and counts it: to the end, even if the request is dropped
+/// meanwhile.
+fn give_back((store, key, owner): (Arc<dyn IdempotencyStore>, String, String)) -> Detached<()> {
+    detached(async move {
+        let _ = store.release(&key, &owner).await;
+        telemetry::complete("released");
+    })
+}
+
+/// Stores the answer (owner-checked) and counts the outcome: to the end, even if the request is
+/// dropped meanwhile (the handler ran; a lost completion would leave the key claimed until its
+/// lease ended, and then run the request again).
+fn complete(
+    (store, key, owner): (Arc<dyn IdempotencyStore>, String, String),
+    record: Bytes,
+    ttl: Duration,
+) -> Detached<Result<Ownership, IdempotencyError>> {
+    detached(async move {
+        let r = store.complete(&key, &owner, record, ttl).await;
+        telemetry::complete(match r {
+            Ok(Ownership::Owner) => "ok",
+            Ok(Ownership::Stale) => "stale_owner",
+            Err(_) => "error",
+        });
+        r
+    })
 }
 
 fn replay(stored: StoredResponse) -> Response<Body> {
@@ -327,8 +386,18 @@ where
     let owner = new_owner();
     let wait_until =
         tokio::time::Instant::now() + policy.cfg.conflict_wait.min(keel_core::units::MAX_DURATION);
+    let mut guard = CancelGuard {
+        store: store.clone(),
+        key: skey.clone(),
+        owner: owner.clone(),
+        release: policy.on_cancel() == OnCancel::Release,
+        armed: Armed::No,
+    };
     let fence = loop {
-        match store.claim(&skey, &owner, &fp, lease).await {
+        guard.armed = Armed::Claiming;
+        let claim = store.claim(&skey, &owner, &fp, lease).await;
+        guard.armed = Armed::No;
+        match claim {
             Ok(Claim::New { fence }) => {
                 telemetry::claim("new");
                 break fence;
@@ -398,13 +467,7 @@ where
     let lost = LeaseLost::default();
     req.extensions_mut().insert(FencingToken(fence));
     req.extensions_mut().insert(lost.clone());
-    let mut guard = CancelGuard {
-        store: store.clone(),
-        key: skey.clone(),
-        owner: owner.clone(),
-        release: policy.on_cancel() == OnCancel::Release,
-        armed: true,
-    };
+    guard.armed = Armed::Running;
 
     // The handler and the collection of its body run under the lease.
     let work = async {
@@ -421,12 +484,11 @@ where
         AssertUnwindSafe(work).catch_unwind(),
     )
     .await;
-    guard.armed = false;
+    let held = guard.disarm();
     let (parts, body) = match outcome {
         Ok(Ok((parts, Ok(body)))) => (parts, body),
         Ok(Ok((_, Err(e)))) => {
-            let _ = store.release(&skey, &owner).await;
-            telemetry::complete("released");
+            give_back(held).await;
             error!(key = key::short(&skey), error = %e, "response body failed; key released");
             return Ok(problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -437,13 +499,11 @@ where
             ));
         }
         Ok(Err(e)) => {
-            let _ = store.release(&skey, &owner).await;
-            telemetry::complete("released");
+            give_back(held).await;
             return Err(e);
         }
         Err(_) => {
-            let _ = store.release(&skey, &owner).await;
-            telemetry::complete("released");
+            give_back(held).await;
             error!(key = key::short(&skey), "handler panicked; key released");
             return Ok(problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -465,8 +525,7 @@ where
                 "response too large to store; key released"
             );
         }
-        let _ = store.release(&skey, &owner).await;
-        telemetry::complete("released");
+        give_back(held).await;
         return Ok(Response::from_parts(parts, Body::from(body)));
     }
     let record = StoredResponse::new(
@@ -476,13 +535,9 @@ where
         body.clone(),
     )
     .encode();
-    match store.complete(&skey, &owner, record, policy.ttl()).await {
-        Ok(Ownership::Owner) => {
-            telemetry::complete("ok");
-            Ok(Response::from_parts(parts, Body::from(body)))
-        }
+    match complete(held, record, policy.ttl()).await {
+        Ok(Ownership::Owner) => Ok(Response::from_parts(parts, Body::from(body))),
         Ok(Ownership::Stale) => {
-            telemetry::complete("stale_owner");
             warn!(
                 key = key::short(&skey),
                 fence,
@@ -498,7 +553,6 @@ where
             ))
         }
         Err(e) => {
-            telemetry::complete("error");
             error!(key = key::short(&skey), error = %e, "completion could not be stored; the key stays claimed until its lease expires");
             Ok(Response::from_parts(parts, Body::from(body)))
         }
@@ -513,8 +567,15 @@ mod tests {
     use crate::MemoryStore;
 
     fn app(cfg: IdempotencyConfig, runs: Arc<AtomicUsize>) -> axum::Router {
-        let layer =
-            IdempotencyLayer::new(Arc::new(MemoryStore::new(100)), Live::new(cfg)).required(true);
+        app_on(Arc::new(MemoryStore::new(100)), cfg, runs)
+    }
+
+    fn app_on(
+        store: Arc<dyn IdempotencyStore>,
+        cfg: IdempotencyConfig,
+        runs: Arc<AtomicUsize>,
+    ) -> axum::Router {
+        let layer = IdempotencyLayer::new(store, Live::new(cfg)).required(true);
         axum::Router::new().route(
             "/pay",
             axum::routing::post(move || {
@@ -625,6 +686,51 @@ mod tests {
             assert_eq!(r.headers()[http::header::LOCATION], "/payments/0");
             assert_eq!(r.headers().contains_key(REPLAYED_HEADER), replayed);
         }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// The client goes away while the completion is on its way to the store: the handler ran,
+    /// so its answer is still stored (and replayed), not lost with the key left claimed until its
+    /// lease ends and the request then run again.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_in_flight_outlives_the_client() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let store = crate::testing::Slow::new(Duration::ZERO, Duration::from_millis(100));
+        let app = app_on(store, IdempotencyConfig::default(), runs.clone());
+        let gone = tokio::time::timeout(
+            Duration::from_millis(50),
+            send(&app, &[("idempotency-key", b"c")]),
+        )
+        .await;
+        assert!(gone.is_err(), "dropped while completing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = send(&app, &[("idempotency-key", b"c")]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[REPLAYED_HEADER], "true");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// The client goes away while the claim is on its way back: the claim took effect, nothing
+    /// ran, so the key is given back at once instead of being held for a whole lease (409s).
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_in_flight_is_given_back_when_the_client_goes_away() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let store = crate::testing::Slow::new(Duration::from_millis(100), Duration::ZERO);
+        let cfg = IdempotencyConfig {
+            on_cancel: OnCancel::Expire,
+            ..IdempotencyConfig::default()
+        };
+        let app = app_on(store, cfg, runs.clone());
+        let gone = tokio::time::timeout(
+            Duration::from_millis(50),
+            send(&app, &[("idempotency-key", b"c")]),
+        )
+        .await;
+        assert!(gone.is_err(), "dropped while claiming");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = send(&app, &[("idempotency-key", b"c")]).await;
+        assert_eq!(r.status(), StatusCode::OK, "the key was given back");
+        assert!(r.headers().get(REPLAYED_HEADER).is_none());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 

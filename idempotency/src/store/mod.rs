@@ -159,6 +159,46 @@ pub(crate) fn give_back_timed_out_claim(
     });
 }
 
+/// A store call that runs to its end even when the request that made it is dropped meanwhile
+/// (a client disconnect): dropped unfinished, what is left of it is handed to the runtime. A
+/// completion whose handler already ran must not be lost with the connection: the key would stay
+/// claimed until its lease ran out, and then run again.
+pub(crate) struct Detached<T: Send + 'static> {
+    fut: Option<BoxFuture<'static, T>>,
+}
+
+/// Wraps `fut` in [`Detached`].
+pub(crate) fn detached<T: Send + 'static>(
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Detached<T> {
+    Detached {
+        fut: Some(Box::pin(fut)),
+    }
+}
+
+impl<T: Send + 'static> Future for Detached<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let Some(fut) = self.fut.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let out = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let (Some(fut), Ok(rt)) = (self.fut.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = fut.await;
+            });
+        }
+    }
+}
+
 /// A fresh owner token: 128 random bits, hex.
 pub fn new_owner() -> String {
     format!("{:032x}", rand::random::<u128>())
