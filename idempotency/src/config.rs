@@ -151,7 +151,9 @@ pub struct IdempotencyConfig {
     pub required: bool,
     /// Which responses are stored.
     pub store_policy: StorePolicy,
-    /// Largest request body read and largest response body stored.
+    /// Largest request body read (413 past it) and largest response body stored. A larger
+    /// answer is never stored cut short: it streams on to the client (read no further than the
+    /// limit before that) and the key is released, so a retry runs again.
     pub max_body_bytes: usize,
     /// What a duplicate gets while the first runs.
     pub on_conflict: OnConflict,

@@ -26,7 +26,7 @@ use std::{
 
 use axum::{body::Body, extract::MatchedPath};
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use keel_core::Live;
@@ -181,6 +181,43 @@ impl Drop for CancelGuard {
             });
         }
     }
+}
+
+/// A response body, read up to the storage limit.
+enum Answer {
+    /// Whole, within the limit: it can be stored.
+    Whole(Bytes),
+    /// Past the limit: what was read followed by the rest, to stream to the client unstored.
+    TooLarge(Body),
+}
+
+/// Reads `body` whole if it fits in `limit` bytes; past that, stops reading and hands back what
+/// was read chained to the rest, so a large answer is neither held whole in memory nor stored
+/// cut short. Trailers are dropped.
+async fn read_at_most(mut body: Body, limit: usize) -> Result<Answer, axum::Error> {
+    if axum::body::HttpBody::size_hint(&body).lower() > u64::try_from(limit).unwrap_or(u64::MAX) {
+        return Ok(Answer::TooLarge(body));
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        chunks.push(data);
+        if len > limit {
+            let read = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, axum::Error>));
+            return Ok(Answer::TooLarge(Body::from_stream(
+                read.chain(body.into_data_stream()),
+            )));
+        }
+    }
+    Ok(Answer::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    }))
 }
 
 /// Releases the key (owner-checked) and counts it: to the end, even if the request is dropped
@@ -469,11 +506,12 @@ where
     req.extensions_mut().insert(lost.clone());
     guard.armed = Armed::Running;
 
-    // The handler and the collection of its body run under the lease.
+    // The handler and the reading of its body (up to the storage limit) run under the lease.
+    let limit = policy.cfg.max_body_bytes;
     let work = async {
         let resp = call_inner(inner, req).await?;
         let (parts, body) = resp.into_parts();
-        Ok::<_, S::Error>((parts, body.collect().await.map(|b| b.to_bytes())))
+        Ok::<_, S::Error>((parts, read_at_most(body, limit).await))
     };
     let outcome = with_lease(
         store.as_ref(),
@@ -486,7 +524,17 @@ where
     .await;
     let held = guard.disarm();
     let (parts, body) = match outcome {
-        Ok(Ok((parts, Ok(body)))) => (parts, body),
+        Ok(Ok((parts, Ok(Answer::Whole(body))))) => (parts, body),
+        Ok(Ok((parts, Ok(Answer::TooLarge(body))))) => {
+            // Never stored cut short: the key is released (a retry runs again) and the answer
+            // streams on to the client whole.
+            warn!(
+                key = key::short(&skey),
+                limit, "response too large to store; key released"
+            );
+            give_back(held).await;
+            return Ok(Response::from_parts(parts, body));
+        }
         Ok(Ok((_, Err(e)))) => {
             give_back(held).await;
             error!(key = key::short(&skey), error = %e, "response body failed; key released");
@@ -515,16 +563,7 @@ where
         }
     };
 
-    let status = parts.status.as_u16();
-    let storable = policy.store_policy().stores(status) && body.len() <= policy.cfg.max_body_bytes;
-    if !storable {
-        if body.len() > policy.cfg.max_body_bytes {
-            warn!(
-                key = key::short(&skey),
-                len = body.len(),
-                "response too large to store; key released"
-            );
-        }
+    if !policy.store_policy().stores(parts.status.as_u16()) {
         give_back(held).await;
         return Ok(Response::from_parts(parts, Body::from(body)));
     }
@@ -562,6 +601,8 @@ where
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::StreamExt;
 
     use super::*;
     use crate::MemoryStore;
@@ -732,6 +773,75 @@ mod tests {
         assert_eq!(r.status(), StatusCode::OK, "the key was given back");
         assert!(r.headers().get(REPLAYED_HEADER).is_none());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    /// An answer larger than `max_body_bytes` is neither stored (no truncated replay: the key
+    /// is released) nor first read whole into memory: it streams to the client, whole, once the
+    /// limit is passed. One at the limit is stored and replayed byte for byte.
+    #[tokio::test]
+    async fn an_answer_past_the_limit_streams_whole_and_is_not_stored() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let layer = IdempotencyLayer::new(
+            Arc::new(MemoryStore::new(100)),
+            Live::new(IdempotencyConfig {
+                max_body_bytes: 4096,
+                ..IdempotencyConfig::default()
+            }),
+        );
+        let handler = {
+            let (pulled, runs) = (pulled.clone(), runs.clone());
+            move |body: Bytes| {
+                let (pulled, runs) = (pulled.clone(), runs.clone());
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let chunks: usize = std::str::from_utf8(&body).unwrap().parse().unwrap();
+                    let stream = futures_util::stream::iter(0..chunks).map(move |i| {
+                        pulled.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(Bytes::from(vec![
+                            b'a' + (i % 26) as u8;
+                            1024
+                        ]))
+                    });
+                    Body::from_stream(stream)
+                }
+            }
+        };
+        let app = axum::Router::new().route("/pay", axum::routing::post(handler).layer(layer));
+        let expected = |chunks: usize| -> Vec<u8> {
+            (0..chunks)
+                .flat_map(|i| vec![b'a' + (i % 26) as u8; 1024])
+                .collect()
+        };
+        let call = |key: &'static str, chunks: usize| {
+            let app = app.clone();
+            async move {
+                let req = Request::post("/pay")
+                    .header("idempotency-key", key)
+                    .body(Body::from(chunks.to_string()))
+                    .unwrap();
+                tower::ServiceExt::oneshot(app, req).await.unwrap()
+            }
+        };
+        let r = call("big", 100).await;
+        let read = pulled.load(Ordering::SeqCst);
+        assert!(
+            read <= 5,
+            "{read} chunks of 1 KiB read before answering, limit 4 KiB"
+        );
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, expected(100), "the whole answer, not a truncated one");
+        let again = call("big", 100).await;
+        assert!(again.headers().get(REPLAYED_HEADER).is_none(), "not stored");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        // At the limit: stored and replayed.
+        for replayed in [false, true] {
+            let r = call("fits", 4).await;
+            assert_eq!(r.headers().contains_key(REPLAYED_HEADER), replayed);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, expected(4));
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
