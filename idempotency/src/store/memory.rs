@@ -21,6 +21,10 @@
 //! with [`IdempotencyError::Full`] (503 + `Retry-After`, or run without idempotency on a route
 //! that fails open), and so is a completion whose answer cannot fit beside them.
 //!
+//! Fencing tokens grow with every claim and continue from the wall clock (microseconds since the
+//! epoch, as Redis's do from the server's clock), so a store made after a restart hands out
+//! tokens above those of the store before it.
+//!
 //! Every operation is O(log n): entries are indexed by the end of their lease (in progress) or of
 //! their retention (completed), so expired entries and eviction candidates are found at the front
 //! of an ordered map instead of by walking every entry.
@@ -180,6 +184,18 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+/// The wall clock in microseconds since the Unix epoch (0 before it).
+///
+/// Fencing tokens are at least this, so those of a store made after a restart are above those of
+/// the store before it, as long as the clock did not step back by more than the restart took and
+/// the old store did not hand out more than a million tokens a second. Redis's store seeds its
+/// tokens from the server's `TIME` in microseconds too, so switching stores keeps them growing.
+fn wall_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// Counts evictions once the lock is released.
 fn count_evictions(n: u64) {
     if n > 0 {
@@ -238,6 +254,7 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Claim, IdempotencyError> {
         let now = Instant::now();
+        let wall = wall_micros();
         let mut g = self.lock();
         if let Some(e) = g.map.get(key) {
             if e.expires > now {
@@ -252,7 +269,7 @@ impl MemoryStore {
                 });
             }
         }
-        // What the key held has expired: it makes room for the new claim in any case.
+        // What the key held has expired (or there was nothing): the claim is new.
         let old = g.remove(key).map(|(k, _)| k);
         g.purge_expired(now);
         let size = entry_size(key, fp, owner, 0);
@@ -270,7 +287,7 @@ impl MemoryStore {
             }
             evicted += 1;
         }
-        g.fence += 1;
+        g.fence = g.fence.saturating_add(1).max(wall);
         let fence = g.fence;
         let key = old.unwrap_or_else(|| Arc::from(key));
         g.insert(
@@ -646,6 +663,37 @@ mod tests {
             Ownership::Owner
         );
         s.check();
+    }
+
+    fn wall_micros_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    }
+
+    /// A restarted process starts a new, empty memory store. Its fencing tokens must still be
+    /// above the ones the old store handed out: a downstream that remembers the highest token it
+    /// saw for a key would otherwise refuse every new owner of it (Redis's tokens continue from
+    /// the server's clock for the same reason).
+    #[tokio::test(start_paused = true)]
+    async fn fences_keep_growing_across_a_restart() {
+        let before = MemoryStore::new(10);
+        let mut last = 0;
+        for _ in 0..3 {
+            let f = new(&before, "k").await;
+            assert!(f > last);
+            last = f;
+            assert_eq!(before.release("k", "o").await.unwrap(), Ownership::Owner);
+        }
+        drop(before);
+        // A restart takes longer than the wall clock needs to pass the last token.
+        while wall_micros_now() <= last {
+            std::hint::spin_loop();
+        }
+        let after = MemoryStore::new(10);
+        let f = new(&after, "k").await;
+        assert!(f > last, "{f} after {last}");
     }
 
     #[derive(Debug, Clone)]
