@@ -18,11 +18,20 @@ pub(crate) struct StoredResponse {
 }
 
 impl StoredResponse {
-    /// Keeps the headers of `all` that are named in `allow` (case-insensitive).
+    /// Keeps the headers of `all` that are named in `allow` (case-insensitive; a name listed
+    /// twice is kept once).
     pub(crate) fn new(status: StatusCode, all: &HeaderMap, allow: &[String], body: Bytes) -> Self {
-        let mut headers = Vec::new();
-        for name in allow {
+        let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
+        for (i, name) in allow.iter().enumerate() {
             if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                let seen = allow
+                    .get(..i)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(n.as_str()));
+                if seen {
+                    continue;
+                }
                 for v in all.get_all(&n) {
                     headers.push((n.clone(), v.clone()));
                 }
@@ -122,6 +131,22 @@ mod tests {
         );
         assert_eq!(s.headers.len(), 1);
         assert_eq!(StoredResponse::decode(&s.encode()), Some(s));
+    }
+
+    /// `replay_headers = ["content-type", "Content-Type"]`: the replay must carry the header
+    /// once, as the original did, not twice.
+    #[test]
+    fn a_header_named_twice_in_the_allow_list_is_kept_once() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.append("link", HeaderValue::from_static("<a>"));
+        h.append("link", HeaderValue::from_static("<b>"));
+        let allow = ["content-type", "Content-Type", "link", "LINK"].map(String::from);
+        let s = StoredResponse::new(StatusCode::OK, &h, &allow, Bytes::new());
+        let names: Vec<&str> = s.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "link", "link"]);
+        let back = StoredResponse::decode(&s.encode()).unwrap();
+        assert_eq!(back.headers, s.headers);
     }
 
     proptest! {
