@@ -7,6 +7,10 @@ use std::time::Duration;
 use keel_core::units::serde_duration;
 use serde::{Deserialize, Serialize};
 
+/// The shortest lease accepted: a lease set shorter in code (a route's override, the function
+/// API) counts as this.
+pub const MIN_LEASE: Duration = Duration::from_millis(30);
+
 /// Which store holds the keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -223,8 +227,11 @@ impl Default for IdempotencyConfig {
 impl IdempotencyConfig {
     /// Checks the section as a whole; the same gate a hot reload passes.
     pub fn validate(&self) -> Result<(), String> {
-        if self.lease < Duration::from_millis(30) {
-            return Err(format!("idempotency.lease {:?} is below 30ms", self.lease));
+        if self.lease < MIN_LEASE {
+            return Err(format!(
+                "idempotency.lease {:?} is below {MIN_LEASE:?}",
+                self.lease
+            ));
         }
         if self.ttl < self.lease {
             return Err("idempotency.ttl must be at least idempotency.lease".to_owned());

@@ -8,6 +8,7 @@ use futures_util::FutureExt;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
+    config::MIN_LEASE,
     key,
     lease::{with_lease, FencingToken, LeaseLost},
     store::{detached, new_owner, Claim, IdempotencyStore, Ownership},
@@ -84,14 +85,15 @@ impl Idempotent {
         self
     }
 
-    /// The lease (renewed every third of it while the closure runs).
+    /// The lease (renewed every third of it while the closure runs). At least 30 ms
+    /// ([`MIN_LEASE`](crate::MIN_LEASE)): a shorter one counts as that.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
 
-    /// How long results are kept.
+    /// How long results are kept. At least the lease: a shorter retention counts as the lease.
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -130,13 +132,15 @@ impl Idempotent {
     {
         let skey = key::storage_key(&self.scope, "RUN", "", key);
         let owner = new_owner();
+        let lease = self.lease.max(MIN_LEASE);
+        let ttl = self.ttl.max(lease);
         let until = tokio::time::Instant::now() + self.wait.min(keel_core::units::MAX_DURATION);
         let fence = loop {
             // Dropped while the claim is in flight (the caller gave up): the claim may have
             // taken effect with nothing run; give it back rather than hold it a whole lease.
             let mut in_flight =
                 ClaimInFlight(Some((self.store.clone(), skey.clone(), owner.clone())));
-            let claim = self.store.claim(&skey, &owner, "", self.lease).await;
+            let claim = self.store.claim(&skey, &owner, "", lease).await;
             in_flight.0 = None;
             match claim {
                 Ok(Claim::New { fence }) => {
@@ -173,7 +177,7 @@ impl Idempotent {
         // releases the key like a panic while it runs.
         let work =
             AssertUnwindSafe(async { f(FencingToken(fence), lost.clone()).await }).catch_unwind();
-        let out = with_lease(self.store.as_ref(), &skey, &owner, self.lease, &lost, work).await;
+        let out = with_lease(self.store.as_ref(), &skey, &owner, lease, &lost, work).await;
         // From here on, a release or completion runs to its end even if the caller gives up.
         let give_back = || {
             let (store, skey, owner) = (self.store.clone(), skey.clone(), owner.clone());
@@ -200,7 +204,7 @@ impl Idempotent {
                 return Err(IdempotencyError::Serde(e.to_string()).into());
             }
         };
-        let (store, ttl) = (self.store.clone(), self.ttl);
+        let store = self.store.clone();
         let done = detached(async move {
             let r = store.complete(&skey, &owner, raw.into(), ttl).await;
             telemetry::complete(match r {
@@ -289,6 +293,20 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let v: u8 = once.run("k", || async { Ok::<_, ()>(2) }).await.unwrap();
         assert_eq!(v, 2, "the key was free: the second call ran");
+    }
+
+    /// A zero lease or retention set in code: the closure still runs once, and its result is
+    /// kept (a zero lease made every completion a stale owner; a zero retention forgot it).
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_lease_or_retention_still_runs_once() {
+        for once in [
+            Idempotent::new(Arc::new(MemoryStore::new(10))).lease(Duration::ZERO),
+            Idempotent::new(Arc::new(MemoryStore::new(10))).ttl(Duration::ZERO),
+        ] {
+            let a: u8 = once.run("k", || async { Ok::<_, ()>(1) }).await.unwrap();
+            let b: u8 = once.run("k", || async { Ok::<_, ()>(2) }).await.unwrap();
+            assert_eq!((a, b), (1, 1));
+        }
     }
 
     /// Records the `result` label of every `completes_total` increment.

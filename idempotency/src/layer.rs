@@ -107,13 +107,15 @@ impl IdempotencyLayer {
         self.with(|o| o.fingerprint = Some(v))
     }
 
-    /// The lease, on this route (for handlers known to be slow).
+    /// The lease, on this route (for handlers known to be slow). At least 30 ms
+    /// ([`MIN_LEASE`](crate::MIN_LEASE)): a shorter one counts as that.
     #[must_use]
     pub fn lease(self, v: Duration) -> Self {
         self.with(|o| o.lease = Some(v))
     }
 
-    /// The retention of completed responses, on this route.
+    /// The retention of completed responses, on this route. At least the lease: a shorter one
+    /// counts as the lease.
     #[must_use]
     pub fn ttl(self, v: Duration) -> Self {
         self.with(|o| o.ttl = Some(v))

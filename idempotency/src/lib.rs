@@ -89,7 +89,7 @@ pub use self::store::RedisStore;
 pub use self::{
     config::{
         Durability, Fingerprint, IdempotencyConfig, OnCancel, OnConflict, OnStoreError, StoreKind,
-        StorePolicy,
+        StorePolicy, MIN_LEASE,
     },
     error::IdempotencyError,
     func::{Idempotent, RunError},

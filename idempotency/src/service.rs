@@ -34,7 +34,9 @@ use tower_service::Service;
 use tracing::{debug, error, warn, Instrument};
 
 use crate::{
-    config::{Fingerprint, IdempotencyConfig, OnCancel, OnConflict, OnStoreError, StorePolicy},
+    config::{
+        Fingerprint, IdempotencyConfig, OnCancel, OnConflict, OnStoreError, StorePolicy, MIN_LEASE,
+    },
     future::ResponseFuture,
     key,
     layer::{IdempotencyLayer, Overrides},
@@ -108,11 +110,13 @@ impl Policy {
             .as_ref()
             .unwrap_or(&self.cfg.fingerprint)
     }
+    /// The configuration's floors hold for overrides too (they pass no validation): a lease of
+    /// at least [`MIN_LEASE`], a retention of at least the lease.
     fn lease(&self) -> Duration {
-        self.ov.lease.unwrap_or(self.cfg.lease)
+        self.ov.lease.unwrap_or(self.cfg.lease).max(MIN_LEASE)
     }
     fn ttl(&self) -> Duration {
-        self.ov.ttl.unwrap_or(self.cfg.ttl)
+        self.ov.ttl.unwrap_or(self.cfg.ttl).max(self.lease())
     }
 }
 
@@ -842,6 +846,38 @@ mod tests {
             assert_eq!(body, expected(4));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    /// Per-route overrides pass no validation: a zero lease made every completion a stale
+    /// owner (409, and the next request ran again), a zero retention forgot every answer at
+    /// once. They count as the configuration's floors: a lease of at least 30 ms, a retention
+    /// of at least the lease.
+    #[tokio::test(start_paused = true)]
+    async fn route_overrides_below_the_floors_still_run_once() {
+        for layer in [
+            |l: IdempotencyLayer| l.lease(Duration::ZERO),
+            |l: IdempotencyLayer| l.ttl(Duration::ZERO),
+        ] {
+            let runs = Arc::new(AtomicUsize::new(0));
+            let base = IdempotencyLayer::new(
+                Arc::new(MemoryStore::new(100)),
+                Live::new(IdempotencyConfig::default()),
+            );
+            let app = axum::Router::new().route(
+                "/pay",
+                axum::routing::post({
+                    let runs = runs.clone();
+                    move || async move { runs.fetch_add(1, Ordering::SeqCst).to_string() }
+                })
+                .layer(layer(base)),
+            );
+            for replayed in [false, true] {
+                let r = send(&app, &[("idempotency-key", b"z")]).await;
+                assert_eq!(r.status(), StatusCode::OK);
+                assert_eq!(r.headers().contains_key(REPLAYED_HEADER), replayed);
+            }
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        }
     }
 
     #[tokio::test]
