@@ -10,9 +10,16 @@
 //! application's: axum refuses overlapping routes when `serve` merges them (it panics).
 //!
 //! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
-//! deregistered) → a short grace so callers notice → stop accepting → in-flight requests finish
-//! within `service.drain_timeout` (connections still open then are closed) → return. A shutdown that comes while the registration is in
-//! flight waits for it (up to 2 s) and deregisters it; the service is then never marked ready.
+//! deregistered) → a short grace so callers notice → stop accepting → in-flight requests, and
+//! upgraded connections (WebSockets), finish within `service.drain_timeout` (connections still
+//! open then are closed, at the socket, whether or not their handler is reading them) → return.
+//! A shutdown that comes while the registration is in flight waits for it (up to 2 s) and
+//! deregisters it; the service is then never marked ready.
+//!
+//! A WebSocket is the application's protocol, so keel cannot put a close frame into it: a
+//! handler that holds one open should watch [`Shutdown::triggered`](keel_core::Shutdown::triggered)
+//! (`keel.shutdown()`), send a close frame (1001, going away) and let the peer answer; the drain
+//! waits for that, up to `drain_timeout`, and then closes the connection.
 
 use std::{
     future::Future,
@@ -66,10 +73,13 @@ pub(crate) struct ServerState {
 
 /// The listener `serve` accepts on: every connection it hands out can be cut at once, so that
 /// a drain that runs out of `drain_timeout` ends the requests (and upgraded connections) still
-/// in flight rather than leaving them running after `serve` has returned.
+/// in flight rather than leaving them running after `serve` has returned; and every connection
+/// is counted until it closes, so that the drain also waits for those the HTTP server no longer
+/// sees (an upgraded connection leaves it once the upgrade is handed to the application).
 struct DrainListener {
     inner: tokio::net::TcpListener,
     cut: CancellationToken,
+    open: std::sync::Arc<OpenConnections>,
 }
 
 impl axum::serve::Listener for DrainListener {
@@ -79,11 +89,114 @@ impl axum::serve::Listener for DrainListener {
     async fn accept(&mut self) -> (Cuttable, SocketAddr) {
         let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let cut = Box::pin(self.cut.clone().cancelled_owned());
-        (Cuttable { io, cut }, addr)
+        let open = OpenConnections::add(&self.open, &io);
+        (
+            Cuttable {
+                io,
+                cut,
+                _open: open,
+            },
+            addr,
+        )
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+}
+
+/// The connections `serve` accepted that are still open, each with a second handle on its
+/// socket (a duplicated descriptor) to shut it down from outside the task that owns it.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    set: std::sync::Mutex<OpenSet>,
+    /// Told when the last open connection closes.
+    none_open: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct OpenSet {
+    next: u64,
+    /// `None`: the socket could not be duplicated (out of descriptors); the connection is still
+    /// waited for, and cut through its reads and writes only.
+    sockets: std::collections::HashMap<u64, Option<std::net::TcpStream>>,
+}
+
+impl OpenConnections {
+    fn add(this: &std::sync::Arc<Self>, io: &tokio::net::TcpStream) -> OpenGuard {
+        let handle = duplicate(io);
+        let mut set = keel_core::lock(&this.set);
+        let id = set.next;
+        set.next += 1;
+        set.sockets.insert(id, handle);
+        OpenGuard {
+            id,
+            open: this.clone(),
+        }
+    }
+
+    /// Returns once no accepted connection is open.
+    async fn none_open(&self) {
+        loop {
+            let notified = self.none_open.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if keel_core::lock(&self.set).sockets.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Shuts down every connection still open, both ways: the peer sees it closed, and the
+    /// application's next read or write on it fails, even if its task never polls it again.
+    fn shut_all(&self) {
+        for socket in keel_core::lock(&self.set).sockets.values().flatten() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A second handle on `io`'s socket (closing it leaves `io` open).
+fn duplicate(io: &tokio::net::TcpStream) -> Option<std::net::TcpStream> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        io.as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(std::net::TcpStream::from)
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::AsSocket;
+        io.as_socket()
+            .try_clone_to_owned()
+            .ok()
+            .map(std::net::TcpStream::from)
+    }
+    #[cfg(not(any(unix, windows)))]
+    {
+        let _ = io;
+        None
+    }
+}
+
+/// Counts a connection as open until dropped (with the connection's I/O, wherever it went: an
+/// upgraded connection's I/O lives in the application's handler).
+#[derive(Debug)]
+struct OpenGuard {
+    id: u64,
+    open: std::sync::Arc<OpenConnections>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut set = keel_core::lock(&self.open.set);
+        set.sockets.remove(&self.id);
+        if set.sockets.is_empty() {
+            self.open.none_open.notify_waiters();
+        }
     }
 }
 
@@ -92,6 +205,7 @@ impl axum::serve::Listener for DrainListener {
 struct Cuttable {
     io: tokio::net::TcpStream,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    _open: OpenGuard,
 }
 
 impl Cuttable {
@@ -210,9 +324,16 @@ impl Keel {
         // Each connection runs in a task of its own, which aborting the server's task leaves
         // running: `cut` ends them all when the drain runs out of time.
         let cut = CancellationToken::new();
+        let open = std::sync::Arc::new(OpenConnections::default());
         let listener = DrainListener {
             inner: listener,
             cut: cut.clone(),
+            open: open.clone(),
+        };
+        // Ends every connection still open: through its reads and writes, and at its socket.
+        let cut_all = || {
+            cut.cancel();
+            open.shut_all();
         };
         let server =
             axum::serve(listener, router.into_make_service()).with_graceful_shutdown(async move {
@@ -241,7 +362,7 @@ impl Keel {
             }
         };
         if let Err(e) = registered {
-            cut.cancel();
+            cut_all();
             task.abort();
             return Err(e);
         }
@@ -256,6 +377,7 @@ impl Keel {
             result = &mut task => {
                 // The server ended by itself: an accept error. Report it.
                 state.ready.store(false, Ordering::SeqCst);
+                cut_all();
                 self.on_stopping().await;
                 return match result {
                     Ok(r) => r.map_err(Error::Io),
@@ -270,14 +392,25 @@ impl Keel {
         let service = self.service().get();
         tokio::time::sleep(service.drain_grace).await;
         let _ = stop_tx.send(());
-        match tokio::time::timeout(service.drain_timeout, &mut task).await {
-            Ok(Ok(result)) => result.map_err(Error::Io)?,
+        // The HTTP server's drain (requests in flight) and then the connections it no longer
+        // sees: upgraded ones (WebSockets) live on in the application's handlers.
+        let drained = async {
+            let served = (&mut task).await;
+            open.none_open().await;
+            served
+        };
+        let outcome = tokio::time::timeout(service.drain_timeout, drained).await;
+        if outcome.is_err() {
+            tracing::warn!(timeout = ?service.drain_timeout, "in-flight requests or upgraded connections did not finish in time; closing them");
+        }
+        // Nothing is open after a drain that finished; after one that ran out, this ends the
+        // rest.
+        cut_all();
+        task.abort();
+        match outcome {
+            Ok(Ok(Err(e))) => return Err(Error::Io(e)),
             Ok(Err(e)) => return Err(Error::Io(std::io::Error::other(e))),
-            Err(_) => {
-                tracing::warn!(timeout = ?service.drain_timeout, "in-flight requests did not finish in time; ending them");
-                cut.cancel();
-                task.abort();
-            }
+            Ok(Ok(Ok(()))) | Err(_) => {}
         }
         tracing::info!(service = %self.name(), "stopped");
         Ok(())

@@ -4,9 +4,16 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use axum::{routing::get, Router};
+use axum::{
+    extract::ws::{CloseFrame, Message, WebSocketUpgrade},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use common::start;
+use futures::{SinkExt, StreamExt};
 use keel::{keel_core::Shutdown, Keel};
+use tokio_tungstenite::tungstenite;
 
 async fn build(name: &str, sets: &[(&str, &str)]) -> (Keel, Shutdown) {
     let shutdown = Shutdown::new();
@@ -52,6 +59,120 @@ async fn drain_timeout_ends_requests_still_in_flight() {
         .expect("the request outlived serve: its connection was never closed")
         .unwrap();
     assert!(r.is_err(), "{r:?}");
+}
+
+/// A WebSocket open at shutdown is given the drain: its handler, told by the shutdown, says
+/// goodbye, sends a close frame (1001) and waits for the peer's answer, and `serve` returns only
+/// once the connection has closed (`drain_timeout` is long: nothing is cut here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_an_open_websocket_to_close() {
+    let (keel, shutdown) = build("drain-ws", &[("service.drain_timeout", "60s")]).await;
+    // Set by the handler once its socket has closed, before the socket is dropped.
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (c2, r2, s2) = (closed.clone(), release.clone(), shutdown.clone());
+    let app = Router::new().route(
+        "/ws",
+        get(move |up: WebSocketUpgrade| {
+            let (closed, release, shutdown) = (c2.clone(), r2.clone(), s2.clone());
+            async move {
+                up.on_upgrade(move |mut socket| async move {
+                    loop {
+                        tokio::select! {
+                            msg = socket.recv() => match msg {
+                                Some(Ok(Message::Text(t))) => {
+                                    let _ = socket.send(Message::Text(t)).await;
+                                }
+                                _ => return,
+                            },
+                            _ = shutdown.triggered() => break,
+                        }
+                    }
+                    // Draining: say so, finish what is in hand (here: until the test says), then
+                    // close the WebSocket and wait for the peer's close.
+                    let _ = socket.send(Message::Text("draining".into())).await;
+                    let _ = release.acquire().await.map(|p| p.forget());
+                    let _ = socket
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 1001,
+                            reason: "going away".into(),
+                        })))
+                        .await;
+                    while let Some(Ok(_)) = socket.recv().await {}
+                    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                })
+                .into_response()
+            }
+        }),
+    );
+    let (addr, task) = start(&keel, app).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    ws.send(tungstenite::Message::text("ping")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        tungstenite::Message::text("ping")
+    );
+    // `serve`'s return, and whether the WebSocket had closed by then.
+    let c3 = closed.clone();
+    let served = tokio::spawn(async move {
+        let r = task.await.unwrap();
+        (r, c3.load(std::sync::atomic::Ordering::SeqCst))
+    });
+    shutdown.trigger();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        tungstenite::Message::text("draining")
+    );
+    release.add_permits(1);
+    match ws.next().await.unwrap().unwrap() {
+        tungstenite::Message::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // tungstenite answers the close; the stream then ends.
+    while let Some(Ok(_)) = ws.next().await {}
+    let (result, closed_first) = served.await.unwrap();
+    result.unwrap();
+    assert!(
+        closed_first,
+        "serve returned while the WebSocket was still open: the drain did not wait for it"
+    );
+}
+
+/// A WebSocket whose handler never lets go (and never reads it) is closed at `drain_timeout`:
+/// `serve` returns, and the peer sees the connection end rather than an open socket nobody
+/// serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_closes_a_websocket_that_stays_open() {
+    let (keel, shutdown) = build("drain-ws-cut", &[("service.drain_timeout", "200ms")]).await;
+    let app = Router::new().route(
+        "/ws",
+        get(|up: WebSocketUpgrade| async move {
+            up.on_upgrade(|socket| async move {
+                // Holds the socket without ever polling it.
+                let _socket = socket;
+                std::future::pending::<()>().await
+            })
+            .into_response()
+        }),
+    );
+    let (addr, task) = start(&keel, app).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+    // Hang guard only: once serve has returned, the connection must be closed.
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the WebSocket outlived serve: its connection was never closed");
+    assert!(
+        !matches!(end, Some(Ok(tungstenite::Message::Text(_)))),
+        "{end:?}"
+    );
 }
 
 /// `inbound.bulkhead.max_wait` lets a request wait for a slot instead of a 503 at once.
