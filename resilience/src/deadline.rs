@@ -415,16 +415,43 @@ impl<S> Layer<S> for DeadlineCheckLayer {
     }
 }
 
-/// Reads the remaining budget a caller sent, if any.
+/// Reads the remaining budget a caller sent, if any: the smallest of every `keel-deadline-ms`
+/// value on the request, whether sent as several fields or as one comma-separated list (which a
+/// proxy may make of them, RFC 9110 §5.3). A value that is not whole milliseconds in decimal
+/// digits is ignored, as a lone malformed header always was (the request is served without that
+/// bound rather than refused): the budget that holds is the tightest one that can be read, so
+/// no hop on the way can lengthen what an earlier one set. A budget beyond
+/// [`MAX_DURATION`](keel_core::units::MAX_DURATION) (100 years) counts as that.
+///
+/// ```
+/// use keel_resilience::remaining_from_header;
+/// use std::time::Duration;
+///
+/// let mut h = http::HeaderMap::new();
+/// h.append("keel-deadline-ms", "800".parse().unwrap());
+/// h.append("keel-deadline-ms", "250, 900".parse().unwrap());
+/// h.append("keel-deadline-ms", "soon".parse().unwrap());
+/// assert_eq!(remaining_from_header(&h), Some(Duration::from_millis(250)));
+/// ```
 pub fn remaining_from_header(h: &http::HeaderMap) -> Option<Duration> {
-    let ms = h
-        .get(DEADLINE_HEADER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(Duration::from_millis(ms))
+    h.get_all(DEADLINE_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(parse_ms)
+        .min()
+        .map(|ms| Duration::from_millis(ms).min(keel_core::units::MAX_DURATION))
+}
+
+/// One `keel-deadline-ms` element: decimal digits only (no sign, no fraction), surrounding
+/// whitespace allowed; a number too long for `u64` is as good as no bound and reads as
+/// `u64::MAX`.
+fn parse_ms(s: &str) -> Option<u64> {
+    let s = s.trim_matches([' ', '\t']);
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse::<u64>().unwrap_or(u64::MAX))
 }
 
 impl<S, B, RB> Service<http::Request<B>> for DeadlineCheck<S>
@@ -449,12 +476,15 @@ where
                 *res.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
                 return crate::util::EitherResponse::ready(res);
             }
-            let d = Instant::now() + left;
-            let earlier = match req.extensions().get::<DeadlineExt>() {
-                Some(old) => old.0.min(d),
-                None => d,
-            };
-            req.extensions_mut().insert(DeadlineExt(earlier));
+            // `left` is at most 100 years, which every clock can add; were it not, the request
+            // would go on with no bound of its own rather than panic.
+            if let Some(d) = Instant::now().checked_add(left) {
+                let earlier = match req.extensions().get::<DeadlineExt>() {
+                    Some(old) => old.0.min(d),
+                    None => d,
+                };
+                req.extensions_mut().insert(DeadlineExt(earlier));
+            }
         }
         crate::util::EitherResponse::inner(self.inner.call(req))
     }
@@ -544,5 +574,58 @@ mod tests {
         assert_eq!(r.status(), 504);
         let r = svc.clone().oneshot(req("250")).await.unwrap();
         assert_eq!(r.into_body(), "250");
+    }
+
+    /// Several `keel-deadline-ms` on one request (as fields, or one list a proxy joined): the
+    /// tightest readable budget holds, whichever comes first; unreadable values are ignored as a
+    /// lone one is.
+    #[tokio::test(start_paused = true)]
+    async fn the_smallest_of_several_deadlines_holds() {
+        let inner = service_fn(|req: http::Request<()>| async move {
+            let left = req.extensions().get::<DeadlineExt>().map(|d| d.remaining());
+            Ok::<_, BoxError>(http::Response::new(format!("{left:?}")))
+        });
+        let svc = DeadlineCheckLayer::new().layer(inner);
+        let req = |values: &[&str]| {
+            let mut b = http::Request::builder();
+            for v in values {
+                b = b.header("keel-deadline-ms", *v);
+            }
+            b.body(()).unwrap()
+        };
+        let left = |ms: u64| format!("{:?}", Some(Duration::from_millis(ms)));
+        for (values, want) in [
+            (&["800", "250"][..], left(250)),
+            (&["900, 300 ,700"], left(300)),
+            (&["500", "soon", "-1", "+5", "1.5", ""], left(500)),
+            (&["soon", "400"], left(400)),
+            // Too long for a u64: no bound of its own, so the other one holds.
+            (&["99999999999999999999999", "600"], left(600)),
+        ] {
+            let r = svc.clone().oneshot(req(values)).await.unwrap();
+            assert_eq!(r.status(), 200, "{values:?}");
+            assert_eq!(r.into_body(), want, "{values:?}");
+        }
+        let r = svc.clone().oneshot(req(&["soon", "junk"])).await.unwrap();
+        assert_eq!(
+            r.into_body(),
+            "None",
+            "nothing readable: no deadline, as with one"
+        );
+        // A spent budget anywhere in the list is spent.
+        for values in [&["800", "0"][..], &["800, 0"]] {
+            let r = svc.clone().oneshot(req(values)).await.unwrap();
+            assert_eq!(r.status(), 504, "{values:?}");
+        }
+        // The largest budget a header can say is read as 100 years, not added to the clock whole.
+        let r = svc
+            .clone()
+            .oneshot(req(&["18446744073709551615"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_body(),
+            format!("{:?}", Some(keel_core::units::MAX_DURATION))
+        );
     }
 }
