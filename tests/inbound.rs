@@ -234,6 +234,7 @@ async fn path_key_is_the_route() {
     let (addr, task) = start(&keel, app).await;
     let http = reqwest::Client::new();
     let mut statuses = Vec::new();
+    let mut answers = Vec::new();
     for i in 0..4 {
         let r = http
             .get(format!("http://{addr}/items/{i}"))
@@ -241,8 +242,35 @@ async fn path_key_is_the_route() {
             .await
             .unwrap();
         statuses.push(r.status().as_u16());
+        answers.push(r);
     }
     assert_eq!(statuses, [200, 200, 429, 429]);
+    // The current draft's fields (docs/CONFIG.md): 2 at once, refilled in 2,000 s.
+    let field = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        field(&answers[0], "ratelimit-policy").as_deref(),
+        Some("\"keel\";q=2;w=2000")
+    );
+    assert_eq!(
+        field(&answers[0], "ratelimit").as_deref(),
+        Some("\"keel\";r=1;t=1000")
+    );
+    let refused = &answers[2];
+    assert_eq!(
+        field(refused, "ratelimit").as_deref(),
+        Some("\"keel\";r=0;t=2000")
+    );
+    assert_eq!(field(refused, "retry-after").as_deref(), Some("1000"));
+    assert_eq!(
+        field(refused, "ratelimit-limit"),
+        None,
+        "the old draft's field"
+    );
     let r = http
         .get(format!("http://{addr}/other"))
         .send()

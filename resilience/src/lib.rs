@@ -119,8 +119,9 @@ pub use self::{
     hedge::{futures_either, Hedge, HedgeLayer, ResponseFuture as HedgeFuture},
     per_try::{PerTry, PerTryFuture, PerTryLayer},
     ratelimit::{
-        request_key, write_headers, Decision, LocalGcra, Quota, RateLimit, RateLimitLayer,
-        RateLimiter, ResponseFuture as RateLimitFuture, ServerRateLimit, ServerRateLimitLayer,
+        limit_header, policy_header, request_key, write_headers, Decision, LocalGcra, Quota,
+        RateLimit, RateLimitLayer, RateLimiter, ResponseFuture as RateLimitFuture, ServerRateLimit,
+        ServerRateLimitLayer, POLICY_NAME, RATELIMIT, RATELIMIT_POLICY,
     },
     retry::{
         is_retry_safe, replay_request, served_by, BoxResponseFuture, ReplayBody,

@@ -3,8 +3,9 @@
 //!
 //! [`RateLimit`] is the client side (a refused call is [`ResilienceError::RateLimited`] with its
 //! `retry_after`); [`ServerRateLimit`] is the inbound side, answering 429 with `Retry-After` and
-//! the `RateLimit-Limit` / `RateLimit-Remaining` / `RateLimit-Reset` headers of the IETF draft
-//! `draft-ietf-httpapi-ratelimit-headers`, which it also puts on allowed responses.
+//! the `RateLimit-Policy` and `RateLimit` fields of the IETF draft
+//! `draft-ietf-httpapi-ratelimit-headers` (the Structured Fields form of drafts 08 to 11,
+//! see [`write_headers`]), which it also puts on allowed responses.
 //!
 //! The policy (rate, burst, key, scope) is read per call; the state (each key's theoretical
 //! arrival time) stays, so a reload neither resets limits nor grants a fresh burst.
@@ -407,11 +408,61 @@ fn secs_ceil(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Writes the RateLimit headers (and `Retry-After` on a refusal) for a decision.
-pub fn write_headers(h: &mut http::HeaderMap, limit: u32, d: &Decision) {
-    h.insert("ratelimit-limit", HeaderValue::from(limit));
-    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
-    h.insert("ratelimit-reset", HeaderValue::from(secs_ceil(d.reset)));
+/// The name of the one quota policy keel's inbound limit announces, in `RateLimit-Policy` and
+/// `RateLimit` (a Structured Fields String; an application's own policies, appended to the same
+/// fields, keep their names).
+pub const POLICY_NAME: &str = "keel";
+
+/// The largest Integer a Structured Field can carry (RFC 9651 §3.3.1).
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
+/// The `RateLimit-Policy` member for a policy: `"keel";q=BURST;w=WINDOW`, where the window is
+/// the time the bucket takes to fill from empty (`burst / rate`), in whole seconds rounded up,
+/// at least 1. A client that keeps to `q` calls per `w` seconds is never refused by this limit
+/// (at most `burst` at once, and on average no faster than `rate`); the true allowance is
+/// larger when `burst / rate` is not a whole number of seconds.
+pub fn policy_header(cfg: &RateLimitConfig) -> HeaderValue {
+    let window = (f64::from(cfg.burst.max(1)) / cfg.rate.max(1e-9)).ceil();
+    let window = if window.is_finite() {
+        (window as u64).clamp(1, SF_INTEGER_MAX)
+    } else {
+        SF_INTEGER_MAX
+    };
+    sf_value(format!(
+        "\"{POLICY_NAME}\";q={};w={window}",
+        cfg.burst.max(1)
+    ))
+}
+
+/// The `RateLimit` member for a decision: `"keel";r=REMAINING;t=RESET`: the calls the key may
+/// still make at once, and the seconds (rounded up) until its whole burst is available again.
+pub fn limit_header(d: &Decision) -> HeaderValue {
+    sf_value(format!(
+        "\"{POLICY_NAME}\";r={};t={}",
+        d.remaining.min(SF_INTEGER_MAX),
+        secs_ceil(d.reset).min(SF_INTEGER_MAX)
+    ))
+}
+
+fn sf_value(s: String) -> HeaderValue {
+    // Digits, a quoted token and `;=`: always a valid header value.
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Writes the RateLimit header fields of `draft-ietf-httpapi-ratelimit-headers` (the Structured
+/// Fields form of drafts 08 to 11) for a decision under `cfg`, and `Retry-After` on a
+/// refusal:
+///
+/// ```text
+/// RateLimit-Policy: "keel";q=100;w=1
+/// RateLimit: "keel";r=0;t=1
+/// Retry-After: 1
+/// ```
+///
+/// Both fields are appended, so policies an application announces on its own responses stay.
+pub fn write_headers(h: &mut http::HeaderMap, cfg: &RateLimitConfig, d: &Decision) {
+    h.append(RATELIMIT_POLICY, policy_header(cfg));
+    h.append(RATELIMIT, limit_header(d));
     if !d.allowed {
         h.insert(
             http::header::RETRY_AFTER,
@@ -419,6 +470,11 @@ pub fn write_headers(h: &mut http::HeaderMap, limit: u32, d: &Decision) {
         );
     }
 }
+
+/// `RateLimit-Policy`.
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`.
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 impl<S, B, RB> Service<http::Request<B>> for ServerRateLimit<S>
 where
@@ -452,11 +508,11 @@ where
                 let mut res = http::Response::new(RB::default());
                 *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
                 res.extensions_mut().insert(OwnRefusal);
-                write_headers(res.headers_mut(), cfg.burst, &d);
+                write_headers(res.headers_mut(), &cfg, &d);
                 return Ok(res);
             }
             let mut res = svc.call(req).await?;
-            write_headers(res.headers_mut(), cfg.burst, &d);
+            write_headers(res.headers_mut(), &cfg, &d);
             Ok(res)
         })
     }
@@ -499,11 +555,70 @@ mod tests {
 
         let server = ServerRateLimitLayer::new("me", policy).layer(inner);
         let ok = server.clone().oneshot(req("c")).await.unwrap();
-        assert_eq!(ok.headers()["ratelimit-remaining"], "1");
+        assert_eq!(ok.headers()["ratelimit"], "\"keel\";r=1;t=1");
         let _ = server.clone().oneshot(req("c")).await.unwrap();
         let no = server.clone().oneshot(req("c")).await.unwrap();
         assert_eq!(no.status(), 429);
         assert_eq!(no.headers()["retry-after"], "1");
-        assert_eq!(no.headers()["ratelimit-limit"], "2");
+        assert_eq!(no.headers()["ratelimit-policy"], "\"keel\";q=2;w=1");
+    }
+
+    /// The fields are the Structured Fields form of the current draft (`RateLimit-Policy` and
+    /// `RateLimit`, a named policy with `q`/`w` and `r`/`t`), not the older
+    /// `RateLimit-Limit`/`-Remaining`/`-Reset`; an application's own policies stay beside keel's.
+    #[tokio::test(start_paused = true)]
+    async fn headers_are_the_current_drafts_structured_fields() {
+        // 5 at once, 1 per 2 s: the bucket fills from empty in 10 s.
+        let policy = Live::new(RateLimitConfig {
+            enabled: true,
+            rate: 0.5,
+            burst: 5,
+            ..Default::default()
+        });
+        let inner = service_fn(|_r: http::Request<()>| async {
+            let mut res = http::Response::new(String::new());
+            res.headers_mut().insert(
+                RATELIMIT_POLICY,
+                HeaderValue::from_static("\"app\";q=10;w=60"),
+            );
+            Ok::<_, BoxError>(res)
+        });
+        let server = ServerRateLimitLayer::new("me", policy).layer(inner);
+        let mut statuses = Vec::new();
+        let mut last = None;
+        for _ in 0..6 {
+            let r = server
+                .clone()
+                .oneshot(http::Request::new(()))
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+            last = Some(r);
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+        let refused = last.unwrap();
+        let h = refused.headers();
+        for old in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+            assert!(!h.contains_key(old), "{old}: {h:?}");
+        }
+        assert_eq!(h["ratelimit-policy"], "\"keel\";q=5;w=10");
+        assert_eq!(h["ratelimit"], "\"keel\";r=0;t=10");
+        assert_eq!(h["retry-after"], "2");
+
+        let allowed = server.clone();
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        let r = allowed.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
+        assert_eq!(policies, ["\"app\";q=10;w=60", "\"keel\";q=5;w=10"]);
+        assert_eq!(r.headers()["ratelimit"], "\"keel\";r=0;t=10");
+
+        // A rate faster than the burst per second still announces a whole-second window.
+        let fast = RateLimitConfig {
+            rate: 1000.0,
+            burst: 10,
+            ..Default::default()
+        };
+        assert_eq!(policy_header(&fast), "\"keel\";q=10;w=1");
     }
 }
