@@ -364,6 +364,16 @@ impl RequestBuilder {
         match result {
             Ok(response) => {
                 span.record("status", response.status().as_u16());
+                if let Some(over) = response
+                    .extensions()
+                    .get::<crate::transport::BodyOverLimit>()
+                {
+                    return Err(ClientError::ResponseTooLarge {
+                        service: self.client.parts.name.clone(),
+                        status: response.status(),
+                        limit: over.limit,
+                    });
+                }
                 Ok(Response { inner: response })
             }
             Err(source) => {
@@ -382,7 +392,7 @@ impl RequestBuilder {
     }
 }
 
-/// A buffered response.
+/// A buffered response: its whole body, read up to `clients.NAME.max_response_body_bytes`.
 #[derive(Debug)]
 pub struct Response {
     inner: http::Response<Bytes>,
@@ -450,6 +460,17 @@ pub enum ClientError {
     InvalidResponse {
         /// Why.
         reason: String,
+    },
+    /// The answer's body was larger than `clients.NAME.max_response_body_bytes` (the client
+    /// buffers whole bodies); the rest of it was not read. Trying again gets the same answer.
+    #[error("answer from `{service}` ({status}) has a body over the {limit}-byte limit (clients.{service}.max_response_body_bytes)")]
+    ResponseTooLarge {
+        /// The client.
+        service: String,
+        /// The answer's status.
+        status: http::StatusCode,
+        /// The limit in force, in bytes.
+        limit: usize,
     },
     /// keel itself refused the call (breaker open, rate limited, shed, deadline, budget).
     #[error("call to `{service}` refused: {source}")]

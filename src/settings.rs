@@ -12,6 +12,9 @@ use keel_resilience::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The default of [`ClientConfig::max_response_body_bytes`]: 4 MiB.
+pub(crate) const DEFAULT_MAX_RESPONSE_BODY_BYTES: usize = 4 << 20;
+
 /// `[clients.NAME]`: how this service calls `NAME`. Every key is live: an edit applies to the
 /// next call and keeps what was learned (EWMA, breaker windows, budgets, limiter state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +30,10 @@ pub struct ClientConfig {
     /// How long to wait for a TCP connection to an instance.
     #[serde(with = "keel_core::units::serde_duration")]
     pub connect_timeout: Duration,
+    /// The largest answer body the client reads, in bytes (the whole body is buffered): a
+    /// larger one fails the call with [`ClientError::ResponseTooLarge`](crate::ClientError)
+    /// without reading the rest. 4 MiB by default, as gRPC's default receive limit.
+    pub max_response_body_bytes: usize,
     /// Balancing: strategy, passive health, outlier detection, zones, canaries.
     pub balance: BalanceConfig,
     /// Total deadline and per-try timeout.
@@ -52,6 +59,7 @@ impl Default for ClientConfig {
             endpoints: Vec::new(),
             health: HealthCheckConfig::default(),
             connect_timeout: Duration::from_secs(1),
+            max_response_body_bytes: DEFAULT_MAX_RESPONSE_BODY_BYTES,
             balance: BalanceConfig::default(),
             timeout: TimeoutConfig::default(),
             retry: RetryConfig::default(),
@@ -85,6 +93,9 @@ impl ClientConfig {
         }
         if self.connect_timeout.is_zero() {
             return Err("connect_timeout must be greater than 0".to_owned());
+        }
+        if self.max_response_body_bytes == 0 {
+            return Err("max_response_body_bytes must be at least 1".to_owned());
         }
         for (i, e) in self.endpoints.iter().enumerate() {
             let svc = keel_core::ServiceName::new("endpoint").map_err(|e| e.to_string())?;

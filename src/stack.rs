@@ -97,6 +97,7 @@ pub(crate) fn build_client(keel: &Keel, name: &str) -> Result<Client, ClientErro
         balancer.clone(),
         TransportFactory {
             connect_timeout: cfg.project(|c| c.connect_timeout),
+            max_response_body: cfg.project(|c| c.max_response_body_bytes),
             service: std::sync::Arc::from(service.as_str()),
             breaker: cfg.project(|c| c.resilience().breaker.clone()),
             balancer: balancer.clone(),

@@ -34,6 +34,17 @@ pub(crate) struct HttpTransport {
     /// `http://ADDR`, parsed once: a call sets its path and query on a copy instead of parsing a
     /// whole URL (host included) again.
     base: Arc<reqwest::Url>,
+    /// `max_response_body_bytes`, read per call.
+    max_body: Live<usize>,
+}
+
+/// Response extension: the answer's body was over `max_response_body_bytes` and was not read
+/// (its head is kept, its body empty). The answer still counts by its status for the layers
+/// above (a 200 is not a failure of the instance's); the client turns it into
+/// [`ClientError::ResponseTooLarge`](crate::ClientError::ResponseTooLarge).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyOverLimit {
+    pub(crate) limit: usize,
 }
 
 fn build(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
@@ -65,6 +76,8 @@ impl HttpTransport {
 /// Makes the transport of each instance the balancer routes to.
 pub(crate) struct TransportFactory {
     pub(crate) connect_timeout: Live<Duration>,
+    /// `max_response_body_bytes`.
+    pub(crate) max_response_body: Live<usize>,
     /// The service's name and breaker policy, for the per-instance breakers.
     pub(crate) service: Arc<str>,
     pub(crate) breaker: Live<BreakerConfig>,
@@ -199,6 +212,7 @@ impl MakeInstanceService for TransportFactory {
                     ))),
                     connect_timeout: self.connect_timeout.clone(),
                     base,
+                    max_body: self.max_response_body.clone(),
                 },
                 breaker,
                 balancer: self.balancer.clone(),
@@ -237,18 +251,52 @@ impl Service<http::Request<Bytes>> for HttpTransport {
         keel_resilience::write_deadline_header(&mut headers);
         // Built whole rather than through reqwest's builder, which would copy every header into
         // a map of its own.
+        // A HEAD answer's `content-length` is that of the body a GET would get; it has none.
+        let no_body = parts.method == http::Method::HEAD;
         let mut request = reqwest::Request::new(parts.method, url);
         *request.headers_mut() = headers;
         *request.body_mut() = Some(body.into());
         let send = client.execute(request);
+        let limit = **self.max_body.load();
         Box::pin(async move {
-            // The answer's head is moved, not copied; its body is read to the end.
-            let (head, body) = http::Response::from(send.await.map_err(normalize)?).into_parts();
-            let body = http_body_util::BodyExt::collect(body)
-                .await
-                .map_err(normalize)?
-                .to_bytes();
-            Ok(http::Response::from_parts(head, body))
+            // The answer's head is moved, not copied; its body is read to the end, up to the
+            // limit.
+            let (mut head, body) =
+                http::Response::from(send.await.map_err(normalize)?).into_parts();
+            // 204 and 304 answers have no body whatever their `content-length` says, either.
+            let no_body = no_body
+                || head.status == http::StatusCode::NO_CONTENT
+                || head.status == http::StatusCode::NOT_MODIFIED;
+            let declared = head
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .filter(|_| !no_body)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            // Declared too large: not read at all (dropping the body closes the connection
+            // rather than drain it).
+            let body = if declared.is_some_and(|n| n > limit as u64) {
+                None
+            } else {
+                let limited = http_body_util::Limited::new(body, limit);
+                match http_body_util::BodyExt::collect(limited).await {
+                    Ok(body) => Some(body.to_bytes()),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
+                    Err(e) => {
+                        return Err(match e.downcast::<reqwest::Error>() {
+                            Ok(e) => normalize(*e),
+                            Err(e) => e,
+                        })
+                    }
+                }
+            };
+            Ok(match body {
+                Some(body) => http::Response::from_parts(head, body),
+                None => {
+                    head.extensions.insert(BodyOverLimit { limit });
+                    http::Response::from_parts(head, Bytes::new())
+                }
+            })
         })
     }
 }
@@ -387,6 +435,7 @@ mod tests {
         .unwrap();
         TransportFactory {
             connect_timeout: Live::new(Duration::from_secs(1)),
+            max_response_body: Live::new(crate::settings::DEFAULT_MAX_RESPONSE_BODY_BYTES),
             service: Arc::from("pay"),
             breaker: Live::new(BreakerConfig::default()),
             balancer,

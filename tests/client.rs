@@ -668,3 +668,90 @@ async fn per_try_timeout_then_retry(extra: &str) {
         keel_resilience::Outcome::Failure(keel_resilience::FailureClass::Timeout)
     );
 }
+
+/// The client buffers whole answers, so their size is bounded: `max_response_body_bytes` (live)
+/// fails a call whose answer is larger, declared (`content-length`) or streamed (chunked),
+/// with a typed error, without retrying it; an answer at the limit is read whole.
+#[tokio::test]
+async fn answers_over_the_body_limit_fail_with_a_typed_error() {
+    use axum::{body::Body, routing::get, Router};
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let app = Router::new()
+        .route("/exact", get(|| async { vec![b'x'; 1024] }))
+        .route("/declared", get(|| async { vec![b'x'; 2048] }))
+        .route(
+            "/streamed",
+            get(|| async {
+                let chunks = (0..8).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 256]));
+                Body::from_stream(futures::stream::iter(chunks))
+            }),
+        )
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                count.fetch_add(1, Ordering::SeqCst);
+                next.run(req)
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let text = |limit: usize| {
+        format!(
+            "[clients.big]\nmax_response_body_bytes = {limit}\n\n[[clients.big.endpoints]]\naddr = \"{addr}\"\n"
+        )
+    };
+    let keel = keel_with(&dir, &text(1024)).await;
+    let big = keel.client("big").unwrap();
+
+    let exact = big.get("/exact").send().await.unwrap();
+    assert_eq!(exact.bytes().len(), 1024);
+    // A HEAD answer declares the size of a body it does not have: nothing over the limit.
+    let head = big
+        .request(http::Method::HEAD, "/declared")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "2048");
+    assert!(head.bytes().is_empty());
+    for path in ["/declared", "/streamed"] {
+        let before = served.load(Ordering::SeqCst);
+        let err = big.get(path).send().await.unwrap_err();
+        match &err {
+            ClientError::ResponseTooLarge {
+                service,
+                status,
+                limit,
+            } => {
+                assert_eq!(
+                    (service.as_str(), status.as_u16(), *limit),
+                    ("big", 200, 1024)
+                );
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+        assert!(!err.is_retryable(), "{path}");
+        assert_eq!(
+            served.load(Ordering::SeqCst) - before,
+            1,
+            "{path}: not retried"
+        );
+    }
+
+    // Live: a larger limit applies to the next call.
+    std::fs::write(dir.path().join("keel.toml"), text(4096)).unwrap();
+    keel.config().reload().unwrap();
+    for path in ["/declared", "/streamed"] {
+        let answer = big.get(path).send().await.unwrap();
+        assert_eq!(answer.bytes().len(), 2048, "{path}");
+    }
+    // Zero would refuse every answer with a body: refused as configuration.
+    std::fs::write(dir.path().join("keel.toml"), text(0)).unwrap();
+    assert!(keel.config().reload().is_err());
+}
