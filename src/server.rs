@@ -559,11 +559,7 @@ impl Keel {
 /// Reads `traceparent` (or starts a trace), opens the `keel.server` span, and runs the rest of
 /// the request with the context current, so outgoing calls carry it.
 async fn trace_layer(request: Request, next: Next) -> Response {
-    let parent = request
-        .headers()
-        .get(crate::trace::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse);
+    let parent = TraceContext::from_headers(request.headers());
     let ctx = match parent {
         Some(p) => p.child(),
         None => TraceContext::new_root(),

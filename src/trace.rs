@@ -6,7 +6,8 @@
 //! trace crosses services without the handler passing anything along.
 //!
 //! Format (version 00): `00-{trace-id: 32 hex}-{parent-id: 16 hex}-{flags: 2 hex}`; all-zero ids
-//! are invalid and a malformed header starts a new trace rather than failing the request.
+//! are invalid and a malformed header starts a new trace rather than failing the request, as a
+//! request with more than one `traceparent` field does.
 
 use std::fmt;
 
@@ -124,6 +125,18 @@ impl TraceContext {
         })
     }
 
+    /// The context a request carries: its one `traceparent` field, parsed. `None` when there is
+    /// none, when it is malformed, and when there are several (W3C Trace Context: a request with
+    /// more than one is invalid, and starts a new trace, whichever of them would parse).
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        let mut fields = headers.get_all(TRACEPARENT_NAME).iter();
+        let only = fields.next()?;
+        if fields.next().is_some() {
+            return None;
+        }
+        Self::parse(only.to_str().ok()?)
+    }
+
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
         let mut out = [0u8; 32];
@@ -230,6 +243,29 @@ mod tests {
         }
         let root = TraceContext::new_root();
         assert_eq!(TraceContext::parse(&root.to_string()), Some(root));
+    }
+
+    /// One `traceparent` is read (whatever its name's case); two are invalid together, even
+    /// when each would parse alone, as the W3C test suite has it (`test_traceparent_duplicated`).
+    #[test]
+    fn several_traceparent_fields_start_a_new_trace() {
+        let a = "00-12345678901234567890123456789011-1234567890123456-01";
+        let b = "00-12345678901234567890123456789012-1234567890123456-01";
+        let headers = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("TraceParent", v.parse().unwrap());
+            }
+            h
+        };
+        assert_eq!(
+            TraceContext::from_headers(&headers(&[a])),
+            TraceContext::parse(a)
+        );
+        assert_eq!(TraceContext::from_headers(&headers(&[])), None);
+        assert_eq!(TraceContext::from_headers(&headers(&[a, b])), None);
+        assert_eq!(TraceContext::from_headers(&headers(&[a, a])), None);
+        assert_eq!(TraceContext::from_headers(&headers(&["garbage", a])), None);
     }
 
     proptest! {

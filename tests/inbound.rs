@@ -280,3 +280,38 @@ async fn path_key_is_the_route() {
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
+
+/// A request with two `traceparent` fields is invalid (W3C Trace Context): it starts a new
+/// trace rather than joining whichever came first; one field is joined, in any case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_traceparent_fields_start_a_new_trace() {
+    let (keel, shutdown) = build("trace-twice", &[]).await;
+    let app = Router::new().route(
+        "/trace",
+        get(|| async {
+            keel::trace::TraceContext::current()
+                .map(|c| c.trace_id_hex())
+                .unwrap_or_default()
+        }),
+    );
+    let (addr, task) = start(&keel, app).await;
+    let http = reqwest::Client::new();
+    const A: &str = "00-12345678901234567890123456789011-1234567890123456-01";
+    const B: &str = "00-12345678901234567890123456789012-1234567890123456-01";
+    let trace_of = |values: &'static [&'static str]| {
+        let mut req = http.get(format!("http://{addr}/trace"));
+        for v in values {
+            req = req.header("traceparent", *v);
+        }
+        async move { req.send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(trace_of(&[A]).await, "12345678901234567890123456789011");
+    let joined = trace_of(&[A, B]).await;
+    assert_eq!(joined.len(), 32, "{joined}");
+    assert!(
+        !joined.starts_with("123456789012345678901234567890"),
+        "joined a trace of the two: {joined}"
+    );
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
