@@ -57,6 +57,10 @@ pub(crate) fn prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// The rate limit key (`key = "path"`) of every request that matches no route: not a path, so
+/// no route shares it.
+const UNMATCHED_ROUTE: &str = "(no route)";
+
 /// How long shutdown waits for the registry: for a registration in flight to answer, and for
 /// draining and deregistering.
 const REGISTRY_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
@@ -303,14 +307,18 @@ impl Keel {
             rate_limit.clone(),
         );
         let _ = state.shed.set(stack.shed_limiter().clone());
-        // A rate limit keyed by `path` is per route: it reads the route axum matched.
+        // A rate limit keyed by `path` is per route: it reads the route axum matched. Requests
+        // that match none (the fallback) share one key: made-up paths, one key each, would fill
+        // the limiter's `max_keys` and push the real routes into its shared overflow cell.
         let route_key = tower::util::MapRequestLayer::new(move |mut req: Request| {
             let rl = rate_limit.load();
             if rl.enabled && rl.key == keel_resilience::KeySource::Path {
-                if let Some(route) = req.extensions().get::<MatchedPath>() {
-                    let route = keel_core::request::Route(route.as_str().into());
-                    req.extensions_mut().insert(route);
-                }
+                let route = match req.extensions().get::<MatchedPath>() {
+                    Some(route) => route.as_str().into(),
+                    None => UNMATCHED_ROUTE.into(),
+                };
+                req.extensions_mut()
+                    .insert(keel_core::request::Route(route));
             }
             req
         });

@@ -315,3 +315,43 @@ async fn two_traceparent_fields_start_a_new_trace() {
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
+
+/// With `key = "path"`, requests that match no route share one limit: a flood of made-up paths
+/// (each a 404) cannot fill the limiter's keys and push the real routes into the shared
+/// overflow cell, where the flood would spend their allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_key_gives_unmatched_paths_one_limit() {
+    let (keel, shutdown) = build(
+        "rl-unmatched",
+        &[
+            ("inbound.rate_limit.enabled", "true"),
+            ("inbound.rate_limit.rate", "0.001"),
+            ("inbound.rate_limit.burst", "1"),
+            ("inbound.rate_limit.key", "path"),
+            ("inbound.rate_limit.max_keys", "4"),
+        ],
+    )
+    .await;
+    let app = Router::new().route("/items/{id}", get(|| async { "item" }));
+    let (addr, task) = start(&keel, app).await;
+    let http = reqwest::Client::new();
+    let mut flood = Vec::new();
+    for i in 0..10 {
+        let r = http
+            .get(format!("http://{addr}/made-up/{i}"))
+            .send()
+            .await
+            .unwrap();
+        flood.push(r.status().as_u16());
+    }
+    let r = http
+        .get(format!("http://{addr}/items/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the real route kept its own limit");
+    assert_eq!(flood[0], 404);
+    assert!(flood[1..].iter().all(|s| *s == 429), "one limit: {flood:?}");
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}

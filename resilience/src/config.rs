@@ -393,7 +393,8 @@ pub enum KeySource {
     #[default]
     Global,
     /// The request path; inbound under `keel.serve`, the route it matched (`/items/{id}`), so
-    /// every URL of a route shares its limit.
+    /// every URL of a route shares its limit, and every request that matches no route shares
+    /// one.
     Path,
     /// The value of a header (caller, tenant); calls without it share the key `""`.
     Header(http::HeaderName),
