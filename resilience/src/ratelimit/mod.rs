@@ -49,7 +49,9 @@ pub struct RateLimiter {
     fallback: metrics::Counter,
 }
 
-/// The key of a request under `key`.
+/// The key of a request under `key`. Under a header, its value as text: any UTF-8 (a tenant
+/// named `café` has its own key); a request without it, or whose value is not UTF-8, has the
+/// key `""`, which calls without the header share.
 pub fn request_key<'a, B>(key: &KeySource, req: &'a http::Request<B>) -> &'a str {
     match key {
         KeySource::Global => "",
@@ -61,7 +63,9 @@ pub fn request_key<'a, B>(key: &KeySource, req: &'a http::Request<B>) -> &'a str
         KeySource::Header(h) => req
             .headers()
             .get(h)
-            .and_then(|v| v.to_str().ok())
+            // Not `to_str`, which refuses every byte past ASCII: all such values would share
+            // the key of calls without the header.
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .unwrap_or(""),
     }
 }
@@ -561,6 +565,36 @@ mod tests {
         assert_eq!(no.status(), 429);
         assert_eq!(no.headers()["retry-after"], "1");
         assert_eq!(no.headers()["ratelimit-policy"], "\"keel\";q=2;w=1");
+    }
+
+    /// A header key is the header's text, beyond ASCII too: tenants whose names are not ASCII
+    /// do not share one limit (with each other, and with the calls that name no tenant).
+    #[tokio::test(start_paused = true)]
+    async fn header_keys_beyond_ascii_are_their_own() {
+        let policy = Live::new(RateLimitConfig {
+            enabled: true,
+            rate: 0.001,
+            burst: 1,
+            key: KeySource::Header(http::HeaderName::from_static("x-tenant")),
+            ..Default::default()
+        });
+        let inner = service_fn(|_r: http::Request<()>| async {
+            Ok::<_, BoxError>(http::Response::new(String::new()))
+        });
+        let server = ServerRateLimitLayer::new("me", policy).layer(inner);
+        let req = |tenant: Option<&str>| {
+            let mut b = http::Request::builder();
+            if let Some(t) = tenant {
+                b = b.header("x-tenant", HeaderValue::from_bytes(t.as_bytes()).unwrap());
+            }
+            b.body(()).unwrap()
+        };
+        let mut statuses = Vec::new();
+        for tenant in [Some("café"), Some("naïve"), None, Some("café")] {
+            let r = server.clone().oneshot(req(tenant)).await.unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 200, 429]);
     }
 
     /// The fields are the Structured Fields form of the current draft (`RateLimit-Policy` and
