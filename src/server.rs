@@ -12,7 +12,8 @@
 //! Lifecycle: bind → serve → ready (and registered) → on shutdown: not ready (and
 //! deregistered) → a short grace so callers notice → stop accepting → in-flight requests, and
 //! upgraded connections (WebSockets), finish within `service.drain_timeout` (connections still
-//! open then are closed, at the socket, whether or not their handler is reading them) → return.
+//! open then are closed; an HTTP/1 upgraded one at its socket, whether or not its handler is
+//! reading it) → return.
 //! A shutdown that comes while the registration is in flight waits for it (up to 2 s) and
 //! deregisters it; the service is then never marked ready.
 //!
@@ -93,15 +94,14 @@ impl axum::serve::Listener for DrainListener {
     async fn accept(&mut self) -> (Cuttable, SocketAddr) {
         let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let cut = Box::pin(self.cut.clone().cancelled_owned());
-        let open = OpenConnections::add(&self.open, &io);
-        (
-            Cuttable {
-                io,
-                cut,
-                _open: open,
-            },
-            addr,
-        )
+        let open = OpenConnections::add(&self.open);
+        let io = Cuttable {
+            io,
+            cut,
+            open,
+            kept: false,
+        };
+        (io, addr)
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -109,8 +109,10 @@ impl axum::serve::Listener for DrainListener {
     }
 }
 
-/// The connections `serve` accepted that are still open, each with a second handle on its
-/// socket (a duplicated descriptor) to shut it down from outside the task that owns it.
+/// The connections `serve` accepted that are still open; an upgraded one (HTTP/1 `101`) with
+/// a second handle on its socket (a duplicated descriptor), to shut it down from outside the
+/// application's task that owns it once upgraded. The others stay in the HTTP server's tasks,
+/// which always poll them, so failing their reads and writes ([`Cuttable`]) ends them.
 #[derive(Debug, Default)]
 struct OpenConnections {
     set: std::sync::Mutex<OpenSet>,
@@ -121,21 +123,28 @@ struct OpenConnections {
 #[derive(Debug, Default)]
 struct OpenSet {
     next: u64,
-    /// `None`: the socket could not be duplicated (out of descriptors); the connection is still
-    /// waited for, and cut through its reads and writes only.
+    /// Each open connection, and its second handle once upgraded (`None` before, and if the
+    /// socket could not be duplicated: then it is cut through its reads and writes only).
     sockets: std::collections::HashMap<u64, Option<std::net::TcpStream>>,
 }
 
 impl OpenConnections {
-    fn add(this: &std::sync::Arc<Self>, io: &tokio::net::TcpStream) -> OpenGuard {
-        let handle = duplicate(io);
+    fn add(this: &std::sync::Arc<Self>) -> OpenGuard {
         let mut set = keel_core::lock(&this.set);
         let id = set.next;
         set.next += 1;
-        set.sockets.insert(id, handle);
+        set.sockets.insert(id, None);
         OpenGuard {
             id,
             open: this.clone(),
+        }
+    }
+
+    /// Keeps a second handle on the socket of connection `id`.
+    fn keep(&self, id: u64, io: &tokio::net::TcpStream) {
+        let handle = duplicate(io);
+        if let Some(slot) = keel_core::lock(&self.set).sockets.get_mut(&id) {
+            *slot = handle;
         }
     }
 
@@ -152,8 +161,8 @@ impl OpenConnections {
         }
     }
 
-    /// Shuts down every connection still open, both ways: the peer sees it closed, and the
-    /// application's next read or write on it fails, even if its task never polls it again.
+    /// Shuts down every upgraded connection still open, both ways: the peer sees it closed, and
+    /// the application's next read or write on it fails, even if its task never polls it again.
     fn shut_all(&self) {
         for socket in keel_core::lock(&self.set).sockets.values().flatten() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -186,6 +195,13 @@ fn duplicate(io: &tokio::net::TcpStream) -> Option<std::net::TcpStream> {
     }
 }
 
+/// Whether `buf` starts an HTTP/1 `101 Switching Protocols` head: the connection is being
+/// upgraded, and leaves the HTTP server once the head is out. (Bytes an application writes
+/// after an upgrade that happen to read so cost at most one descriptor more.)
+fn starts_switching_protocols(buf: &[u8]) -> bool {
+    buf.len() >= 13 && buf.starts_with(b"HTTP/1.") && &buf[8..13] == b" 101 "
+}
+
 /// Counts a connection as open until dropped (with the connection's I/O, wherever it went: an
 /// upgraded connection's I/O lives in the application's handler).
 #[derive(Debug)]
@@ -209,7 +225,9 @@ impl Drop for OpenGuard {
 struct Cuttable {
     io: tokio::net::TcpStream,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
-    _open: OpenGuard,
+    open: OpenGuard,
+    /// Whether a second handle on the socket is kept (see [`OpenConnections`]).
+    kept: bool,
 }
 
 impl Cuttable {
@@ -220,6 +238,14 @@ impl Cuttable {
                 "drain_timeout passed",
             )),
             Poll::Pending => Ok(()),
+        }
+    }
+
+    /// Before `buf` goes out: a `101` head means the connection is being upgraded.
+    fn note_upgrade(&mut self, buf: &[u8]) {
+        if !self.kept && starts_switching_protocols(buf) {
+            self.kept = true;
+            self.open.open.keep(self.open.id, &self.io);
         }
     }
 }
@@ -244,6 +270,7 @@ impl AsyncWrite for Cuttable {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
+        this.note_upgrade(buf);
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -254,6 +281,9 @@ impl AsyncWrite for Cuttable {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.note_upgrade(first);
+        }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
@@ -588,4 +618,52 @@ async fn trace_layer(request: Request, next: Next) -> Response {
         .await;
     span.record("status", response.status().as_u16());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a `101` head marks a connection as upgraded (and so worth a second descriptor).
+    #[test]
+    fn a_switching_protocols_head_is_recognised() {
+        for upgrade in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"[..],
+            b"HTTP/1.0 101 \r\n\r\n",
+        ] {
+            assert!(starts_switching_protocols(upgrade));
+        }
+        for other in [
+            &b"HTTP/1.1 200 OK\r\n\r\n"[..],
+            b"HTTP/1.1 1010 x",
+            b"HTTP/1.1 101",
+            b"\x81\x05hello",
+            b"",
+        ] {
+            assert!(!starts_switching_protocols(other), "{other:?}");
+        }
+    }
+
+    /// A connection is counted while open, whether or not it keeps a second handle, and
+    /// `none_open` returns once the last one closes.
+    #[tokio::test]
+    async fn open_connections_are_counted_until_dropped() {
+        let open = std::sync::Arc::new(OpenConnections::default());
+        open.none_open().await;
+        let a = OpenConnections::add(&open);
+        let b = OpenConnections::add(&open);
+        assert_eq!(keel_core::lock(&open.set).sockets.len(), 2);
+        assert!(keel_core::lock(&open.set)
+            .sockets
+            .values()
+            .all(Option::is_none));
+        drop(a);
+        let waiting = tokio::spawn({
+            let open = open.clone();
+            async move { open.none_open().await }
+        });
+        drop(b);
+        waiting.await.unwrap();
+        assert!(keel_core::lock(&open.set).sockets.is_empty());
+    }
 }
