@@ -33,7 +33,8 @@ pub struct ServiceSection {
     pub weight: u32,
     /// Labels announced to discovery.
     pub tags: BTreeMap<String, String>,
-    /// How long in-flight work may take to finish after SIGTERM.
+    /// How long in-flight work may take to finish after SIGTERM: requests, and upgraded
+    /// connections (WebSockets); what is still open then is closed.
     #[serde(with = "crate::units::serde_duration")]
     pub drain_timeout: Duration,
     /// After SIGTERM, how long to keep accepting (while already unready and deregistered) so

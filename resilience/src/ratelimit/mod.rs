@@ -423,8 +423,7 @@ const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
 /// The `RateLimit-Policy` member for a policy: `"keel";q=BURST;w=WINDOW`, where the window is
 /// the time the bucket takes to fill from empty (`burst / rate`), in whole seconds rounded up,
 /// at least 1. A client that keeps to `q` calls per `w` seconds is never refused by this limit
-/// (at most `burst` at once, and on average no faster than `rate`); the true allowance is
-/// larger when `burst / rate` is not a whole number of seconds.
+/// (at most `burst` at once, and on average no faster than `rate`); the limit may allow more.
 pub fn policy_header(cfg: &RateLimitConfig) -> HeaderValue {
     let window = (f64::from(cfg.burst.max(1)) / cfg.rate.max(1e-9)).ceil();
     let window = if window.is_finite() {
