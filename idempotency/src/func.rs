@@ -179,13 +179,7 @@ impl Idempotent {
             AssertUnwindSafe(async { f(FencingToken(fence), lost.clone()).await }).catch_unwind();
         let out = with_lease(self.store.as_ref(), &skey, &owner, lease, &lost, work).await;
         // From here on, a release or completion runs to its end even if the caller gives up.
-        let give_back = || {
-            let (store, skey, owner) = (self.store.clone(), skey.clone(), owner.clone());
-            detached(async move {
-                let _ = store.release(&skey, &owner).await;
-                telemetry::complete("released");
-            })
-        };
+        let give_back = || crate::store::give_back(self.store.clone(), skey.clone(), owner.clone());
         let value = match out {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -359,10 +353,11 @@ mod tests {
         }
     }
 
-    /// A memory store whose completions fail.
-    struct NoComplete(MemoryStore);
+    /// A memory store whose completions fail (`.1`), or whose releases find the key someone
+    /// else's (`.2`).
+    struct Rigged(MemoryStore, bool, bool);
 
-    impl IdempotencyStore for NoComplete {
+    impl IdempotencyStore for Rigged {
         fn claim<'a>(
             &'a self,
             key: &'a str,
@@ -382,11 +377,14 @@ mod tests {
         }
         fn complete<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: bytes::Bytes,
-            _: Duration,
+            key: &'a str,
+            owner: &'a str,
+            record: bytes::Bytes,
+            retention: Duration,
         ) -> crate::BoxFuture<'a, Result<Ownership, IdempotencyError>> {
+            if !self.1 {
+                return self.0.complete(key, owner, record, retention);
+            }
             Box::pin(async { Err(IdempotencyError::Unavailable("test: down".into())) })
         }
         fn release<'a>(
@@ -394,7 +392,10 @@ mod tests {
             key: &'a str,
             owner: &'a str,
         ) -> crate::BoxFuture<'a, Result<Ownership, IdempotencyError>> {
-            self.0.release(key, owner)
+            if !self.2 {
+                return self.0.release(key, owner);
+            }
+            Box::pin(async { Ok(Ownership::Stale) })
         }
     }
 
@@ -412,12 +413,17 @@ mod tests {
             Err(RunError::Idempotency(IdempotencyError::Serde(_)))
         ));
         // A completion the store failed to take: counted as an error.
-        let once = Idempotent::new(Arc::new(NoComplete(MemoryStore::new(10))));
+        let once = Idempotent::new(Arc::new(Rigged(MemoryStore::new(10), true, false)));
         let r: Result<u8, RunError<()>> = once.run("k", || async { Ok(1) }).await;
         assert!(matches!(
             r,
             Err(RunError::Idempotency(IdempotencyError::Unavailable(_)))
         ));
-        assert_eq!(*rec.0.lock().unwrap(), ["released", "error"]);
+        // A failed run whose key was taken over meanwhile: its release is refused, and counted
+        // as the stale owner's, not as a release.
+        let once = Idempotent::new(Arc::new(Rigged(MemoryStore::new(10), false, true)));
+        let r: Result<u8, RunError<()>> = once.run("k", || async { Err(()) }).await;
+        assert!(matches!(r, Err(RunError::Failed(()))));
+        assert_eq!(*rec.0.lock().unwrap(), ["released", "error", "stale_owner"]);
     }
 }

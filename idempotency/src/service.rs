@@ -224,13 +224,9 @@ async fn read_at_most(mut body: Body, limit: usize) -> Result<Answer, axum::Erro
     }))
 }
 
-/// Releases the key (owner-checked) and counts it: to the end, even if the request is dropped
-/// meanwhile.
+/// Releases the key: see [`crate::store::give_back`].
 fn give_back((store, key, owner): (Arc<dyn IdempotencyStore>, String, String)) -> Detached<()> {
-    detached(async move {
-        let _ = store.release(&key, &owner).await;
-        telemetry::complete("released");
-    })
+    crate::store::give_back(store, key, owner)
 }
 
 /// Stores the answer (owner-checked) and counts the outcome: to the end, even if the request is

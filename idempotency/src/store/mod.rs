@@ -159,6 +159,23 @@ pub(crate) fn give_back_timed_out_claim(
     });
 }
 
+/// Releases the key (owner-checked) after an execution that is not to be stored (a 5xx, an
+/// error, a panic), to the end even if the request is dropped meanwhile, and counts how it went:
+/// `released`, `stale_owner` (the lease had been lost: the key is someone else's now) or `error`.
+pub(crate) fn give_back(
+    store: Arc<dyn IdempotencyStore>,
+    key: String,
+    owner: String,
+) -> Detached<()> {
+    detached(async move {
+        crate::telemetry::complete(match store.release(&key, &owner).await {
+            Ok(Ownership::Owner) => "released",
+            Ok(Ownership::Stale) => "stale_owner",
+            Err(_) => "error",
+        });
+    })
+}
+
 /// A store call that runs to its end even when the request that made it is dropped meanwhile
 /// (a client disconnect): dropped unfinished, what is left of it is handed to the runtime. A
 /// completion whose handler already ran must not be lost with the connection: the key would stay

@@ -378,7 +378,10 @@ impl RedisStore {
         match v {
             Value::Int(1) => Ok(Ownership::Owner),
             Value::Int(0) => Ok(Ownership::Stale),
-            other => Err(IdempotencyError::Protocol(format!("{other:?}"))),
+            other => Err(IdempotencyError::Protocol(format!(
+                "owner-checked script answered {}",
+                shape(&other)
+            ))),
         }
     }
 
@@ -429,7 +432,7 @@ impl RedisStore {
 }
 
 fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
-    let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {v:?}"));
+    let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {}", shape(v)));
     let Value::Array(items) = &v else {
         return Err(bad(&v));
     };
@@ -443,6 +446,29 @@ fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
         [Value::Int(2), Value::BulkString(r)] => Ok(Claim::Completed(Bytes::from(r.clone()))),
         [Value::Int(3)] => Ok(Claim::Mismatch),
         _ => Err(bad(&v)),
+    }
+}
+
+/// What a reply looks like, without its contents (a record holds a stored answer, which must not
+/// reach logs through an error message): integers as they are, strings by length.
+fn shape(v: &Value) -> String {
+    match v {
+        Value::Int(n) => format!("{n}"),
+        Value::BulkString(b) => format!("<{} bytes>", b.len()),
+        Value::Array(items) => format!(
+            "[{}]",
+            items
+                .iter()
+                .take(8)
+                .map(shape)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Nil => "nil".to_owned(),
+        Value::Okay => "OK".to_owned(),
+        Value::SimpleString(s) => format!("<status of {} bytes>", s.len()),
+        Value::ServerError(e) => format!("error {}", e.code()),
+        _ => "a reply of another type".to_owned(),
     }
 }
 
@@ -515,5 +541,23 @@ impl IdempotencyStore for RedisStore {
             self.owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
                 .await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unexpected_reply_is_reported_without_its_contents() {
+        // A completed record in a reply of the wrong shape: the error names its shape only.
+        let v = Value::Array(vec![
+            Value::Int(2),
+            Value::BulkString(b"secret answer".to_vec()),
+            Value::Int(9),
+        ]);
+        let e = parse_claim(v).unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+        assert!(e.contains("[2, <13 bytes>, 9]"), "{e}");
     }
 }
