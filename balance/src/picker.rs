@@ -956,7 +956,10 @@ impl Balancer {
 }
 
 /// A picked instance. Report how the request ended with [`complete`](Picked::complete);
-/// dropping it unreported counts as cancelled (in-flight released, nothing learned).
+/// dropping it unreported counts as cancelled: in-flight released, and the time it waited
+/// raises the instance's latency estimate when it is longer than the estimate (an abandoned
+/// attempt's wait is a lower bound of its latency: it may raise the estimate, never lower it),
+/// so an instance that stops answering under a per-try timeout stops looking fast.
 #[derive(Debug)]
 pub struct Picked {
     entry: Arc<Entry>,
@@ -1032,6 +1035,15 @@ impl Drop for Picked {
         if !self.done {
             self.release();
             self.entry.metrics.request(Outcome::Cancelled);
+            let waited = self.elapsed();
+            if let Some(shared) = self.entry.backref.shared.upgrade() {
+                let r = Balancer { shared }.roster();
+                let st = &self.entry.state;
+                if waited.as_nanos() as f64 > st.ewma_ns(r.default_rtt_ns) {
+                    let now = self.entry.backref.clock.now();
+                    st.observe_rtt(waited, now, r.config.ewma_decay, r.default_rtt_ns);
+                }
+            }
             // For a per-try timeout that dropped this attempt: which instance did not answer.
             keel_core::request::note_abandoned(keel_core::request::ServedBy {
                 id: self.entry.instance.id.clone(),
@@ -1085,6 +1097,29 @@ mod tests {
                 Outcome::Success
             });
         }
+    }
+
+    #[test]
+    fn an_abandoned_attempt_raises_the_latency_estimate_and_never_lowers_it() {
+        let b = round_robin(1);
+        let ewma_ms = || {
+            let r = b.roster();
+            r.entries[0].state.ewma_ns(r.default_rtt_ns) / 1e6
+        };
+        b.pick(&RequestInfo::default())
+            .unwrap()
+            .complete_with(Outcome::Success, Duration::from_millis(1));
+        assert!(ewma_ms() < 60.0, "{}", ewma_ms());
+        // A per-try timeout drops the attempt after 80 ms without an answer.
+        let p = b.pick(&RequestInfo::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+        drop(p);
+        assert!(ewma_ms() >= 80.0, "the wait counts: {}", ewma_ms());
+        // An attempt dropped at once (a hedge's loser, say) tells nothing: the estimate stays.
+        drop(b.pick(&RequestInfo::default()).unwrap());
+        assert!(ewma_ms() >= 80.0, "not lowered: {}", ewma_ms());
+        let r = b.roster();
+        assert_eq!(r.entries[0].state.in_flight.load(Relaxed), 0);
     }
 
     #[test]
