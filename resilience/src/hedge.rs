@@ -260,15 +260,6 @@ where
                 }
                 _ = tokio::time::sleep(delay) => {}
             }
-            if let Some(b) = &shared.budget {
-                if b.try_withdraw().is_err() {
-                    m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "budget_exhausted")
-                        .increment(1);
-                    let r = first.await.map_err(Into::into);
-                    shared.observe(start.elapsed(), pct);
-                    return r;
-                }
-            }
             let prev = replay
                 .extensions()
                 .get::<Attempt>()
@@ -285,12 +276,31 @@ where
                 hedge: true,
                 avoid,
             });
-            let ready = std::future::poll_fn(|cx| second.poll_ready(cx))
-                .await
-                .is_ok();
+            // The second attempt's service must be ready before the budget pays for it (a hedge
+            // that cannot be sent costs nothing), and the first answer is taken meanwhile.
+            let ready = tokio::select! {
+                r = &mut first => {
+                    shared.observe(start.elapsed(), pct);
+                    return r.map_err(Into::into);
+                }
+                ready = std::future::poll_fn(|cx| second.poll_ready(cx)) => ready.is_ok(),
+            };
             if !ready {
                 // Cannot hedge: wait for the first.
-                return first.await.map_err(Into::into);
+                let r = first.await.map_err(Into::into);
+                shared.observe(start.elapsed(), pct);
+                return r;
+            }
+            if let Some(b) = &shared.budget {
+                if b.try_withdraw().is_err() {
+                    m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "budget_exhausted")
+                        .increment(1);
+                    // `second` is dropped unused: whatever its readiness reserved is given back.
+                    drop(second);
+                    let r = first.await.map_err(Into::into);
+                    shared.observe(start.elapsed(), pct);
+                    return r;
+                }
             }
             m::counter(m::HEDGE_TOTAL, &shared.service, "sent").increment(1);
             m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "hedge").increment(1);
@@ -325,8 +335,69 @@ where
 mod tests {
     use super::*;
     use keel_core::Ratio;
-    use std::sync::atomic::AtomicU32;
+    use std::{future::Future, pin::Pin, sync::atomic::AtomicU32};
     use tower::{service_fn, ServiceExt};
+
+    /// Ready for its first poll only (the caller's), never after: a hedge can never be sent.
+    #[derive(Clone)]
+    struct ReadyOnce {
+        polls: Arc<AtomicU32>,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl Service<http::Request<()>> for ReadyOnce {
+        type Response = http::Response<()>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<http::Response<()>, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.polls.fetch_add(1, Ordering::Relaxed) == 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(http::Response::new(()))
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_that_cannot_be_sent_costs_no_budget_and_does_not_hold_the_answer() {
+        let budget = Arc::new(RetryBudget::new(Live::new(crate::RetryConfig {
+            min_per_second: 5,
+            ..Default::default()
+        })));
+        let layer = HedgeLayer::new(
+            "svc",
+            Live::new(HedgeConfig {
+                enabled: true,
+                delay: Duration::from_millis(1),
+                percentile: None,
+            }),
+            Some(budget.clone()),
+        );
+        let inner = ReadyOnce {
+            polls: Arc::new(AtomicU32::new(0)),
+            calls: Arc::new(AtomicU32::new(0)),
+        };
+        let svc = layer.layer(inner.clone());
+        let before = budget.balance();
+        let t = Instant::now();
+        svc.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(
+            t.elapsed(),
+            Duration::from_millis(50),
+            "the first answer, on time"
+        );
+        assert_eq!(inner.calls.load(Ordering::Relaxed), 1, "no hedge was sent");
+        assert_eq!(budget.balance(), before, "and none was paid for");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn percentile_delay_follows_observed_latency_and_spends_budget() {
