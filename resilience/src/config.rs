@@ -178,7 +178,8 @@ impl From<RetryOn> for Vec<String> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// Attempts in all, the first included; 1 disables retries.
+    /// Attempts in all, the first included; 1 disables retries. A reload that lowers it also
+    /// stops the calls in flight at the new limit; one that raises it applies to new calls.
     pub max_attempts: u32,
     /// Classes and status codes to retry on.
     pub retry_on: RetryOn,

@@ -413,6 +413,9 @@ impl Drop for Retrying {
 pub(crate) struct Ctx<C, B> {
     classifier: C,
     pub(crate) attempt: u32,
+    /// `max_attempts` when the call began: a reload may lower it for this call (to stop a
+    /// retry storm at once), never raise it (the call may not have kept a copy to retry).
+    max: u32,
     safe: bool,
     replay: Option<Replay<B>>,
     pub(crate) deadline: Option<tokio::time::Instant>,
@@ -455,6 +458,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         Self {
             classifier,
             attempt: 1,
+            max: cfg.max_attempts,
             safe,
             replay,
             deadline,
@@ -495,7 +499,8 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         let outcome = self.classifier.classify(res);
         // A request that never left (an instance's own breaker refused it) may go elsewhere.
         let wanted = wants_retry(&cfg.retry_on, &outcome) || not_sent(res);
-        if self.attempt >= cfg.max_attempts || !wanted {
+        let max = self.max.min(cfg.max_attempts);
+        if self.attempt >= max || !wanted {
             return None;
         }
         if !self.safe {
@@ -563,7 +568,7 @@ impl<C, B: ReplayBody> Ctx<C, B> {
         }
         self.attempt += 1;
         self.pending = true;
-        self.last = self.attempt >= cfg.max_attempts;
+        self.last = self.attempt >= max;
         shared.count(if sent { "retry" } else { "not_sent" });
         Some(wait)
     }

@@ -721,6 +721,44 @@ mod tests {
         assert_eq!(stack.breaker().state(), BreakerState::Open);
     }
 
+    /// A backend that answers 502 and, on its first call, reloads `max_attempts` to `reload_to`.
+    async fn attempts_with_a_reload(start: u32, reload_to: u32) -> usize {
+        let mut cfg = ResilienceConfig::default();
+        cfg.retry.max_attempts = start;
+        cfg.retry.backoff_base = Duration::ZERO;
+        cfg.breaker.minimum_calls = 100;
+        let config = Live::new(cfg);
+        let stack = ClientStackLayer::try_new("reloaded", config.clone()).unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let client = stack.layer(service_fn(move |_req: http::Request<()>| {
+            if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                let mut next = config.load().as_ref().clone();
+                next.retry.max_attempts = reload_to;
+                config.store(next);
+            }
+            async {
+                let mut r = http::Response::new(());
+                *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+                Ok::<_, BoxError>(r)
+            }
+        }));
+        let r = client.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(r.status(), 502);
+        calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_mid_call_may_lower_its_attempts_never_raise_them() {
+        assert_eq!(
+            attempts_with_a_reload(2, 5).await,
+            2,
+            "raised: for new calls"
+        );
+        assert_eq!(attempts_with_a_reload(3, 1).await, 1, "lowered: at once");
+        assert_eq!(attempts_with_a_reload(4, 2).await, 2);
+    }
+
     fn slow_backend(
         delay: Duration,
         seen: Arc<std::sync::Mutex<Vec<u64>>>,
