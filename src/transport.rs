@@ -151,6 +151,9 @@ impl KeptBreakers {
         for k in keel_core::lock(kept).by_instance.values() {
             if Arc::strong_count(&k.breaker) > 1 {
                 k.breaker.publish();
+            } else {
+                // Its instance left: it refuses nothing (see `Breaker::retire_gauge`).
+                k.breaker.retire_gauge();
             }
         }
     }
@@ -164,7 +167,10 @@ fn age(kept: &mut HashMap<(InstanceId, SocketAddr), KeptBreaker>, now: tokio::ti
             k.gone_since = None;
             return true;
         }
-        let since = *k.gone_since.get_or_insert(now);
+        let since = *k.gone_since.get_or_insert_with(|| {
+            k.breaker.retire_gauge();
+            now
+        });
         now.saturating_duration_since(since) < KEEP_GONE
     });
     let gone = kept.values().filter(|k| k.gone_since.is_some()).count();
@@ -456,8 +462,17 @@ mod tests {
         tokio::time::advance(d + AGE_EVERY).await;
     }
 
+    /// The `keel_breaker_state` value of instance `id` in a rendering.
+    fn state_of(text: &str, id: &str) -> Option<String> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("keel_breaker_state{") && l.contains(&format!("instance=\"{id}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    }
+
     /// `keel_breaker_state` of an instance in the set shows forced open (3) once sampled, as the
-    /// per-service breaker's does; an instance that left is not sampled.
+    /// per-service breaker's does; an instance that left reads 0, even if its breaker is open.
     #[test]
     fn instance_breaker_gauges_are_sampled() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -472,16 +487,23 @@ mod tests {
             drop(f.breaker_for(&instance("b", 2)));
             KeptBreakers::publish(&f.breakers);
             let text = handle.render();
-            let state = |id: &str| {
-                text.lines()
-                    .find(|l| {
-                        l.starts_with("keel_breaker_state{")
-                            && l.contains(&format!("instance=\"{id}\""))
-                    })
-                    .map(|l| l.rsplit(' ').next().unwrap().to_owned())
-            };
-            assert_eq!(state("a").as_deref(), Some("3"), "{text}");
-            assert_ne!(state("b").as_deref(), Some("3"), "{text}");
+            assert_eq!(state_of(&text, "a").as_deref(), Some("3"), "{text}");
+            assert_eq!(state_of(&text, "b").as_deref(), Some("0"), "{text}");
+            // An instance whose breaker opened, then left.
+            f.breaker = Live::new(BreakerConfig {
+                minimum_calls: 1,
+                ..BreakerConfig::default()
+            });
+            let c = f.breaker_for(&instance("c", 3));
+            c.clone()
+                .try_acquire()
+                .unwrap()
+                .record(Outcome::Failure(FailureClass::Status(502)));
+            KeptBreakers::publish(&f.breakers);
+            assert_eq!(state_of(&handle.render(), "c").as_deref(), Some("1"));
+            drop(c);
+            KeptBreakers::publish(&f.breakers);
+            assert_eq!(state_of(&handle.render(), "c").as_deref(), Some("0"));
             drop(held);
         });
     }

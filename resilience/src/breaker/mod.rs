@@ -229,6 +229,14 @@ impl Breaker {
         });
     }
 
+    /// Sets the `keel_breaker_state` gauge to 0 (closed), the breaker itself unchanged: for the
+    /// breaker of an instance that left, so that its last state (open, say) does not stay in
+    /// `/metrics` as if it still refused calls. [`publish`](Self::publish) shows the state
+    /// again if the instance comes back.
+    pub fn retire_gauge(&self) {
+        self.gauge.set(0.0);
+    }
+
     /// When an open breaker will let a probe through (`None` unless it is open).
     pub fn open_until(&self) -> Option<Instant> {
         match keel_core::lock(&self.inner).s.st {
@@ -711,7 +719,13 @@ impl BreakerRegistry {
     /// Forgets instances for which `keep` is false (e.g. gone from discovery).
     pub fn retain(&self, mut keep: impl FnMut(&InstanceId) -> bool) {
         if let Ok(mut map) = self.map.lock() {
-            map.retain(|id, _| keep(id));
+            map.retain(|id, b| {
+                let kept = keep(id);
+                if !kept {
+                    b.retire_gauge();
+                }
+                kept
+            });
         }
     }
 

@@ -450,3 +450,31 @@ async fn a_zero_rate_threshold_is_refused() {
     }
     cfg().validate().unwrap();
 }
+
+#[test]
+fn a_registry_resets_the_gauge_of_an_instance_it_forgets() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        let reg = BreakerRegistry::new(
+            "reg",
+            Live::new(BreakerConfig {
+                minimum_calls: 1,
+                ..cfg()
+            }),
+        );
+        let gone = InstanceId::new("gone");
+        calls(&reg.get(&gone), 1, FAIL);
+        let state = || {
+            handle
+                .render()
+                .lines()
+                .find(|l| l.starts_with("keel_breaker_state{") && l.contains("\"gone\""))
+                .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
+        };
+        assert_eq!(state().as_deref(), Some("1"), "opened");
+        reg.retain(|_| false);
+        assert_eq!(state().as_deref(), Some("0"), "forgotten: refuses nothing");
+        assert!(reg.is_empty());
+    });
+}
