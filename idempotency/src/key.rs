@@ -3,8 +3,9 @@
 //! The IETF draft (`draft-ietf-httpapi-idempotency-key-header`) makes the header an RFC 8941
 //! structured-field *string*: `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`. Many
 //! clients send the value bare, so a bare token is accepted too: RFC 9110 `tchar`s plus `:` and
-//! `/` (RFC 8941 `sf-token` without its first-character rule, so a bare UUID passes). Keys are at
-//! most 255 characters and never empty.
+//! `/` (RFC 8941 `sf-token` without its first-character rule, so a bare UUID passes). RFC 8941
+//! parameters after the value (`"abc";v=1`) are checked and ignored, as the draft defines none.
+//! Keys are at most 255 characters and never empty.
 //!
 //! The storage key hashes scope, method, route and key with length prefixes, so two tenants, two
 //! routes or two methods never share a key, and the raw client key never reaches the store,
@@ -31,18 +32,23 @@ pub enum KeyError {
 }
 
 /// Parses one header value: an RFC 8941 sf-string (`"abc"`, with `\"` and `\\` escapes) or a
-/// bare token. Never panics.
+/// bare token, optionally followed by RFC 8941 parameters (`"abc";v=1`), which are checked and
+/// ignored: the draft defines none. Never panics.
 pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
     let v = trim_ows(value);
-    let out = if v.first() == Some(&b'"') {
-        parse_sf_string(v)?
+    let (out, rest) = if v.first() == Some(&b'"') {
+        sf_string(v)?
     } else {
-        if v.is_empty() || !v.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
+        let end = v.iter().position(|&b| b == b';').unwrap_or(v.len());
+        let (token, rest) = v.split_at(end);
+        if token.is_empty() || !token.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
             return Err(KeyError::Malformed);
         }
         // All ASCII, hence valid UTF-8.
-        String::from_utf8(v.to_vec()).map_err(|_| KeyError::Malformed)?
+        let token = String::from_utf8(token.to_vec()).map_err(|_| KeyError::Malformed)?;
+        (token, rest)
     };
+    parameters(rest)?;
     if out.is_empty() || out.len() > MAX_KEY_LEN {
         return Err(KeyError::Malformed);
     }
@@ -59,25 +65,97 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
     v
 }
 
-fn parse_sf_string(v: &[u8]) -> Result<String, KeyError> {
+/// An sf-string at the start of `v`, and what follows its closing quote.
+fn sf_string(v: &[u8]) -> Result<(String, &[u8]), KeyError> {
     let mut out = String::new();
-    let mut it = v.iter().skip(1);
+    let mut i = 1;
     loop {
-        match it.next() {
+        match v.get(i) {
             None => return Err(KeyError::Malformed),
-            Some(b'\\') => match it.next() {
-                Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
+            Some(b'\\') => match v.get(i + 1) {
+                Some(&c @ (b'"' | b'\\')) => {
+                    out.push(char::from(c));
+                    i += 2;
+                }
                 _ => return Err(KeyError::Malformed),
             },
-            Some(b'"') => break,
-            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
+            Some(b'"') => return Ok((out, &v[i + 1..])),
+            Some(&c) if (0x20..=0x7e).contains(&c) => {
+                out.push(char::from(c));
+                i += 1;
+            }
             Some(_) => return Err(KeyError::Malformed),
         }
     }
-    if it.next().is_some() {
-        return Err(KeyError::Malformed);
+}
+
+/// RFC 8941 parameters (`*( ";" *SP key [ "=" bare-item ] )`) making up the whole of `v`.
+fn parameters(mut v: &[u8]) -> Result<(), KeyError> {
+    while let [b';', rest @ ..] = v {
+        v = rest;
+        while let [b' ', rest @ ..] = v {
+            v = rest;
+        }
+        // key = ( lcalpha / "*" ) *( lcalpha / DIGIT / "_" / "-" / "." / "*" )
+        match v.first() {
+            Some(b'a'..=b'z' | b'*') => {}
+            _ => return Err(KeyError::Malformed),
+        }
+        let n = v
+            .iter()
+            .take_while(|&&b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
+            .count();
+        v = &v[n..];
+        if let [b'=', rest @ ..] = v {
+            v = bare_item(rest)?;
+        }
     }
-    Ok(out)
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(KeyError::Malformed)
+    }
+}
+
+/// Skips one RFC 8941 bare item (integer, decimal, string, token, byte sequence, boolean).
+fn bare_item(v: &[u8]) -> Result<&[u8], KeyError> {
+    let count = |v: &[u8], f: fn(u8) -> bool| v.iter().take_while(|&&b| f(b)).count();
+    match v.first() {
+        Some(b'"') => sf_string(v).map(|(_, rest)| rest),
+        Some(b'?') => match v.get(1) {
+            Some(b'0' | b'1') => Ok(&v[2..]),
+            _ => Err(KeyError::Malformed),
+        },
+        Some(b':') => {
+            let n = count(&v[1..], |b| {
+                b.is_ascii_alphanumeric() || b"+/=".contains(&b)
+            });
+            match v.get(1 + n) {
+                Some(b':') => Ok(&v[2 + n..]),
+                _ => Err(KeyError::Malformed),
+            }
+        }
+        Some(c) if c.is_ascii_alphabetic() || *c == b'*' => {
+            Ok(&v[1 + count(&v[1..], |b| is_tchar(b) || b == b':' || b == b'/')..])
+        }
+        Some(b'-' | b'0'..=b'9') => {
+            let sign = usize::from(v[0] == b'-');
+            let int = count(&v[sign..], |b| b.is_ascii_digit());
+            let mut end = sign + int;
+            if int == 0 || int > 15 {
+                return Err(KeyError::Malformed);
+            }
+            if v.get(end) == Some(&b'.') {
+                let frac = count(&v[end + 1..], |b| b.is_ascii_digit());
+                if int > 12 || !(1..=3).contains(&frac) {
+                    return Err(KeyError::Malformed);
+                }
+                end += 1 + frac;
+            }
+            Ok(&v[end..])
+        }
+        _ => Err(KeyError::Malformed),
+    }
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -187,6 +265,23 @@ mod tests {
             "8e03978e-40d5-43e8-bc93-6894a57f9324"
         );
         assert_eq!(parse_key(b"\"with space\"").unwrap(), "with space");
+        // Parameters are checked and ignored.
+        for (v, key) in [
+            (&b"\"abc\";x=1"[..], "abc"),
+            (
+                b"\"abc\"; v=\"2\";flag;*w=?1;n=-1.5;t=tok/en;b=:aGk=:",
+                "abc",
+            ),
+            (b"abc;x=1", "abc"),
+            (b"\"a;b\"", "a;b"),
+        ] {
+            assert_eq!(
+                parse_key(v).as_deref(),
+                Ok(key),
+                "{:?}",
+                String::from_utf8_lossy(v)
+            );
+        }
         for bad in [
             &b""[..],
             b"\"\"",
@@ -197,6 +292,16 @@ mod tests {
             b"\"\xc3\xa9\"",
             b"a,b",
             b"\"a\tb\"",
+            b"\"abc\";",
+            b"\"abc\";X=1",
+            b"\"abc\";x=",
+            b"\"abc\";x=1.",
+            b"\"abc\";x=1234567890123456",
+            b"\"abc\";x=\"open",
+            b"\"abc\";x=?2",
+            b"\"abc\";x=:aGk=",
+            b"\"abc\" ;x=1",
+            b";x=1",
         ] {
             assert_eq!(
                 parse_key(bad),
