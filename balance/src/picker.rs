@@ -955,11 +955,14 @@ impl Balancer {
     }
 }
 
-/// A picked instance. Report how the request ended with [`complete`](Picked::complete);
-/// dropping it unreported counts as cancelled: in-flight released, and the time it waited
-/// raises the instance's latency estimate when it is longer than the estimate (an abandoned
-/// attempt's wait is a lower bound of its latency: it may raise the estimate, never lower it),
-/// so an instance that stops answering under a per-try timeout stops looking fast.
+/// A picked instance. Report how the request ended with [`complete`](Picked::complete).
+/// Dropping it unreported (a per-try timeout, a hedge's loser, a caller gone) releases its
+/// in-flight count, is counted `cancelled`, and raises the instance's latency estimate (as a
+/// pick sees it, decay included) to the time it waited when that is longer: an abandoned
+/// attempt's wait is a lower bound of its latency, so it may raise the estimate, never lower
+/// it, and an instance that stops answering under a per-try timeout stops looking fast.
+/// (Reporting [`Outcome::Cancelled`] through `complete` teaches nothing: the caller says the
+/// time is not the instance's.)
 #[derive(Debug)]
 pub struct Picked {
     entry: Arc<Entry>,
@@ -1035,14 +1038,13 @@ impl Drop for Picked {
         if !self.done {
             self.release();
             self.entry.metrics.request(Outcome::Cancelled);
-            let waited = self.elapsed();
             if let Some(shared) = self.entry.backref.shared.upgrade() {
                 let r = Balancer { shared }.roster();
-                let st = &self.entry.state;
-                if waited.as_nanos() as f64 > st.ewma_ns(r.default_rtt_ns) {
-                    let now = self.entry.backref.clock.now();
-                    st.observe_rtt(waited, now, r.config.ewma_decay, r.default_rtt_ns);
-                }
+                let now = self.entry.backref.clock.now();
+                let waited = Duration::from_nanos(now.saturating_sub(self.start));
+                self.entry
+                    .state
+                    .raise_rtt(waited, now, r.ewma_decay_ns, r.default_rtt_ns);
             }
             // For a per-try timeout that dropped this attempt: which instance did not answer.
             keel_core::request::note_abandoned(keel_core::request::ServedBy {
@@ -1115,11 +1117,38 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         drop(p);
         assert!(ewma_ms() >= 80.0, "the wait counts: {}", ewma_ms());
-        // An attempt dropped at once (a hedge's loser, say) tells nothing: the estimate stays.
+        // An attempt dropped at once tells nothing: the estimate stays.
         drop(b.pick(&RequestInfo::default()).unwrap());
         assert!(ewma_ms() >= 80.0, "not lowered: {}", ewma_ms());
         let r = b.roster();
         assert_eq!(r.entries[0].state.in_flight.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn an_abandoned_attempt_counts_against_a_faded_peak() {
+        let b = round_robin(1);
+        let mut config = b.shared.config.load().as_ref().clone();
+        config.ewma_decay = Duration::from_millis(100);
+        b.shared.config.store(config);
+        let cost_ms = || {
+            let r = b.roster();
+            let now = b.shared.clock.now();
+            r.entries[0]
+                .state
+                .ewma_cost_ns(r.default_rtt_ns, now, r.ewma_decay_ns)
+                / 1e6
+        };
+        // A 3 s peak, faded to a few ms: the instance is picked again.
+        b.pick(&RequestInfo::default())
+            .unwrap()
+            .complete_with(Outcome::Success, Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(cost_ms() < 20.0, "{}", cost_ms());
+        // It stops answering: a 60 ms wait is below the stored peak, above what a pick sees.
+        let p = b.pick(&RequestInfo::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        drop(p);
+        assert!(cost_ms() >= 30.0, "{}", cost_ms());
     }
 
     #[test]

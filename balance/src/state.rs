@@ -125,6 +125,18 @@ impl InstanceState {
         }
     }
 
+    /// A lower bound of a latency (an attempt abandoned after waiting `waited`): the estimate as
+    /// a pick sees it now ([`ewma_cost_ns`](Self::ewma_cost_ns), decay included) becomes
+    /// `waited` if that is longer, and is left alone otherwise.
+    pub(crate) fn raise_rtt(&self, waited: Duration, now: u64, decay_ns: f64, default: f64) {
+        let waited = waited.as_nanos() as f64;
+        let _serial = keel_core::lock(&self.ewma_update);
+        if waited > self.ewma_cost_ns(default, now, decay_ns) {
+            self.ewma_at.store(now, Relaxed);
+            self.ewma_bits.store(waited.max(1.0).to_bits(), Relaxed);
+        }
+    }
+
     /// Peak EWMA (Finagle's `PeakEwma`, as in linkerd and tower's `PeakEwma`): a sample above
     /// the estimate replaces it at once (be quick to notice a slow instance); below, the estimate
     /// decays towards it with weight `exp(-elapsed / decay)` (be slow to trust a recovery).
