@@ -148,12 +148,18 @@ impl KeptBreakers {
     /// Sets the `keel_breaker_state` gauge of each instance in the set: forced open and disabled
     /// are configuration, not transitions, so only sampling shows them (`/metrics` calls this).
     pub(crate) fn publish(kept: &Mutex<Self>) {
-        for k in keel_core::lock(kept).by_instance.values() {
-            if Arc::strong_count(&k.breaker) > 1 {
-                k.breaker.publish();
-            } else {
+        let kept = keel_core::lock(kept);
+        // Gone first, then those in the set: the gauge is labelled by instance id alone, and an
+        // instance that moved to another address has both a gone breaker and a held one.
+        for k in kept.by_instance.values() {
+            if Arc::strong_count(&k.breaker) == 1 {
                 // Its instance left: it refuses nothing (see `Breaker::retire_gauge`).
                 k.breaker.retire_gauge();
+            }
+        }
+        for k in kept.by_instance.values() {
+            if Arc::strong_count(&k.breaker) > 1 {
+                k.breaker.publish();
             }
         }
     }
@@ -161,14 +167,22 @@ impl KeptBreakers {
 
 /// Notices the breakers no transport holds, and forgets those gone too long or too many.
 fn age(kept: &mut HashMap<(InstanceId, SocketAddr), KeptBreaker>, now: tokio::time::Instant) {
-    kept.retain(|_, k| {
+    // Ids still in the set (at some address): their gauge is the held breaker's to set.
+    let held: std::collections::HashSet<InstanceId> = kept
+        .iter()
+        .filter(|(_, k)| Arc::strong_count(&k.breaker) > 1)
+        .map(|((id, _), _)| id.clone())
+        .collect();
+    kept.retain(|(id, _), k| {
         // Held by a transport besides this map: the instance is still in the set.
         if Arc::strong_count(&k.breaker) > 1 {
             k.gone_since = None;
             return true;
         }
         let since = *k.gone_since.get_or_insert_with(|| {
-            k.breaker.retire_gauge();
+            if !held.contains(id) {
+                k.breaker.retire_gauge();
+            }
             now
         });
         now.saturating_duration_since(since) < KEEP_GONE
@@ -504,7 +518,27 @@ mod tests {
             drop(c);
             KeptBreakers::publish(&f.breakers);
             assert_eq!(state_of(&handle.render(), "c").as_deref(), Some("0"));
-            drop(held);
+            // Eight instances move to another address: each breaker at the old one is gone, the
+            // new one opened; the gauge (labelled by id alone) shows the one in the set.
+            let moved: Vec<_> = (0..8u16)
+                .map(|i| {
+                    let id = format!("m{i}");
+                    drop(f.breaker_for(&instance(&id, 100 + i)));
+                    let moved = f.breaker_for(&instance(&id, 200 + i));
+                    moved
+                        .clone()
+                        .try_acquire()
+                        .unwrap()
+                        .record(Outcome::Failure(FailureClass::Status(502)));
+                    moved
+                })
+                .collect();
+            KeptBreakers::publish(&f.breakers);
+            let text = handle.render();
+            for i in 0..8 {
+                assert_eq!(state_of(&text, &format!("m{i}")).as_deref(), Some("1"));
+            }
+            drop((held, moved));
         });
     }
 

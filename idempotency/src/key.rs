@@ -4,7 +4,7 @@
 //! structured-field *string*: `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`. Many
 //! clients send the value bare, so a bare token is accepted too: RFC 9110 `tchar`s plus `:` and
 //! `/` (RFC 8941 `sf-token` without its first-character rule, so a bare UUID passes). RFC 8941
-//! parameters after the value (`"abc";v=1`) are checked and ignored, as the draft defines none.
+//! parameters after a string (`"abc";v=1`) are checked and ignored, as the draft defines none.
 //! Keys are at most 255 characters and never empty.
 //!
 //! The storage key hashes scope, method, route and key with length prefixes, so two tenants, two
@@ -31,24 +31,23 @@ pub enum KeyError {
     Malformed,
 }
 
-/// Parses one header value: an RFC 8941 sf-string (`"abc"`, with `\"` and `\\` escapes) or a
-/// bare token, optionally followed by RFC 8941 parameters (`"abc";v=1`), which are checked and
-/// ignored: the draft defines none. Never panics.
+/// Parses one header value: an RFC 8941 sf-string (`"abc"`, with `\"` and `\\` escapes),
+/// optionally followed by RFC 8941 parameters (`"abc";v=1`, checked and ignored: the draft
+/// defines none), or a bare token (without parameters). Never panics.
 pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
     let v = trim_ows(value);
-    let (out, rest) = if v.first() == Some(&b'"') {
-        sf_string(v)?
+    let out = if v.first() == Some(&b'"') {
+        let (out, rest) = sf_string(v)?;
+        parameters(rest)?;
+        out
     } else {
-        let end = v.iter().position(|&b| b == b';').unwrap_or(v.len());
-        let (token, rest) = v.split_at(end);
-        if token.is_empty() || !token.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
+        // A bare token takes no parameters: `abc;x` and `abc;y` must not both become `abc`.
+        if v.is_empty() || !v.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
             return Err(KeyError::Malformed);
         }
         // All ASCII, hence valid UTF-8.
-        let token = String::from_utf8(token.to_vec()).map_err(|_| KeyError::Malformed)?;
-        (token, rest)
+        String::from_utf8(v.to_vec()).map_err(|_| KeyError::Malformed)?
     };
-    parameters(rest)?;
     if out.is_empty() || out.len() > MAX_KEY_LEN {
         return Err(KeyError::Malformed);
     }
@@ -272,7 +271,6 @@ mod tests {
                 b"\"abc\"; v=\"2\";flag;*w=?1;n=-1.5;t=tok/en;b=:aGk=:",
                 "abc",
             ),
-            (b"abc;x=1", "abc"),
             (b"\"a;b\"", "a;b"),
         ] {
             assert_eq!(
@@ -302,6 +300,7 @@ mod tests {
             b"\"abc\";x=:aGk=",
             b"\"abc\" ;x=1",
             b";x=1",
+            b"abc;x=1",
         ] {
             assert_eq!(
                 parse_key(bad),
@@ -404,6 +403,19 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn parameters_never_panic(tail in proptest::collection::vec(
+            prop_oneof![Just(b';'), Just(b'='), Just(b'"'), Just(b':'), Just(b'?'), Just(b'.'),
+                Just(b'-'), Just(b' '), Just(b'\\'), b'a'..=b'z', b'0'..=b'9', any::<u8>()],
+            0..60,
+        )) {
+            let mut v = b"\"k\";".to_vec();
+            v.extend_from_slice(&tail);
+            if let Ok(key) = parse_key(&v) {
+                prop_assert_eq!(key, "k");
+            }
+        }
+
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = parse_key(&bytes);

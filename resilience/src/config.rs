@@ -180,6 +180,8 @@ impl From<RetryOn> for Vec<String> {
 pub struct RetryConfig {
     /// Attempts in all, the first included; 1 disables retries. A reload that lowers it also
     /// stops the calls in flight at the new limit; one that raises it applies to new calls.
+    /// (The other retry settings a call reads after each failed attempt: a reload applies to
+    /// the next decision.)
     pub max_attempts: u32,
     /// Classes and status codes to retry on.
     pub retry_on: RetryOn,

@@ -691,7 +691,6 @@ pin_project! {
         fut: Option<S::Future>,
         // The service for retries: cloned from the template when the first retry is sent.
         template: Option<Arc<S>>,
-        cfg: Arc<RetryConfig>,
         active: Active,
         failed: Option<ResilienceError>,
         svc: Option<S>,
@@ -724,7 +723,9 @@ where
                     Poll::Ready(r) => r.map_err(Into::into),
                 };
                 this.fut.set(None);
-                if let Some(done) = this.ctx.after(&this.active.0, this.cfg, res) {
+                // Only a failure needs the policy: read it now, as a reload may have changed it.
+                let cfg = this.active.0.policy.load();
+                if let Some(done) = this.ctx.after(&this.active.0, &cfg, res) {
                     return Poll::Ready(done);
                 }
             }
@@ -783,7 +784,7 @@ where
             // Counted as the fused stack counts it.
             crate::deadline::deadline_metric(e);
         }
-        let cfg = shared.policy.get();
+        let cfg = shared.policy.load();
         shared.first.increment(1);
         shared.budget.deposit_at(now);
         let mut ctx = Ctx::begin(shared, &cfg, self.classifier.clone(), &req, deadline);
@@ -799,7 +800,6 @@ where
         ResponseFuture {
             fut,
             template: ctx.may_retry().then(|| self.template.clone()),
-            cfg,
             active: Active(shared.clone()),
             failed,
             svc: None,
@@ -874,6 +874,34 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 4, "keyed POST retried twice");
         let get = http::Request::get("/orders").body(String::new()).unwrap();
         assert_eq!(svc.oneshot(get).await.unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_mid_call_lowers_its_attempts_never_raises_them() {
+        for (start, reload_to, attempts) in [(2, 5, 2), (3, 1, 1), (4, 2, 2)] {
+            let policy = Live::new(RetryConfig {
+                max_attempts: start,
+                ..cfg()
+            });
+            let n = Arc::new(AtomicU32::new(0));
+            let (n2, p2) = (n.clone(), policy.clone());
+            let inner = service_fn(move |_req: http::Request<String>| {
+                if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut next = p2.load().as_ref().clone();
+                    next.max_attempts = reload_to;
+                    p2.store(next);
+                }
+                async {
+                    let mut r = http::Response::new(());
+                    *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    Ok::<_, BoxError>(r)
+                }
+            });
+            let svc = RetryLayer::with_seed("svc", policy, 1).layer(inner);
+            let get = http::Request::get("/").body(String::new()).unwrap();
+            assert_eq!(svc.oneshot(get).await.unwrap().status(), 503);
+            assert_eq!(n.load(Ordering::SeqCst), attempts, "{start} -> {reload_to}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
