@@ -338,6 +338,24 @@ mod tests {
     use std::{future::Future, pin::Pin, sync::atomic::AtomicU32};
     use tower::{service_fn, ServiceExt};
 
+    /// A hedge layer after 1 ms (or the percentile), paid from a budget with this floor.
+    fn hedging(min_per_second: u32, percentile: Option<Ratio>) -> (HedgeLayer, Arc<RetryBudget>) {
+        let budget = Arc::new(RetryBudget::new(Live::new(crate::RetryConfig {
+            min_per_second,
+            ..Default::default()
+        })));
+        let layer = HedgeLayer::new(
+            "svc",
+            Live::new(HedgeConfig {
+                enabled: true,
+                delay: Duration::from_millis(1),
+                percentile,
+            }),
+            Some(budget.clone()),
+        );
+        (layer, budget)
+    }
+
     /// Ready for its first poll only (the caller's), never after: a hedge can never be sent.
     #[derive(Clone)]
     struct ReadyOnce {
@@ -369,19 +387,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hedge_that_cannot_be_sent_costs_no_budget_and_does_not_hold_the_answer() {
-        let budget = Arc::new(RetryBudget::new(Live::new(crate::RetryConfig {
-            min_per_second: 5,
-            ..Default::default()
-        })));
-        let layer = HedgeLayer::new(
-            "svc",
-            Live::new(HedgeConfig {
-                enabled: true,
-                delay: Duration::from_millis(1),
-                percentile: None,
-            }),
-            Some(budget.clone()),
-        );
+        let (layer, budget) = hedging(5, None);
         let inner = ReadyOnce {
             polls: Arc::new(AtomicU32::new(0)),
             calls: Arc::new(AtomicU32::new(0)),
@@ -413,19 +419,7 @@ mod tests {
                 Ok::<_, BoxError>(http::Response::new(()))
             }
         });
-        let budget = Arc::new(RetryBudget::new(Live::new(crate::RetryConfig {
-            min_per_second: 100,
-            ..Default::default()
-        })));
-        let layer = HedgeLayer::new(
-            "svc",
-            Live::new(HedgeConfig {
-                enabled: true,
-                delay: Duration::from_millis(1),
-                percentile: Some(Ratio::new(0.9).unwrap()),
-            }),
-            Some(budget.clone()),
-        );
+        let (layer, budget) = hedging(100, Some(Ratio::new(0.9).unwrap()));
         let svc = layer.layer(inner);
         for _ in 0..200 {
             budget.deposit();
