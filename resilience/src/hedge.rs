@@ -406,6 +406,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_hedge_the_budget_refuses_is_not_sent() {
+        // No floor and no deposits: the budget pays for nothing.
+        let (layer, budget) = hedging(0, None);
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let svc = layer.layer(service_fn(move |_req: http::Request<()>| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        }));
+        let t = Instant::now();
+        svc.oneshot(http::Request::new(())).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(50));
+        assert_eq!(calls.load(Ordering::Relaxed), 1, "refused: not sent");
+        assert_eq!(budget.balance(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn percentile_delay_follows_observed_latency_and_spends_budget() {
         let n = Arc::new(AtomicU32::new(0));
         let n2 = n.clone();
