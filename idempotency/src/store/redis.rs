@@ -313,12 +313,14 @@ impl RedisStore {
         args: &[&[u8]],
         wait: bool,
     ) -> Result<(Value, Option<u32>), IdempotencyError> {
-        let cmd = self.evalsha(which, keys, args);
         for attempt in 0..2 {
-            let mut conn = self.conn.clone();
+            // Made for each attempt from the borrowed arguments: no copy of them is kept for a
+            // NOSCRIPT retry that almost never comes.
+            let cmd = self.evalsha(which, keys, args);
             let res = if wait {
+                let mut conn = self.conn.clone();
                 let mut pipe = redis::pipe();
-                pipe.add_command(cmd.clone())
+                pipe.add_command(cmd)
                     .cmd("WAIT")
                     .arg(self.replicas)
                     .arg(ms(self.wait_timeout));
@@ -331,7 +333,7 @@ impl RedisStore {
                 }
             } else {
                 // Pipelined with the other requests' commands of the moment.
-                match tokio::time::timeout(self.timeout, self.batch.call(cmd.clone())).await {
+                match tokio::time::timeout(self.timeout, self.batch.call(cmd)).await {
                     Ok(Ok(r)) => r.map(|v| (v, None)),
                     Ok(Err(super::batch::PumpGone)) => {
                         return Err(IdempotencyError::Unavailable(
