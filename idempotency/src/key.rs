@@ -235,14 +235,14 @@ pub fn fingerprint(policy: &Fingerprint, target: &str, headers: &HeaderMap, body
 }
 
 /// Lower-case hex, with a table (the `hex` crate's char iterator showed up in profiles).
-fn to_hex(bytes: &[u8]) -> String {
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
+    let mut out = Vec::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0x0f)]]);
     }
-    out
+    // Hex digits only: always UTF-8.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A short form of a storage key for logs and spans (already a hash: never the raw key).

@@ -46,21 +46,68 @@ pub fn describe() {
     );
 }
 
+/// The metric `$kind!($name, $label => $value)`, with the label set built at compile time for
+/// each value listed (a label given at run time costs an allocation per call); any other value
+/// still works, at that cost.
+macro_rules! labelled {
+    ($kind:ident, $name:expr, $label:literal, $value:expr, [$($v:literal),*]) => {
+        match $value {
+            $($v => metrics::$kind!($name, $label => $v),)*
+            other => metrics::$kind!($name, $label => other),
+        }
+    };
+}
+
 pub(crate) fn claim(outcome: &'static str) {
-    metrics::counter!(CLAIMS_TOTAL, "outcome" => outcome).increment(1);
+    labelled!(
+        counter,
+        CLAIMS_TOTAL,
+        "outcome",
+        outcome,
+        ["new", "replay", "conflict", "mismatch", "store_error"]
+    )
+    .increment(1);
 }
 
 pub(crate) fn renewal(result: &'static str) {
-    metrics::counter!(LEASE_RENEWALS_TOTAL, "result" => result).increment(1);
+    labelled!(
+        counter,
+        LEASE_RENEWALS_TOTAL,
+        "result",
+        result,
+        ["ok", "lost", "error"]
+    )
+    .increment(1);
 }
 
 pub(crate) fn complete(result: &'static str) {
-    metrics::counter!(COMPLETES_TOTAL, "result" => result).increment(1);
+    labelled!(
+        counter,
+        COMPLETES_TOTAL,
+        "result",
+        result,
+        [
+            "ok",
+            "stale_owner",
+            "error",
+            "released",
+            "cancelled",
+            "unreplicated"
+        ]
+    )
+    .increment(1);
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
-    metrics::histogram!(STORE_DURATION_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
+    labelled!(
+        histogram,
+        STORE_DURATION_SECONDS,
+        "op",
+        op,
+        ["claim", "renew", "complete", "release"]
+    )
+    .record(started.elapsed().as_secs_f64());
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]

@@ -218,7 +218,7 @@ impl<T: Send + 'static> Drop for Detached<T> {
 
 /// A fresh owner token: 128 random bits, hex.
 pub fn new_owner() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    crate::key::to_hex(&rand::random::<u128>().to_be_bytes())
 }
 
 /// Builds the store the configuration names (validating it first).

@@ -292,12 +292,26 @@ impl RedisStore {
     }
 
     fn record_key(&self, key: &str) -> String {
-        format!("{}{{{}}}", self.prefix, key)
+        // `{prefix}{key}` without the formatting machinery (one allocation, sized).
+        let mut k = String::with_capacity(self.prefix.len() + key.len() + 2);
+        k.push_str(&self.prefix);
+        k.push('{');
+        k.push_str(key);
+        k.push('}');
+        k
     }
 
     fn evalsha(&self, which: usize, keys: &[&str], args: &[&[u8]]) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.scripts[which].sha).arg(keys.len()).arg(keys);
+        // Sized once: built argument by argument, the command's buffers would grow a dozen
+        // times per request.
+        let sha = &self.scripts[which].sha;
+        let data = "EVALSHA".len()
+            + sha.len()
+            + 20
+            + keys.iter().map(|k| k.len()).sum::<usize>()
+            + args.iter().map(|a| a.len()).sum::<usize>();
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + args.len(), data);
+        cmd.arg("EVALSHA").arg(sha).arg(keys.len()).arg(keys);
         for a in args {
             cmd.arg(*a);
         }
