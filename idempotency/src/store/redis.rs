@@ -292,7 +292,8 @@ impl RedisStore {
     }
 
     fn record_key(&self, key: &str) -> String {
-        // `{prefix}{key}` without the formatting machinery (one allocation, sized).
+        // The prefix, then the key in braces (its hash tag), without the formatting machinery:
+        // one allocation, sized.
         let mut k = String::with_capacity(self.prefix.len() + key.len() + 2);
         k.push_str(&self.prefix);
         k.push('{');
