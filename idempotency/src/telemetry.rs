@@ -114,3 +114,49 @@ pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
 pub(crate) fn pipeline(commands: usize) {
     metrics::histogram!(STORE_PIPELINE_COMMANDS).record(commands as f64);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::DebuggingRecorder;
+
+    #[test]
+    fn every_value_keeps_its_label_listed_or_not() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            claim("new");
+            claim("not-listed");
+            renewal("lost");
+            complete("stale_owner");
+            store_latency("complete", tokio::time::Instant::now());
+        });
+        let mut seen: Vec<(String, String)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, ..)| {
+                let key = k.key();
+                let labels: Vec<String> = key
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                (key.name().to_owned(), labels.join(","))
+            })
+            .collect();
+        seen.sort();
+        let expected = [
+            (CLAIMS_TOTAL, "outcome=new"),
+            (CLAIMS_TOTAL, "outcome=not-listed"),
+            (COMPLETES_TOTAL, "result=stale_owner"),
+            (LEASE_RENEWALS_TOTAL, "result=lost"),
+            (STORE_DURATION_SECONDS, "op=complete"),
+        ];
+        let mut expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(n, l)| ((*n).to_owned(), (*l).to_owned()))
+            .collect();
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
+}
