@@ -42,7 +42,7 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyError> {
         out
     } else {
         // A bare token takes no parameters: `abc;x` and `abc;y` must not both become `abc`.
-        if v.is_empty() || !v.iter().all(|&b| is_tchar(b) || b == b':' || b == b'/') {
+        if v.is_empty() || !v.iter().all(|&b| is_token_char(b)) {
             return Err(KeyError::Malformed);
         }
         // All ASCII, hence valid UTF-8.
@@ -135,7 +135,7 @@ fn bare_item(v: &[u8]) -> Result<&[u8], KeyError> {
             }
         }
         Some(c) if c.is_ascii_alphabetic() || *c == b'*' => {
-            Ok(&v[1 + count(&v[1..], |b| is_tchar(b) || b == b':' || b == b'/')..])
+            Ok(&v[1 + count(&v[1..], is_token_char)..])
         }
         Some(b'-' | b'0'..=b'9') => {
             let sign = usize::from(v[0] == b'-');
@@ -159,6 +159,11 @@ fn bare_item(v: &[u8]) -> Result<&[u8], KeyError> {
 
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A character of an RFC 8941 token after its first: `tchar`, `:` or `/`.
+fn is_token_char(b: u8) -> bool {
+    is_tchar(b) || b == b':' || b == b'/'
 }
 
 /// Reads the key header from `headers`: `Ok(None)` when absent.
