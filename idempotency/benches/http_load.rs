@@ -236,7 +236,12 @@ fn main() {
     // KEEL_BENCH_ROUTES=/plain,/redis runs only those (for profiling one route); the ratios
     // below need all four.
     let only = std::env::var("KEEL_BENCH_ROUTES").ok();
+    // With KEEL_BENCH_ROUTES, KEEL_BENCH_C1=0 also leaves out the c=1 runs.
+    let skip_c1 = only.is_some() && std::env::var("KEEL_BENCH_C1").is_ok_and(|v| v == "0");
     for c in [1, conns] {
+        if c == 1 && skip_c1 {
+            continue;
+        }
         for path in ["/plain", "/redis", "/memory", "/by-hand"] {
             if only
                 .as_deref()
@@ -249,13 +254,20 @@ fn main() {
     let port = redis.port();
     let (claim, complete) = (&shas.0, &shas.1);
     let n = 100_000;
+    let (owner, fp) = (
+        "owner0123456789abcdef0123456789ab",
+        "fp0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab",
+    );
+    // The claim script's arguments as the store sends them: the record's tail (owner and
+    // fingerprint, each after its length in three digits), the fingerprint, lease, keep.
+    let tail = format!("{:03}{owner}{:03}{fp}", owner.len(), fp.len());
     let claim_args = [
         "EVALSHA",
         claim,
         "1",
         "rb:{__rand_int__}",
-        "owner0123456789abcdef0123456789ab",
-        "fp0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab",
+        &tail,
+        fp,
         "10000",
         "86400000",
     ];
@@ -264,7 +276,7 @@ fn main() {
         complete,
         "1",
         "rb:{__rand_int__}",
-        "owner0123456789abcdef0123456789ab",
+        owner,
         "K1record-of-about-fifty-bytes-0123456789abcdef",
         "86400000",
     ];

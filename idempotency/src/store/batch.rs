@@ -4,8 +4,9 @@
 //! `writev` on this side and a read and a write in Redis: on a busy service the kernel's TCP work
 //! for them outweighs the scripts themselves. The pump gathers the commands that callers queued
 //! since it last ran (it lets the tasks that are ready run first) and writes them as one pipeline,
-//! so a burst of N requests costs one write and one reply read instead of N. Alone (c = 1), a
-//! command still goes out at once, as itself.
+//! so a burst of N requests costs one write and one reply read instead of N. Alone (c = 1: nothing
+//! in flight, and the last pipeline held one command), a command goes out at once, as itself,
+//! without that pass of the event loop.
 //!
 //! Commands whose caller has already given up (timed out, dropped) while queued are not sent: a
 //! claim nobody waits for would only hold its key for a lease.
@@ -51,6 +52,8 @@ impl Batcher {
 
 async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
     let mut in_flight = FuturesUnordered::new();
+    // Commands in the last pipeline written: whether callers are coming in company.
+    let mut last = 0;
     loop {
         tokio::select! {
             // Answers first: they free callers, and the queue only grows meanwhile.
@@ -58,8 +61,12 @@ async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             job = rx.recv() => {
                 let Some(first) = job else { break };
-                // Let every task that is ready now queue its command behind this one.
-                tokio::task::yield_now().await;
+                // In company (commands in flight, or the last pipeline held several), let every
+                // task that is ready now queue its command behind this one. Alone (c = 1), the
+                // yield would only cost a pass of the runtime's event loop: write at once.
+                if last > 1 || !in_flight.is_empty() {
+                    tokio::task::yield_now().await;
+                }
                 let mut jobs = Vec::with_capacity(8);
                 jobs.extend(Some(first).filter(|j| !j.reply.is_closed()));
                 while jobs.len() < MAX_BATCH {
@@ -69,6 +76,7 @@ async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
                         Err(_) => break,
                     }
                 }
+                last = jobs.len();
                 if !jobs.is_empty() {
                     in_flight.push(send(conn.clone(), jobs));
                 }

@@ -44,40 +44,28 @@ use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 // (20 digits), the lease's end in the server's milliseconds (13 digits; zeros unless `p`).
 // Scripts read fields at fixed offsets with `string.sub`: no parsing, one `GET` and one `SET`.
 //
-// `NOW` is the server's clock in milliseconds (`TIME`).
-const NOW: &str = r"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), t
-end
--- The record (false when there is none), and whether the key holds something else: a record
--- of an earlier format, which is never read as absent.
-local function record()
-  local v = redis.pcall('GET', KEYS[1])
-  if type(v) == 'table' and v.err then return false, true end
-  return v, false
-end
-local function owner_of(v)
-  local ol = tonumber(string.sub(v, 35, 37))
-  return string.sub(v, 38, 37 + ol), ol
-end
-";
+// Each script is self-contained (no shared helper functions: Lua would build them as closures
+// on every call). A key holding anything but a string (a record of an earlier format) makes
+// `redis.pcall('GET')` answer an error table: it is never read as absent. The server's clock in
+// milliseconds is `t[1] * 1000 + floor(t[2] / 1000)` of `TIME`.
 
-// KEYS[1] record; ARGV: owner, fingerprint, lease ms, keep ms (how long an in-progress or
-// released record, and so its fencing token, is kept).
+// KEYS[1] record; ARGV: the record's tail (owner and fingerprint, each after its length in
+// three digits, formatted by the caller), fingerprint, lease ms, keep ms (how long an
+// in-progress or released record, and so its fencing token, is kept).
 const CLAIM: &str = r"
-local v, foreign = record()
+local v = redis.pcall('GET', KEYS[1])
 -- Not a record of ours (an earlier format): in progress, never a second execution.
-if foreign then return {1, redis.call('PTTL', KEYS[1])} end
-local now, t = now_ms()
+if type(v) == 'table' then return {1, redis.call('PTTL', KEYS[1])} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n
 if v then
   local s = string.sub(v, 1, 1)
   if s ~= 'r' then
-    local ol = tonumber(string.sub(v, 35, 37))
-    local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
     local ends = tonumber(string.sub(v, 22, 34))
     if s == 'c' or ends > now then
+      local ol = tonumber(string.sub(v, 35, 37))
+      local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
       if string.sub(v, 41 + ol, 40 + ol + fl) ~= ARGV[2] then return {3} end
       if s == 'c' then return {2, string.sub(v, 41 + ol + fl)} end
       return {1, ends - now}
@@ -85,33 +73,34 @@ if v then
   end
   n = tonumber(string.sub(v, 2, 21)) + 1
 else
-  n = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  n = t[1] * 1000000 + t[2]
 end
-redis.call('SET', KEYS[1], 'p' .. string.format('%020d', n)
-  .. string.format('%013d', now + tonumber(ARGV[3]))
-  .. string.format('%03d', #ARGV[1]) .. ARGV[1] .. string.format('%03d', #ARGV[2]) .. ARGV[2],
-  'PX', ARGV[4])
+redis.call('SET', KEYS[1], string.format('p%020d%013d', n, now + ARGV[3]) .. ARGV[1], 'PX', ARGV[4])
 return {0, n}
 ";
 
 // ARGV: owner, lease ms, keep ms.
 const RENEW: &str = r"
-local v = record()
-if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
-local now = now_ms()
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
+local ol = tonumber(string.sub(v, 35, 37))
+if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if tonumber(string.sub(v, 22, 34)) <= now then return 0 end
-redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + ARGV[2])
   .. string.sub(v, 35), 'PX', ARGV[3])
 return 1
 ";
 
 // ARGV: owner, the answer to keep, retention ms.
 const COMPLETE: &str = r"
-local v = record()
-if not v or string.sub(v, 1, 1) ~= 'p' then return 0 end
-local _, ol = owner_of(v)
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
+local ol = tonumber(string.sub(v, 35, 37))
 if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
-if tonumber(string.sub(v, 22, 34)) <= now_ms() then return 0 end
+local t = redis.call('TIME')
+if tonumber(string.sub(v, 22, 34)) <= t[1] * 1000 + math.floor(t[2] / 1000) then return 0 end
 local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
 redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 21) .. '0000000000000'
   .. string.sub(v, 35, 40 + ol + fl) .. ARGV[2], 'PX', ARGV[3])
@@ -120,24 +109,26 @@ return 1
 
 // ARGV: owner, keep ms. The record stays, released, for its fencing token.
 const RELEASE: &str = r"
-local v = record()
-if not v or string.sub(v, 1, 1) ~= 'p' or owner_of(v) ~= ARGV[1] then return 0 end
-if tonumber(string.sub(v, 22, 34)) <= now_ms() then return 0 end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
+local ol = tonumber(string.sub(v, 35, 37))
+if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+if tonumber(string.sub(v, 22, 34)) <= t[1] * 1000 + math.floor(t[2] / 1000) then return 0 end
 redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
 return 1
 ";
 
-/// One Lua script (the shared helpers, then its body), known by its SHA-1.
+/// One Lua script, known by its SHA-1.
 struct Script {
-    source: String,
+    source: &'static str,
     sha: String,
 }
 
 impl Script {
-    fn new(body: &str) -> Self {
-        let source = format!("{NOW}{body}");
+    fn new(source: &'static str) -> Self {
         Self {
-            sha: redis::Script::new(&source).get_hash().to_owned(),
+            sha: redis::Script::new(source).get_hash().to_owned(),
             source,
         }
     }
@@ -274,7 +265,7 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), IdempotencyError> {
         let mut pipe = redis::pipe();
         for s in self.scripts.iter() {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source);
+            pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
         }
         let mut conn = self.conn.clone();
         let _: Vec<String> = self.bounded(pipe.query_async(&mut conn)).await?;
@@ -416,15 +407,17 @@ impl RedisStore {
                 "owner and fingerprint are limited to {MAX_FIELD} bytes in the Redis store"
             )));
         }
-        let lease_ms = ms(lease).to_string();
-        let keep = keep_ms(lease).to_string();
+        let mut lease_ms = itoa::Buffer::new();
+        let lease_ms = lease_ms.format(ms(lease));
+        let mut keep = itoa::Buffer::new();
+        let keep = keep.format(keep_ms(lease));
         let wait = self.replicas > 0;
         let (v, acked) = self
             .run(
                 0,
                 &[&rk],
                 &[
-                    owner.as_bytes(),
+                    &record_tail(owner, fp),
                     fp.as_bytes(),
                     lease_ms.as_bytes(),
                     keep.as_bytes(),
@@ -446,6 +439,22 @@ impl RedisStore {
         }
         Ok(claim)
     }
+}
+
+/// Owner and fingerprint as a record holds them, each after its length in three digits (both
+/// are at most [`MAX_FIELD`] bytes): the claim script appends it to the header it writes.
+fn record_tail(owner: &str, fp: &str) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(6 + owner.len() + fp.len());
+    for field in [owner, fp] {
+        let n = field.len().min(MAX_FIELD);
+        tail.extend_from_slice(&[
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ]);
+        tail.extend_from_slice(field.as_bytes());
+    }
+    tail
 }
 
 fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
@@ -522,8 +531,8 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("renew", async move {
-            let lease_ms = ms(lease).to_string();
-            let keep = keep_ms(lease).to_string();
+            let (mut lease_ms, mut keep) = (itoa::Buffer::new(), itoa::Buffer::new());
+            let (lease_ms, keep) = (lease_ms.format(ms(lease)), keep.format(keep_ms(lease)));
             self.owner_checked(
                 1,
                 key,
@@ -541,7 +550,8 @@ impl IdempotencyStore for RedisStore {
         retention: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("complete", async move {
-            let ret = ms(retention).to_string();
+            let mut ret = itoa::Buffer::new();
+            let ret = ret.format(ms(retention));
             self.owner_checked(2, key, &[owner.as_bytes(), &record, ret.as_bytes()])
                 .await
         })
@@ -554,7 +564,8 @@ impl IdempotencyStore for RedisStore {
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("release", async move {
             // The lease is not known here: keep the released record (its fencing token) a day.
-            let keep = keep_ms(Duration::ZERO).to_string();
+            let mut keep = itoa::Buffer::new();
+            let keep = keep.format(keep_ms(Duration::ZERO));
             self.owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
                 .await
         })
@@ -564,6 +575,16 @@ impl IdempotencyStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_tail_prefixes_each_field_with_its_length() {
+        assert_eq!(record_tail("", ""), b"000000");
+        assert_eq!(record_tail("own", "fp"), b"003own002fp");
+        let long = "x".repeat(MAX_FIELD);
+        let tail = record_tail(&long, "f");
+        assert_eq!(&tail[..3], b"999");
+        assert_eq!(&tail[3 + MAX_FIELD..], b"001f");
+    }
 
     #[test]
     fn an_unexpected_reply_is_reported_without_its_contents() {
