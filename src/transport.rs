@@ -140,6 +140,8 @@ impl TransportFactory {
             gone_since: None,
         });
         entry.gone_since = None;
+        // Back in the set: its gauge shows its state again (a retired gauge ignores transitions).
+        entry.breaker.publish();
         entry.breaker.clone()
     }
 }

@@ -31,7 +31,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -114,6 +114,10 @@ pub struct Breaker {
     throttle: AdaptiveThrottle,
     base: Instant,
     gauge: metrics::Gauge,
+    /// Set by [`retire_gauge`](Breaker::retire_gauge), cleared by [`publish`](Breaker::publish):
+    /// while set, transitions leave the gauge alone. Written under `inner`'s lock, as
+    /// transitions are, so a transition cannot slip a stale state in after a retire.
+    retired: AtomicBool,
     service: Arc<str>,
     instance: Arc<str>,
 }
@@ -183,6 +187,7 @@ impl Breaker {
             throttle,
             base: Instant::now(),
             gauge,
+            retired: AtomicBool::new(false),
             service,
             instance: Arc::from(instance),
             policy,
@@ -218,22 +223,33 @@ impl Breaker {
     /// Sets the `keel_breaker_state` gauge to the state now. Transitions set it as they happen;
     /// forced open and disabled are configuration, not transitions, so only this shows them.
     /// Call it before metrics are exported (the client stack's
-    /// [`publish_gauges`](crate::ClientStackLayer::publish_gauges) does).
+    /// [`publish_gauges`](crate::ClientStackLayer::publish_gauges) does). It also undoes
+    /// [`retire_gauge`](Self::retire_gauge): the instance is back.
     pub fn publish(&self) {
-        self.gauge.set(match self.state() {
-            BreakerState::Closed => 0.0,
-            BreakerState::Open => 1.0,
-            BreakerState::HalfOpen => 2.0,
-            BreakerState::ForcedOpen => 3.0,
-            BreakerState::Disabled => 4.0,
+        let cfg = self.policy.load();
+        let g = keel_core::lock(&self.inner);
+        self.retired.store(false, Ordering::Release);
+        self.gauge.set(if cfg.disabled {
+            4.0
+        } else if cfg.forced_open {
+            3.0
+        } else {
+            match g.s.st {
+                St::Closed => 0.0,
+                St::Open { .. } => 1.0,
+                St::HalfOpen { .. } => 2.0,
+            }
         });
     }
 
-    /// Sets the `keel_breaker_state` gauge to 0 (closed), the breaker itself unchanged: for the
+    /// Sets the `keel_breaker_state` gauge to 0 (closed), the breaker itself unchanged, and
+    /// keeps it there through later transitions until [`publish`](Self::publish): for the
     /// breaker of an instance that left, so that its last state (open, say) does not stay in
-    /// `/metrics` as if it still refused calls. [`publish`](Self::publish) shows the state
-    /// again if the instance comes back.
+    /// `/metrics` as if it still refused calls, nor come back there from a caller that still
+    /// holds this breaker while a new one answers for the instance's id.
     pub fn retire_gauge(&self) {
+        let _g = keel_core::lock(&self.inner);
+        self.retired.store(true, Ordering::Release);
         self.gauge.set(0.0);
     }
 
@@ -364,7 +380,9 @@ impl Breaker {
         };
         self.hint.store(hint, Ordering::Release);
         self.clean.store(0, Ordering::Release);
-        self.gauge.set(v);
+        if !self.retired.load(Ordering::Acquire) {
+            self.gauge.set(v);
+        }
         m::counter(m::BREAKER_TRANSITIONS_TOTAL, &self.service, name).increment(1);
         tracing::info!(service = %self.service, instance = %self.instance, state = name, "circuit breaker transition");
         self.epoch.fetch_add(1, Ordering::AcqRel) + 1

@@ -473,8 +473,33 @@ fn a_registry_resets_the_gauge_of_an_instance_it_forgets() {
                 .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
         };
         assert_eq!(state().as_deref(), Some("1"), "opened");
+        // A caller still holds the breaker of an instance that is closed when it is forgotten.
+        let other = InstanceId::new("other");
+        let held = reg.get(&other);
         reg.retain(|_| false);
         assert_eq!(state().as_deref(), Some("0"), "forgotten: refuses nothing");
         assert!(reg.is_empty());
+        let other_state = || {
+            handle
+                .render()
+                .lines()
+                .find(|l| l.starts_with("keel_breaker_state{") && l.contains("\"other\""))
+                .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
+        };
+        // The instance is back, with a new breaker; the caller's old one opens meanwhile: the
+        // gauge stays with the breaker that answers for the id now.
+        let now = reg.get(&other);
+        calls(&held, 1, FAIL);
+        assert_eq!(held.state(), BreakerState::Open);
+        assert_eq!(
+            other_state().as_deref(),
+            Some("0"),
+            "a forgotten breaker stays out"
+        );
+        calls(&now, 1, FAIL);
+        assert_eq!(other_state().as_deref(), Some("1"), "the new breaker shows");
+        now.publish();
+        held.publish();
+        assert_eq!(other_state().as_deref(), Some("1"), "published on purpose");
     });
 }
