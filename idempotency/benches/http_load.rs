@@ -8,6 +8,10 @@
 //! number of interleaved rounds (medians are reported), and
 //! `KEEL_BENCH_CONNS` (default 32) the concurrency, `KEEL_BENCH_WORKERS` (default 1) the server's
 //! tokio worker threads.
+//!
+//! Each run also reports the CPU spent per request (from `/proc`: this process, which is the
+//! server; Redis; wrk, the child waited for) and the share of the two cores left idle, and from
+//! them how far the with/without ratio could go at all while Redis shares the cores.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{process::Command, sync::Arc, time::Duration};
@@ -44,6 +48,43 @@ struct Wrk {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU per request, µs: (this server, Redis, wrk); and the share of the two cores idle.
+    cpu: Option<Cpu>,
+}
+
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: f64,
+    redis: f64,
+    wrk: f64,
+    idle: f64,
+}
+
+/// (own CPU, waited-for children's CPU) of a process, in clock ticks, from `/proc/<pid>/stat`.
+fn ticks(pid: &str) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    // After the command: state, ..., utime (11), stime (12), cutime (13), cstime (14).
+    Some((n(11)? + n(12)?, n(13)? + n(14)?))
+}
+
+/// What the CPU spent while `run` ran, per request: this process (the server), Redis, and
+/// the children waited for meanwhile (wrk).
+fn measured(redis_pid: &str, clk_tck: f64, run: impl FnOnce() -> (Wrk, f64, f64)) -> Wrk {
+    let (me0, rd0) = (ticks("self"), ticks(redis_pid));
+    let (mut w, requests, secs) = run();
+    if let (Some(a), Some(b), Some(r0), Some(r1)) = (me0, ticks("self"), rd0, ticks(redis_pid)) {
+        let us = |t: u64| t as f64 / clk_tck * 1e6 / requests.max(1.0);
+        let busy = (b.0 - a.0 + b.1 - a.1 + r1.0 - r0.0) as f64 / clk_tck;
+        w.cpu = Some(Cpu {
+            server: us(b.0 - a.0),
+            redis: us(r1.0 - r0.0),
+            wrk: us(b.1 - a.1),
+            idle: (1.0 - busy / (2.0 * secs)).max(0.0),
+        });
+    }
+    w
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -60,7 +101,8 @@ fn parse_latency(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mult
 }
 
-fn wrk(url: &str, conns: u32, secs: u32, script: &str, tag: &str) -> Wrk {
+/// One wrk run: its figures, the requests it completed and how long it ran (s).
+fn wrk(url: &str, conns: u32, secs: u32, script: &str, tag: &str) -> (Wrk, f64, f64) {
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -80,10 +122,20 @@ fn wrk(url: &str, conns: u32, secs: u32, script: &str, tag: &str) -> Wrk {
         rps: 0.0,
         p50_us: f64::NAN,
         p99_us: f64::NAN,
+        cpu: None,
     };
+    let (mut requests, mut took) = (0.0, f64::from(secs));
     for line in text.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        // "123456 requests in 4.00s, 17.2MB read"
+        if let Some((n, rest)) = t.split_once(" requests in ") {
+            requests = n.parse().unwrap_or(0.0);
+            took = rest
+                .split([',', 's'])
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(took);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap_or(0.0);
         } else if let Some(v) = t.strip_prefix("50%") {
             r.p50_us = parse_latency(v);
@@ -93,7 +145,7 @@ fn wrk(url: &str, conns: u32, secs: u32, script: &str, tag: &str) -> Wrk {
             println!("  wrk {url}: {t}");
         }
     }
-    r
+    (r, requests, took)
 }
 
 /// (requests/s, p50 ms) of one `redis-benchmark` command.
@@ -222,6 +274,13 @@ fn main() {
     let script = format!("{dir}/keys.lua");
     std::fs::write(&script, WRK_SCRIPT).unwrap();
     let run = std::process::id();
+    let redis_pid = redis.pid().map(|p| p.to_string()).unwrap_or_default();
+    let clk_tck: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
 
     let rounds: usize = std::env::var("KEEL_BENCH_ROUNDS")
         .ok()
@@ -283,13 +342,15 @@ fn main() {
     let mut rb: Vec<(f64, f64, f64, f64)> = Vec::new();
     for round in 0..rounds {
         for (c, path, runs) in samples.iter_mut() {
-            let w = wrk(
-                &format!("http://{addr}{path}"),
-                *c,
-                secs,
-                &script,
-                &format!("{run}-{round}-{c}-{}", path.trim_start_matches('/')),
-            );
+            let w = measured(&redis_pid, clk_tck, || {
+                wrk(
+                    &format!("http://{addr}{path}"),
+                    *c,
+                    secs,
+                    &script,
+                    &format!("{run}-{round}-{c}-{}", path.trim_start_matches('/')),
+                )
+            });
             runs.push(w);
         }
         if only.is_some() {
@@ -307,10 +368,17 @@ fn main() {
     };
     let mut rows = Vec::new();
     for (c, path, runs) in samples {
+        let cpus: Vec<Cpu> = runs.iter().filter_map(|w| w.cpu).collect();
         let w = Wrk {
             rps: median(runs.iter().map(|w| w.rps).collect()),
             p50_us: median(runs.iter().map(|w| w.p50_us).collect()),
             p99_us: median(runs.iter().map(|w| w.p99_us).collect()),
+            cpu: (!cpus.is_empty()).then(|| Cpu {
+                server: median(cpus.iter().map(|c| c.server).collect()),
+                redis: median(cpus.iter().map(|c| c.redis).collect()),
+                wrk: median(cpus.iter().map(|c| c.wrk).collect()),
+                idle: median(cpus.iter().map(|c| c.idle).collect()),
+            }),
         };
         println!(
             "  c={c:<3} {path:<8} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us   (rps per round: {})",
@@ -319,6 +387,15 @@ fn main() {
             w.p99_us,
             runs.iter().map(|w| format!("{:.0}", w.rps)).collect::<Vec<_>>().join(", ")
         );
+        if let Some(cpu) = w.cpu {
+            println!(
+                "        CPU per request: server {:.1} us, Redis {:.1} us, wrk {:.1} us; cores idle {:.0}%",
+                cpu.server,
+                cpu.redis,
+                cpu.wrk,
+                cpu.idle * 100.0
+            );
+        }
         rows.push((c, path, w));
     }
     if only.is_some() {
@@ -378,6 +455,17 @@ fn main() {
         "  throughput with layer (redis) / without, c={conns}: {:.2} (target >= 0.5)",
         idem.rps / plain.rps
     );
+    if let (Some(p), Some(r), false) = (plain.cpu, idem.cpu, pinned) {
+        // Redis shares the two cores: its work for a request is taken from what /plain spends
+        // on one. Even a layer that cost the server nothing, with the cores never idle, would
+        // reach no further than this.
+        let plain_total = p.server + p.redis + p.wrk;
+        println!(
+            "  ceiling of that ratio on these cores, for a layer that cost the server nothing: {:.2} (/plain: {plain_total:.1} us of CPU per request; Redis for /redis: {:.1} us)",
+            plain_total / (plain_total + r.redis),
+            r.redis
+        );
+    }
     println!("  added p50 at c=1: {added:.0} us; budget 2 x redis round trip ({:.0} us) + 20 us = {budget:.0} us", claim_p50_1 * 1000.0);
     println!("  layer throughput / redis-benchmark claim+complete pairs, c={conns}: {:.2} (target >= 0.6)", idem.rps / pair_rps);
 }
