@@ -44,8 +44,8 @@ use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 // (20 digits), the lease's end in the server's milliseconds (13 digits; zeros unless `p`).
 // Scripts read fields at fixed offsets with `string.sub`: no parsing, one `GET` and one `SET`.
 //
-// Each script is self-contained (no shared helper functions: Lua would build them as closures
-// on every call). A key holding anything but a string (a record of an earlier format) makes
+// Each script is self-contained: no shared Lua helper functions, which Lua would build as
+// closures on every call (the owner-checked scripts share their first lines as text instead). A key holding anything but a string (a record of an earlier format) makes
 // `redis.pcall('GET')` answer an error table: it is never read as absent. The server's clock in
 // milliseconds is `t[1] * 1000 + floor(t[2] / 1000)` of `TIME`.
 
@@ -79,8 +79,13 @@ redis.call('SET', KEYS[1], string.format('p%020d%013d', n, now + ARGV[3]) .. ARG
 return {0, n}
 ";
 
-// ARGV: owner, lease ms, keep ms.
-const RENEW: &str = r"
+// The start of the owner-checked scripts (ARGV[1] is the owner): the record, in progress, held
+// by this owner, its lease running; `now` is the server's clock in milliseconds. A macro, so that
+// each script is one literal (`concat!`).
+macro_rules! owner_checked {
+    ($body:literal) => {
+        concat!(
+            r"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
 local ol = tonumber(string.sub(v, 35, 37))
@@ -88,36 +93,35 @@ if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if tonumber(string.sub(v, 22, 34)) <= now then return 0 end
-redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + ARGV[2])
+",
+            $body
+        )
+    };
+}
+
+// ARGV: owner, lease ms, keep ms.
+const RENEW: &str = owner_checked!(
+    r"redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + ARGV[2])
   .. string.sub(v, 35), 'PX', ARGV[3])
 return 1
-";
+"
+);
 
 // ARGV: owner, the answer to keep, retention ms.
-const COMPLETE: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
-local ol = tonumber(string.sub(v, 35, 37))
-if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-if tonumber(string.sub(v, 22, 34)) <= t[1] * 1000 + math.floor(t[2] / 1000) then return 0 end
-local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
+const COMPLETE: &str = owner_checked!(
+    r"local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
 redis.call('SET', KEYS[1], 'c' .. string.sub(v, 2, 21) .. '0000000000000'
   .. string.sub(v, 35, 40 + ol + fl) .. ARGV[2], 'PX', ARGV[3])
 return 1
-";
+"
+);
 
 // ARGV: owner, keep ms. The record stays, released, for its fencing token.
-const RELEASE: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
-local ol = tonumber(string.sub(v, 35, 37))
-if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-if tonumber(string.sub(v, 22, 34)) <= t[1] * 1000 + math.floor(t[2] / 1000) then return 0 end
-redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
+const RELEASE: &str = owner_checked!(
+    r"redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
 return 1
-";
+"
+);
 
 /// One Lua script, known by its SHA-1.
 struct Script {

@@ -465,13 +465,14 @@ fn a_registry_resets_the_gauge_of_an_instance_it_forgets() {
         );
         let gone = InstanceId::new("gone");
         calls(&reg.get(&gone), 1, FAIL);
-        let state = || {
+        let state_of = |id: &str| {
             handle
                 .render()
                 .lines()
-                .find(|l| l.starts_with("keel_breaker_state{") && l.contains("\"gone\""))
+                .find(|l| l.starts_with("keel_breaker_state{") && l.contains(&format!("\"{id}\"")))
                 .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
         };
+        let state = || state_of("gone");
         assert_eq!(state().as_deref(), Some("1"), "opened");
         // A caller still holds the breaker of an instance that is closed when it is forgotten.
         let other = InstanceId::new("other");
@@ -479,13 +480,7 @@ fn a_registry_resets_the_gauge_of_an_instance_it_forgets() {
         reg.retain(|_| false);
         assert_eq!(state().as_deref(), Some("0"), "forgotten: refuses nothing");
         assert!(reg.is_empty());
-        let other_state = || {
-            handle
-                .render()
-                .lines()
-                .find(|l| l.starts_with("keel_breaker_state{") && l.contains("\"other\""))
-                .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
-        };
+        let other_state = || state_of("other");
         // The instance is back, with a new breaker; the caller's old one opens meanwhile: the
         // gauge stays with the breaker that answers for the id now.
         let now = reg.get(&other);
