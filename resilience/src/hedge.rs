@@ -285,22 +285,22 @@ where
                 }
                 ready = std::future::poll_fn(|cx| second.poll_ready(cx)) => ready.is_ok(),
             };
-            if !ready {
-                // Cannot hedge: wait for the first.
+            let paid = ready
+                && shared.budget.as_ref().is_none_or(|b| {
+                    let paid = b.try_withdraw().is_ok();
+                    if !paid {
+                        m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "budget_exhausted")
+                            .increment(1);
+                    }
+                    paid
+                });
+            if !paid {
+                // Cannot hedge: wait for the first. `second` is dropped unused, so whatever its
+                // readiness reserved is given back.
+                drop(second);
                 let r = first.await.map_err(Into::into);
                 shared.observe(start.elapsed(), pct);
                 return r;
-            }
-            if let Some(b) = &shared.budget {
-                if b.try_withdraw().is_err() {
-                    m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "budget_exhausted")
-                        .increment(1);
-                    // `second` is dropped unused: whatever its readiness reserved is given back.
-                    drop(second);
-                    let r = first.await.map_err(Into::into);
-                    shared.observe(start.elapsed(), pct);
-                    return r;
-                }
             }
             m::counter(m::HEDGE_TOTAL, &shared.service, "sent").increment(1);
             m::counter(m::RETRY_ATTEMPTS_TOTAL, &shared.service, "hedge").increment(1);
