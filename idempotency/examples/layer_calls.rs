@@ -21,7 +21,7 @@ use axum::body::Body;
 use futures_util::future::join_all;
 use http::{Request, Response, StatusCode};
 use keel_core::Live;
-use keel_idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore, StoreKind};
+use keel_idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore};
 use keel_testkit::RedisServer;
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -74,14 +74,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let cfg = IdempotencyConfig {
-            store: StoreKind::Redis,
-            url: redis.url(),
-            prefix: "calls:".into(),
-            ..IdempotencyConfig::default()
-        };
-        let store = Arc::new(RedisStore::connect(&cfg).await.unwrap());
-        let layered = IdempotencyLayer::new(store, Live::new(cfg)).layer(service_fn(handler));
+        let store = Arc::new(RedisStore::open(&redis.url(), "calls:").await.unwrap());
+        let layered = IdempotencyLayer::new(store, Live::new(IdempotencyConfig::default()))
+            .layer(service_fn(handler));
         let bare = service_fn(handler);
         // Warm-up either way: connections, scripts, allocator.
         calls(layered.clone(), 0, 1_000).await;

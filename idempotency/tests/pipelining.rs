@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use keel_idempotency::{Claim, IdempotencyConfig, IdempotencyStore, RedisStore, StoreKind};
+use keel_idempotency::{Claim, IdempotencyStore, RedisStore};
 use keel_testkit::RedisServer;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
@@ -17,13 +17,7 @@ async fn a_burst_of_claims_goes_out_in_a_few_writes() {
     recorder.install().unwrap();
 
     let server = RedisServer::start();
-    let cfg = IdempotencyConfig {
-        store: StoreKind::Redis,
-        url: server.url(),
-        prefix: "p:".into(),
-        ..IdempotencyConfig::default()
-    };
-    let store = Arc::new(RedisStore::connect(&cfg).await.unwrap());
+    let store = Arc::new(RedisStore::open(&server.url(), "p:").await.unwrap());
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let store = store.clone();
