@@ -42,7 +42,9 @@
 //!   window and fails closed, but Redis is not a consensus store. **For money movement**, make the
 //!   effect itself idempotent too: a unique constraint on the idempotency key (or fencing token)
 //!   in the same database transaction as the effect. Treat this crate as the fast path that spares
-//!   that constraint nearly all duplicates, not as its replacement.
+//!   that constraint nearly all duplicates, not as its replacement. The Redis store needs Redis
+//!   7.0 or later (a claim is `SET ... NX GET`), and fencing tokens that grow need Redis's clock
+//!   not to step back by more than the time between two claims of a key (they are its clock).
 //! - **Store down**: fail closed by default (503 + `Retry-After`): no request runs whose duplicate
 //!   could not be ruled out. Fail open only per route, for handlers idempotent by themselves. A
 //!   completion that could not be stored leaves the key claimed until its lease expires; a retry

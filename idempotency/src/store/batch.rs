@@ -11,15 +11,45 @@
 //! Commands whose caller has already given up (timed out, dropped) while queued are not sent: a
 //! claim nobody waits for would only hold its key for a lease.
 
+use std::time::Duration;
+
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use redis::{aio::ConnectionManager, Cmd, RedisResult, Value};
+use redis::{aio::ConnectionManager, Cmd, Pipeline, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most commands written as one pipeline (more wait for the next one).
 const MAX_BATCH: usize = 64;
 
+/// What a caller queues: one command, or commands that run as one transaction (`MULTI` …
+/// `EXEC`, so that no other client's command runs between them), answered by `EXEC`'s reply.
+pub(crate) enum Unit {
+    One(Cmd),
+    Transaction(Vec<Cmd>),
+}
+
+impl Unit {
+    /// Appends the unit to `pipe`; returns how many replies it will have (its answer is the last).
+    pub(crate) fn add_to(self, pipe: &mut Pipeline) -> usize {
+        match self {
+            Unit::One(cmd) => {
+                pipe.add_command(cmd);
+                1
+            }
+            Unit::Transaction(cmds) => {
+                let n = cmds.len() + 2;
+                pipe.cmd("MULTI");
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.cmd("EXEC");
+                n
+            }
+        }
+    }
+}
+
 struct Job {
-    cmd: Cmd,
+    unit: Unit,
     reply: oneshot::Sender<RedisResult<Value>>,
 }
 
@@ -34,23 +64,26 @@ pub(crate) struct Batcher {
 pub(crate) struct PumpGone;
 
 impl Batcher {
-    /// Starts the pump on the current tokio runtime.
-    pub(crate) fn start(conn: ConnectionManager) -> Self {
+    /// Starts the pump on the current tokio runtime. A pipeline not answered within `deadline`
+    /// (the callers' own timeout) is dropped: while the connection is down, redis-rs holds its
+    /// commands until it reconnects, and a claim written then, with nobody waiting for it, would
+    /// hold its key for a whole lease.
+    pub(crate) fn start(conn: ConnectionManager, deadline: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(pump(rx, conn));
+        tokio::spawn(pump(rx, conn, deadline));
         Self { tx }
     }
 
-    /// Queues `cmd` and waits for its own answer (a Redis error answered to it alone stays its
+    /// Queues `unit` and waits for its own answer (a Redis error answered to it alone stays its
     /// own; a failure of the whole write is every queued caller's).
-    pub(crate) async fn call(&self, cmd: Cmd) -> Result<RedisResult<Value>, PumpGone> {
+    pub(crate) async fn call(&self, unit: Unit) -> Result<RedisResult<Value>, PumpGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { cmd, reply }).map_err(|_| PumpGone)?;
+        self.tx.send(Job { unit, reply }).map_err(|_| PumpGone)?;
         rx.await.map_err(|_| PumpGone)
     }
 }
 
-async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
+async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager, deadline: Duration) {
     let mut in_flight = FuturesUnordered::new();
     // Commands in the last pipeline written: whether callers are coming in company.
     let mut last = 0;
@@ -78,7 +111,7 @@ async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
                 }
                 last = jobs.len();
                 if !jobs.is_empty() {
-                    in_flight.push(send(conn.clone(), jobs));
+                    in_flight.push(send(conn.clone(), jobs, deadline));
                 }
             }
         }
@@ -87,12 +120,30 @@ async fn pump(mut rx: mpsc::UnboundedReceiver<Job>, conn: ConnectionManager) {
     while in_flight.next().await.is_some() {}
 }
 
-async fn send(mut conn: ConnectionManager, mut jobs: Vec<Job>) {
+/// A reply as its caller's answer: an error reply is an error; an error inside an `EXEC` reply
+/// (`WRONGTYPE` of one command, say) stays inside, for the caller to read.
+pub(crate) fn answer(v: Value) -> RedisResult<Value> {
+    match v {
+        Value::ServerError(e) => Err(e.into()),
+        v => Ok(v),
+    }
+}
+
+async fn send(mut conn: ConnectionManager, mut jobs: Vec<Job>, deadline: Duration) {
+    let late =
+        || redis::RedisError::from((redis::ErrorKind::Io, "no answer within the store's timeout"));
     crate::telemetry::pipeline(jobs.len());
-    if jobs.len() == 1 {
-        if let Some(job) = jobs.pop() {
-            let r = job.cmd.query_async::<Value>(&mut conn).await;
-            let _ = job.reply.send(r);
+    if let [Job {
+        unit: Unit::One(_), ..
+    }] = jobs.as_slice()
+    {
+        if let Some(Job {
+            unit: Unit::One(cmd),
+            reply,
+        }) = jobs.pop()
+        {
+            let r = tokio::time::timeout(deadline, cmd.query_async::<Value>(&mut conn)).await;
+            let _ = reply.send(r.unwrap_or_else(|_| Err(late())));
         }
         return;
     }
@@ -100,28 +151,35 @@ async fn send(mut conn: ConnectionManager, mut jobs: Vec<Job>) {
     // Each command's error (NOSCRIPT, say) goes to its caller alone.
     pipe.ignore_errors();
     let mut replies = Vec::with_capacity(jobs.len());
+    let mut expected = 0;
     for job in jobs {
-        pipe.add_command(job.cmd);
-        replies.push(job.reply);
+        let n = job.unit.add_to(&mut pipe);
+        expected += n;
+        replies.push((job.reply, n));
     }
-    match pipe.query_async::<Vec<Value>>(&mut conn).await {
-        Ok(values) if values.len() == replies.len() => {
-            for (v, reply) in values.into_iter().zip(replies) {
-                let _ = reply.send(v.extract_error());
+    let r = tokio::time::timeout(deadline, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+    match r.unwrap_or_else(|_| Err(late())) {
+        Ok(values) if values.len() == expected => {
+            let mut values = values.into_iter();
+            for (reply, n) in replies {
+                // A unit's last reply answers it: its command's, or its transaction's `EXEC`.
+                if let Some(v) = values.by_ref().take(n).last() {
+                    let _ = reply.send(answer(v));
+                }
             }
         }
         Ok(values) => {
             let e = redis::RedisError::from((
                 redis::ErrorKind::Parse,
                 "pipeline answered a different number of replies",
-                format!("{} for {} commands", values.len(), replies.len()),
+                format!("{} for {expected} commands", values.len()),
             ));
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
         Err(e) => {
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }

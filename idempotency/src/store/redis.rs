@@ -1,26 +1,33 @@
-//! The Redis store: shared by every instance, one Lua round trip per operation.
+//! The Redis store: shared by every instance, one round trip per operation.
 //!
-//! Each operation is one `EVALSHA` of a small script, so check-and-write is atomic on the server
-//! and costs one round trip: a first request costs two (claim, complete), a replay one (claim).
-//! Scripts are loaded when the store connects; after a Redis restart the first call meets
-//! `NOSCRIPT`, loads the script again and retries once.
+//! A first request costs two round trips (claim, complete), a replay one (claim). Keys: one per
+//! idempotency key, `{prefix}{<hash>}` (the `{<hash>}` hash tag is the whole key's slot in a
+//! cluster). Its value is a string: a fixed header (state, fencing token, the lease's end), owner
+//! and fingerprint, then the stored answer.
 //!
-//! Keys: one per idempotency key, `{prefix}{<hash>}` (the `{<hash>}` hash tag is the whole key's
-//! slot in a cluster). Its value is a string: a fixed header (state, fencing token, the lease's
-//! end), owner and fingerprint, then the stored answer. A script reads it with one `GET`, checks
-//! fields at fixed offsets, and writes it with one `SET ... PX`: a first request costs Redis six
-//! commands in all (claim: `GET`, `TIME`, `SET`; complete: `GET`, `TIME`, `SET`), one key, and no
-//! second key for the fencing counter.
+//! - **Claim**: no script, a transaction of native commands (`MULTI`; `SET key record NX GET PX
+//!   lease`; `TIME`; `EXEC`). The `SET` writes the record in progress if the key is
+//!   absent and answers what it held; the store reads that answer itself (new, in progress,
+//!   completed, or another fingerprint). `TIME`, run in the same transaction, is a new claim's
+//!   fencing token: the server's clock in microseconds. Native commands cost Redis less than half
+//!   of a script doing the same (no Lua state to prepare, no conversion of each call's reply).
+//! - **Renew, complete, release**: each one `EVALSHA` of a small script that checks the owner
+//!   (a `GET`) and writes (`PEXPIRE`, `SET ... PX retention`, `DEL`). Scripts are loaded when the
+//!   store connects; after a Redis restart the first call meets `NOSCRIPT`, loads them again and
+//!   retries once.
 //!
-//! Leases end by the time written in the record (the Redis server's clock), not by the key's
-//! expiry: an in-progress record is kept a day (or four leases, if longer) and a released one a
-//! day, so the next claim of its key continues from its fencing token even after a lapsed lease
-//! or a release. A key holding anything else (a record of an earlier format) is answered "in
-//! progress", never taken for an absent one. A completed record is kept for the retention `ttl`. When no record exists (never
-//! claimed, retention over, or lost in a failover) the token is seeded from the server's clock
-//! (`TIME`, in microseconds), so tokens keep growing across a lost record as long as that clock
-//! does not step back by more than the time since the last claim. All times are the Redis
-//! server's, never a client clock.
+//! A lease is the key's own expiry: a record in progress lives exactly as long as its lease, so a
+//! key that exists is held, and one whose lease ran out is gone. All times are the Redis server's,
+//! never a client clock.
+//!
+//! Fencing tokens grow with every claim of a key as long as Redis's clock does not step back by
+//! more than the time between two claims of it: a claim follows the end of the previous one (its
+//! lease ran out, or it was released or never completed), so its `TIME` is later. Records of the
+//! store's earlier layout, which kept the token in the record after a lapsed lease or a release,
+//! are read and taken over by a script that continues their token.
+//!
+//! A key holding anything else (a record of an earlier format, another type) is answered "in
+//! progress", never taken for an absent one. A completed record is kept for the retention `ttl`.
 //!
 //! What Redis alone gives: with one primary and no failover, claims are linearizable. With
 //! asynchronous replication, a failover can lose a claim or a completion acknowledged by the old
@@ -36,73 +43,80 @@ use bytes::Bytes;
 use redis::{aio::ConnectionManager, Cmd, ErrorKind, ServerErrorKind, Value};
 use tracing::warn;
 
-use super::{BoxFuture, Claim, IdempotencyStore, Ownership};
+use super::{batch::Unit, BoxFuture, Claim, IdempotencyStore, Ownership};
 use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 
 // One string per key: a fixed header, then owner and fingerprint (length-prefixed), then the
-// stored answer. Header: state (`p` in progress, `c` completed, `r` released), the fencing token
-// (20 digits), the lease's end in the server's milliseconds (13 digits; zeros unless `p`).
-// Scripts read fields at fixed offsets with `string.sub`: no parsing, one `GET` and one `SET`.
+// stored answer. Header: state, the fencing token (20 digits), the lease's end in the server's
+// milliseconds (13 digits). States:
+// - `q` in progress; its lease is the key's own expiry (`PX lease`), so it is alive exactly as
+//   long as the key exists. Written by a plain `SET ... NX`, which cannot know the server's clock,
+//   it carries the lease's length in milliseconds where the token goes (a retry hint for
+//   duplicates) and `9999999999999` as its end: a store of the earlier layout, which reads the
+//   end from the header, takes it for in progress and never runs it a second time.
+// - `c` completed, kept for the retention time.
+// - `p` in progress and `r` released, of the earlier layout (the lease's end written in the
+//   header, the record kept a day for its token): only read, and taken over, never written.
+// Scripts read fields at fixed offsets with `string.sub`: no parsing, one `GET` and one write.
 //
 // Each script is self-contained: no shared Lua helper functions, which Lua would build as
-// closures on every call (the owner-checked scripts share their first lines as text instead). A key holding anything but a string (a record of an earlier format) makes
-// `redis.pcall('GET')` answer an error table: it is never read as absent. The server's clock in
-// milliseconds is `t[1] * 1000 + floor(t[2] / 1000)` of `TIME`.
+// closures on every call (the owner-checked scripts share their first lines as text instead).
+// A key holding anything but a string (a record of an earlier format) makes `redis.pcall('GET')`
+// answer an error table: it is never read as absent.
 
-// KEYS[1] record; ARGV: the record's tail (owner and fingerprint, each after its length in
-// three digits, formatted by the caller), fingerprint, lease ms, keep ms (how long an
-// in-progress or released record, and so its fencing token, is kept).
-const CLAIM: &str = r"
+/// Bytes of a record's header: state, 20 digits, 13 digits.
+const HEADER: usize = 34;
+
+// A claim the plain `SET ... NX` could not settle: the key holds a record of the earlier layout
+// (`p` whose lease ended, or `r`). It is run as a general claim, since the key may have changed
+// since. KEYS[1] record; ARGV: the record in progress to write (form `q`), fingerprint, lease
+// ms. The token continues from the record's; a key found absent gets the server's clock in
+// microseconds.
+const TAKE_OVER: &str = r"
 local v = redis.pcall('GET', KEYS[1])
--- Not a record of ours (an earlier format): in progress, never a second execution.
 if type(v) == 'table' then return {1, redis.call('PTTL', KEYS[1])} end
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local n
+local n = t[1] * 1000000 + t[2]
 if v then
   local s = string.sub(v, 1, 1)
+  local left
+  if s == 'p' then
+    left = tonumber(string.sub(v, 22, 34)) - (t[1] * 1000 + math.floor(t[2] / 1000))
+    if left <= 0 then s = 'r' end
+  elseif s ~= 'c' and s ~= 'q' and s ~= 'r' then return {1, redis.call('PTTL', KEYS[1])} end
   if s ~= 'r' then
-    local ends = tonumber(string.sub(v, 22, 34))
-    if s == 'c' or ends > now then
-      local ol = tonumber(string.sub(v, 35, 37))
-      local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
-      if string.sub(v, 41 + ol, 40 + ol + fl) ~= ARGV[2] then return {3} end
-      if s == 'c' then return {2, string.sub(v, 41 + ol + fl)} end
-      return {1, ends - now}
-    end
+    local ol = tonumber(string.sub(v, 35, 37))
+    local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
+    if string.sub(v, 41 + ol, 40 + ol + fl) ~= ARGV[2] then return {3} end
+    if s == 'c' then return {2, string.sub(v, 41 + ol + fl)} end
+    return {1, left or redis.call('PTTL', KEYS[1])}
   end
   n = tonumber(string.sub(v, 2, 21)) + 1
-else
-  n = t[1] * 1000000 + t[2]
 end
-redis.call('SET', KEYS[1], string.format('p%020d%013d', n, now + ARGV[3]) .. ARGV[1], 'PX', ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return {0, n}
 ";
 
-// The start of the owner-checked scripts (ARGV[1] is the owner): the record, in progress, held
-// by this owner, its lease running; `now` is the server's clock in milliseconds. A macro, so that
-// each script is one literal (`concat!`).
+// The start of the owner-checked scripts (ARGV[1] is the owner): the record, in progress (form
+// `q`: alive, since it exists) and held by this owner. A macro, so that each script is one
+// literal (`concat!`).
 macro_rules! owner_checked {
     ($body:literal) => {
         concat!(
             r"
 local v = redis.pcall('GET', KEYS[1])
-if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'p' then return 0 end
+if type(v) ~= 'string' or string.sub(v, 1, 1) ~= 'q' then return 0 end
 local ol = tonumber(string.sub(v, 35, 37))
 if string.sub(v, 38, 37 + ol) ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if tonumber(string.sub(v, 22, 34)) <= now then return 0 end
 ",
             $body
         )
     };
 }
 
-// ARGV: owner, lease ms, keep ms.
+// ARGV: owner, lease ms.
 const RENEW: &str = owner_checked!(
-    r"redis.call('SET', KEYS[1], string.sub(v, 1, 21) .. string.format('%013d', now + ARGV[2])
-  .. string.sub(v, 35), 'PX', ARGV[3])
+    r"redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "
 );
@@ -116,12 +130,18 @@ return 1
 "
 );
 
-// ARGV: owner, keep ms. The record stays, released, for its fencing token.
+// ARGV: owner. The next claim's token comes from the server's clock, later than this one's.
 const RELEASE: &str = owner_checked!(
-    r"redis.call('SET', KEYS[1], 'r' .. string.sub(v, 2, 21) .. '0000000000000000000', 'PX', ARGV[2])
+    r"redis.call('DEL', KEYS[1])
 return 1
 "
 );
+
+/// Where each script sits in the store's list.
+const TAKE_OVER_SCRIPT: usize = 0;
+const RENEW_SCRIPT: usize = 1;
+const COMPLETE_SCRIPT: usize = 2;
+const RELEASE_SCRIPT: usize = 3;
 
 /// One Lua script, known by its SHA-1.
 struct Script {
@@ -165,12 +185,6 @@ fn no_script(e: &redis::RedisError) -> bool {
 
 /// The longest owner or fingerprint a record holds (its length is written in three digits).
 const MAX_FIELD: usize = 999;
-
-/// How long an in-progress or released record is kept, so that its fencing token outlives it:
-/// a day, or four leases if longer. (Its lease ends earlier, by the time written inside it.)
-fn keep_ms(lease: Duration) -> u64 {
-    ms(Duration::from_secs(86_400)).max(ms(lease).saturating_mul(4))
-}
 
 /// Whole milliseconds, at least 1, at most [`keel_core::units::MAX_DURATION`]'s (a longer lease
 /// or retention set in code would overflow `PEXPIRE`).
@@ -235,14 +249,14 @@ impl RedisStore {
 
     fn with_conn(conn: ConnectionManager, cfg: &IdempotencyConfig) -> Self {
         Self {
-            batch: super::batch::Batcher::start(conn.clone()),
+            batch: super::batch::Batcher::start(conn.clone(), cfg.store_timeout),
             conn,
             prefix: cfg.prefix.clone(),
             timeout: cfg.store_timeout,
             replicas: cfg.durability.replicas,
             wait_timeout: cfg.durability.timeout,
             scripts: std::sync::Arc::new([
-                Script::new(CLAIM),
+                Script::new(TAKE_OVER),
                 Script::new(RENEW),
                 Script::new(COMPLETE),
                 Script::new(RELEASE),
@@ -260,10 +274,11 @@ impl RedisStore {
         Self::connect(&cfg).await
     }
 
-    /// The SHA-1 of the claim and complete scripts (as `EVALSHA` takes them): for operators and
-    /// benchmarks (`redis-benchmark ... EVALSHA <sha> ...`).
-    pub fn script_shas(&self) -> (&str, &str) {
-        (&self.scripts[0].sha, &self.scripts[2].sha)
+    /// The SHA-1 of the completion script (as `EVALSHA` takes it): for operators and benchmarks
+    /// (`redis-benchmark ... EVALSHA <sha> ...`). A claim is no script: a transaction of native
+    /// commands (see the module's documentation).
+    pub fn complete_script_sha(&self) -> &str {
+        &self.scripts[COMPLETE_SCRIPT].sha
     }
 
     async fn load_scripts(&self) -> Result<(), IdempotencyError> {
@@ -297,53 +312,74 @@ impl RedisStore {
         k
     }
 
-    fn evalsha(&self, which: usize, keys: &[&str], args: &[&[u8]]) -> Cmd {
+    fn evalsha(&self, which: usize, key: &str, args: &[&[u8]]) -> Unit {
         // Sized once: built argument by argument, the command's buffers would grow a dozen
         // times per request.
         let sha = &self.scripts[which].sha;
         let data = "EVALSHA".len()
             + sha.len()
-            + 20
-            + keys.iter().map(|k| k.len()).sum::<usize>()
+            + 1
+            + key.len()
             + args.iter().map(|a| a.len()).sum::<usize>();
-        let mut cmd = Cmd::with_capacity(3 + keys.len() + args.len(), data);
-        cmd.arg("EVALSHA").arg(sha).arg(keys.len()).arg(keys);
+        let mut cmd = Cmd::with_capacity(4 + args.len(), data);
+        cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);
         for a in args {
             cmd.arg(*a);
         }
-        cmd
+        Unit::One(cmd)
     }
 
-    /// Runs one script; on `NOSCRIPT` loads the scripts and runs it once more. With `wait`, a
-    /// `WAIT` is pipelined behind it and its acknowledgement count returned too.
+    /// Runs the unit `make` builds; when a script of it meets `NOSCRIPT`, loads the scripts and
+    /// runs it once more. With `wait`, a `WAIT` is pipelined behind it and its acknowledgement
+    /// count returned too.
     async fn run(
         &self,
-        which: usize,
-        keys: &[&str],
-        args: &[&[u8]],
+        make: impl Fn() -> Unit,
         wait: bool,
     ) -> Result<(Value, Option<u32>), IdempotencyError> {
         for attempt in 0..2 {
             // Made for each attempt from the borrowed arguments: no copy of them is kept for a
             // NOSCRIPT retry that almost never comes.
-            let cmd = self.evalsha(which, keys, args);
+            let unit = make();
             let res = if wait {
                 let mut conn = self.conn.clone();
                 let mut pipe = redis::pipe();
-                pipe.add_command(cmd)
-                    .cmd("WAIT")
+                pipe.ignore_errors();
+                let n = unit.add_to(&mut pipe);
+                pipe.cmd("WAIT")
                     .arg(self.replicas)
                     .arg(ms(self.wait_timeout));
                 let timeout = self.timeout + self.wait_timeout;
-                match tokio::time::timeout(timeout, pipe.query_async::<(Value, u32)>(&mut conn))
-                    .await
+                match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await
                 {
-                    Ok(r) => r.map(|(v, n)| (v, Some(n))),
+                    Ok(Ok(mut values)) if values.len() == n + 1 => {
+                        let acked = values.pop().map(super::batch::answer);
+                        let v = values.pop().map(super::batch::answer);
+                        match (v, acked) {
+                            (Some(Ok(v)), Some(Ok(Value::Int(a)))) => {
+                                Ok((v, Some(u32::try_from(a).unwrap_or(0))))
+                            }
+                            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
+                            _ => {
+                                return Err(IdempotencyError::Protocol(
+                                    "WAIT answered no count".to_owned(),
+                                ))
+                            }
+                        }
+                    }
+                    Ok(Ok(values)) => {
+                        return Err(IdempotencyError::Protocol(format!(
+                            "{} replies for {} commands",
+                            values.len(),
+                            n + 1
+                        )))
+                    }
+                    Ok(Err(e)) => Err(e),
                     Err(_) => return Err(IdempotencyError::TimedOut),
                 }
             } else {
                 // Pipelined with the other requests' commands of the moment.
-                match tokio::time::timeout(self.timeout, self.batch.call(cmd)).await {
+                match tokio::time::timeout(self.timeout, self.batch.call(unit)).await {
                     Ok(Ok(r)) => r.map(|v| (v, None)),
                     Ok(Err(super::batch::PumpGone)) => {
                         return Err(IdempotencyError::Unavailable(
@@ -376,8 +412,8 @@ impl RedisStore {
         let rk = self.record_key(key);
         // Completions wait for replicas too, in the same round trip. The handler has already
         // run, so too few acknowledgements cannot undo anything: they are logged and counted.
-        let wait = which == 2 && self.replicas > 0;
-        let (v, acked) = self.run(which, &[&rk], args, wait).await?;
+        let wait = which == COMPLETE_SCRIPT && self.replicas > 0;
+        let (v, acked) = self.run(|| self.evalsha(which, &rk, args), wait).await?;
         if let Some(acked) = acked.filter(|a| *a < self.replicas) {
             telemetry::complete("unreplicated");
             warn!(
@@ -411,29 +447,49 @@ impl RedisStore {
                 "owner and fingerprint are limited to {MAX_FIELD} bytes in the Redis store"
             )));
         }
+        let record = in_progress(owner, fp, ms(lease));
         let mut lease_ms = itoa::Buffer::new();
         let lease_ms = lease_ms.format(ms(lease));
-        let mut keep = itoa::Buffer::new();
-        let keep = keep.format(keep_ms(lease));
         let wait = self.replicas > 0;
-        let (v, acked) = self
-            .run(
-                0,
-                &[&rk],
-                &[
-                    &record_tail(owner, fp),
-                    fp.as_bytes(),
-                    lease_ms.as_bytes(),
-                    keep.as_bytes(),
-                ],
-                wait,
-            )
-            .await?;
-        let claim = parse_claim(v)?;
+        // `SET ... NX GET` writes the record if the key is absent and answers what it held;
+        // `TIME`, in the same transaction, is the fencing token of a new claim.
+        let transaction = || {
+            let mut set = Cmd::with_capacity(7, 16 + rk.len() + record.len() + lease_ms.len());
+            set.arg("SET")
+                .arg(&rk)
+                .arg(&record)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(lease_ms);
+            Unit::Transaction(vec![set, redis::cmd("TIME")])
+        };
+        let (v, mut acked) = self.run(transaction, wait).await?;
+        let claim = match settle(v, fp)? {
+            Some(claim) => claim,
+            None => {
+                // A record of the earlier layout, released or out of lease: taken over by a
+                // script (rare: such records are never written any more).
+                let (v, a) = self
+                    .run(
+                        || {
+                            self.evalsha(
+                                TAKE_OVER_SCRIPT,
+                                &rk,
+                                &[&record, fp.as_bytes(), lease_ms.as_bytes()],
+                            )
+                        },
+                        wait,
+                    )
+                    .await?;
+                acked = a;
+                parse_take_over(v)?
+            }
+        };
         if let (Claim::New { .. }, Some(acked)) = (&claim, acked) {
             if acked < self.replicas {
                 let _ = self
-                    .owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
+                    .owner_checked(RELEASE_SCRIPT, key, &[owner.as_bytes()])
                     .await;
                 return Err(IdempotencyError::Durability {
                     acked,
@@ -445,23 +501,115 @@ impl RedisStore {
     }
 }
 
-/// Owner and fingerprint as a record holds them, each after its length in three digits (both
-/// are at most [`MAX_FIELD`] bytes): the claim script appends it to the header it writes.
-fn record_tail(owner: &str, fp: &str) -> Vec<u8> {
-    let mut tail = Vec::with_capacity(6 + owner.len() + fp.len());
+/// A record in progress of `owner` (form `q`): its header (the lease's length in milliseconds
+/// where the token goes, no end of its own), then owner and fingerprint, each after its length in
+/// three digits (both are at most [`MAX_FIELD`] bytes).
+fn in_progress(owner: &str, fp: &str, lease_ms: u64) -> Vec<u8> {
+    let mut rec = Vec::with_capacity(HEADER + 6 + owner.len() + fp.len());
+    rec.push(b'q');
+    let mut lease = itoa::Buffer::new();
+    // A u64 has at most 20 digits.
+    let lease = lease.format(lease_ms).as_bytes();
+    rec.resize(21 - lease.len(), b'0');
+    rec.extend_from_slice(lease);
+    rec.extend_from_slice(b"9999999999999");
     for field in [owner, fp] {
         let n = field.len().min(MAX_FIELD);
-        tail.extend_from_slice(&[
+        rec.extend_from_slice(&[
             b'0' + (n / 100) as u8,
             b'0' + (n / 10 % 10) as u8,
             b'0' + (n % 10) as u8,
         ]);
-        tail.extend_from_slice(field.as_bytes());
+        rec.extend_from_slice(field.as_bytes());
     }
-    tail
+    rec
 }
 
-fn parse_claim(v: Value) -> Result<Claim, IdempotencyError> {
+/// A record's fields: its state byte, the fingerprint, and where the stored answer starts.
+/// `None` for a string too short or malformed to be one of ours.
+fn fields(rec: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let len = |at: usize| -> Option<usize> {
+        let d = rec.get(at..at + 3)?;
+        d.iter().try_fold(0usize, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + usize::from(c - b'0'))
+        })
+    };
+    let ol = len(HEADER)?;
+    let fl_at = HEADER + 3 + ol;
+    let fl = len(fl_at)?;
+    let fp = rec.get(fl_at + 3..fl_at + 3 + fl)?;
+    Some((rec[0], fp, fl_at + 3 + fl))
+}
+
+/// A number of ASCII digits (a header field, or a `TIME` part).
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, c| {
+        c.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))?
+    })
+}
+
+/// What a claim's transaction found (`EXEC`'s reply: the key's old value, then `TIME`), or
+/// `None` when a record of the earlier layout must be taken over by a script.
+fn settle(v: Value, fp: &str) -> Result<Option<Claim>, IdempotencyError> {
+    let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {}", shape(v)));
+    let Value::Array(items) = v else {
+        return Err(bad(&v));
+    };
+    let [old, time] = <[Value; 2]>::try_from(items).map_err(|items| bad(&Value::Array(items)))?;
+    let now_us = match &time {
+        Value::Array(t) => match t.as_slice() {
+            [Value::BulkString(s), Value::BulkString(us)] => digits(s)
+                .zip(digits(us))
+                .and_then(|(s, us)| s.checked_mul(1_000_000)?.checked_add(us)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(now_us) = now_us else {
+        return Err(bad(&Value::Array(vec![old, time])));
+    };
+    let rec = match old {
+        // Absent: now written, held by the caller, its token the server's clock.
+        Value::Nil => return Ok(Some(Claim::New { fence: now_us })),
+        Value::BulkString(rec) => rec,
+        // Not a string (a record of an earlier format): in progress, never a second execution.
+        Value::ServerError(_) => return Ok(Some(Claim::InProgress { retry_after: None })),
+        other => return Err(bad(&Value::Array(vec![other, time]))),
+    };
+    let Some((state, stored_fp, answer_at)) = fields(&rec) else {
+        return Ok(Some(Claim::InProgress { retry_after: None }));
+    };
+    let left = match state {
+        b'c' => None,
+        // At most a lease, the length its header holds.
+        b'q' => rec.get(1..21).and_then(digits).map(Duration::from_millis),
+        b'p' => {
+            // The earlier layout: the lease ends by the time in its header.
+            let ends = rec.get(21..34).and_then(digits).unwrap_or(0);
+            match ends.checked_sub(now_us / 1000) {
+                Some(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+                _ => return Ok(None),
+            }
+        }
+        b'r' => return Ok(None),
+        // Not one of ours: in progress, as above.
+        _ => return Ok(Some(Claim::InProgress { retry_after: None })),
+    };
+    Ok(Some(if stored_fp != fp.as_bytes() {
+        Claim::Mismatch
+    } else if state == b'c' {
+        Claim::Completed(Bytes::from(rec).slice(answer_at..))
+    } else {
+        Claim::InProgress { retry_after: left }
+    }))
+}
+
+/// What the takeover script answered.
+fn parse_take_over(v: Value) -> Result<Claim, IdempotencyError> {
     let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {}", shape(v)));
     let Value::Array(items) = &v else {
         return Err(bad(&v));
@@ -535,14 +683,10 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("renew", async move {
-            let (mut lease_ms, mut keep) = (itoa::Buffer::new(), itoa::Buffer::new());
-            let (lease_ms, keep) = (lease_ms.format(ms(lease)), keep.format(keep_ms(lease)));
-            self.owner_checked(
-                1,
-                key,
-                &[owner.as_bytes(), lease_ms.as_bytes(), keep.as_bytes()],
-            )
-            .await
+            let mut lease_ms = itoa::Buffer::new();
+            let lease_ms = lease_ms.format(ms(lease));
+            self.owner_checked(RENEW_SCRIPT, key, &[owner.as_bytes(), lease_ms.as_bytes()])
+                .await
         })
     }
 
@@ -556,8 +700,12 @@ impl IdempotencyStore for RedisStore {
         timed("complete", async move {
             let mut ret = itoa::Buffer::new();
             let ret = ret.format(ms(retention));
-            self.owner_checked(2, key, &[owner.as_bytes(), &record, ret.as_bytes()])
-                .await
+            self.owner_checked(
+                COMPLETE_SCRIPT,
+                key,
+                &[owner.as_bytes(), &record, ret.as_bytes()],
+            )
+            .await
         })
     }
 
@@ -567,10 +715,7 @@ impl IdempotencyStore for RedisStore {
         owner: &'a str,
     ) -> BoxFuture<'a, Result<Ownership, IdempotencyError>> {
         timed("release", async move {
-            // The lease is not known here: keep the released record (its fencing token) a day.
-            let mut keep = itoa::Buffer::new();
-            let keep = keep.format(keep_ms(Duration::ZERO));
-            self.owner_checked(3, key, &[owner.as_bytes(), keep.as_bytes()])
+            self.owner_checked(RELEASE_SCRIPT, key, &[owner.as_bytes()])
                 .await
         })
     }
@@ -581,13 +726,114 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_tail_prefixes_each_field_with_its_length() {
-        assert_eq!(record_tail("", ""), b"000000");
-        assert_eq!(record_tail("own", "fp"), b"003own002fp");
+    fn a_record_in_progress_prefixes_each_field_with_its_length() {
+        let rec = |o, f| in_progress(o, f, 10_000)[HEADER..].to_vec();
+        assert_eq!(rec("", ""), b"000000");
+        assert_eq!(rec("own", "fp"), b"003own002fp");
         let long = "x".repeat(MAX_FIELD);
-        let tail = record_tail(&long, "f");
+        let tail = rec(&long, "f");
         assert_eq!(&tail[..3], b"999");
         assert_eq!(&tail[3 + MAX_FIELD..], b"001f");
+        assert_eq!(
+            &in_progress("own", "fp", 10_000)[..HEADER],
+            b"q000000000000000100009999999999999"
+        );
+        assert_eq!(
+            &in_progress("", "", u64::MAX)[..HEADER],
+            b"q184467440737095516159999999999999"
+        );
+        assert_eq!(
+            fields(&in_progress("own", "fp", 1)),
+            Some((b'q', &b"fp"[..], 45))
+        );
+    }
+
+    /// `EXEC`'s reply to a claim that found `old`, at the server time 1,700,000,000.000123 s.
+    fn exec(old: Value) -> Value {
+        Value::Array(vec![
+            old,
+            Value::Array(vec![
+                Value::BulkString(b"1700000000".to_vec()),
+                Value::BulkString(b"123".to_vec()),
+            ]),
+        ])
+    }
+
+    #[test]
+    fn a_claim_is_settled_from_what_the_key_held() {
+        let settled = |old| settle(exec(old), "fp").unwrap();
+        let in_progress_for = |ms: Option<u64>| {
+            Some(Claim::InProgress {
+                retry_after: ms.map(Duration::from_millis),
+            })
+        };
+        assert_eq!(
+            settled(Value::Nil),
+            Some(Claim::New {
+                fence: 1_700_000_000_000_123
+            })
+        );
+        let mut done = b"c".to_vec();
+        done.extend_from_slice(&in_progress("own", "fp", 0)[1..]);
+        done.extend_from_slice(b"answer");
+        assert_eq!(
+            settled(Value::BulkString(done.clone())),
+            Some(Claim::Completed(Bytes::from_static(b"answer")))
+        );
+        assert_eq!(
+            settle(exec(Value::BulkString(done)), "other").unwrap(),
+            Some(Claim::Mismatch)
+        );
+        // In progress: at most the holder's lease, or another fingerprint.
+        let held = Value::BulkString(in_progress("own", "fp", 4_000));
+        assert_eq!(settled(held.clone()), in_progress_for(Some(4_000)));
+        assert_eq!(settle(exec(held), "other").unwrap(), Some(Claim::Mismatch));
+        // The earlier layout: the lease's end in the header (ms), or released.
+        let earlier = |state: &str, ends: u64| {
+            let mut r = format!("{state}{:020}{ends:013}", 5).into_bytes();
+            r.extend_from_slice(&in_progress("own", "fp", 0)[HEADER..]);
+            Value::BulkString(r)
+        };
+        assert_eq!(
+            settled(earlier("p", 1_700_000_002_500)),
+            in_progress_for(Some(2_500))
+        );
+        assert_eq!(settled(earlier("p", 1_700_000_000_000)), None);
+        assert_eq!(settled(earlier("r", 0)), None);
+        // Not ours: in progress, never a second execution.
+        assert_eq!(
+            settled(Value::BulkString(b"x".to_vec())),
+            in_progress_for(None)
+        );
+        let wrong_type = redis::parse_redis_value(b"-WRONGTYPE not a string\r\n").unwrap();
+        assert!(matches!(wrong_type, Value::ServerError(_)));
+        assert_eq!(settled(wrong_type), in_progress_for(None));
+        assert!(settle(Value::Int(1), "fp").is_err());
+        assert!(settle(exec(Value::Int(1)), "fp").is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a key holds, reading it as a record neither panics nor reads past its end,
+        /// and a record written in progress reads back its own fingerprint.
+        #[test]
+        fn any_value_is_read_without_panic(
+            rec in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            owner in "[a-z0-9]{0,40}",
+            fp in "[a-f0-9]{0,70}",
+            lease in proptest::num::u64::ANY,
+        ) {
+            if let Some((_, f, at)) = fields(&rec) {
+                proptest::prop_assert!(f.len() <= rec.len() && at <= rec.len());
+            }
+            let _ = settle(exec(Value::BulkString(rec)), &fp);
+            let written = in_progress(&owner, &fp, lease);
+            proptest::prop_assert_eq!(written.len(), HEADER + 6 + owner.len() + fp.len());
+            proptest::prop_assert_eq!(fields(&written), Some((b'q', fp.as_bytes(), written.len())));
+            proptest::prop_assert_eq!(
+                settle(exec(Value::BulkString(written)), &fp).unwrap(),
+                Some(Claim::InProgress { retry_after: Some(Duration::from_millis(lease)) })
+            );
+        }
     }
 
     #[test]
@@ -598,7 +844,7 @@ mod tests {
             Value::BulkString(b"secret answer".to_vec()),
             Value::Int(9),
         ]);
-        let e = parse_claim(v).unwrap_err().to_string();
+        let e = parse_take_over(v).unwrap_err().to_string();
         assert!(!e.contains("secret"), "{e}");
         assert!(e.contains("[2, <13 bytes>, 9]"), "{e}");
     }
