@@ -147,7 +147,8 @@ async fn send(mut conn: ConnectionManager, mut jobs: Vec<Job>, deadline: Duratio
         }
         return;
     }
-    let mut pipe = redis::pipe();
+    // Sized for transactions of two commands (a claim: four replies), so it does not grow.
+    let mut pipe = Pipeline::with_capacity(jobs.len() * 4);
     // Each command's error (NOSCRIPT, say) goes to its caller alone.
     pipe.ignore_errors();
     let mut replies = Vec::with_capacity(jobs.len());
