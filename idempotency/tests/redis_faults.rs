@@ -725,3 +725,69 @@ async fn records_of_the_earlier_layout_are_read_and_taken_over() {
         "and its completion a replay"
     );
 }
+
+/// The store's own connection authenticates (a password, or a user and password) and selects
+/// the database the URL names; a wrong password is a clear error, and nothing is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_s_user_password_and_database_are_used() {
+    let server = RedisServer::start();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "keel", "on", ">pw", "~*", "+@all"][..])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "secret"][..])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let port = server.port();
+    let at = |url: String| IdempotencyConfig {
+        url,
+        ..cfg(&server)
+    };
+    let user = RedisStore::connect(&at(format!("redis://keel:pw@127.0.0.1:{port}/3")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        user.claim("u", "o", "f", Duration::from_secs(5)).await,
+        Ok(Claim::New { .. })
+    ));
+    let default = RedisStore::connect(&at(format!("redis://:secret@127.0.0.1:{port}/")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        default.claim("d", "o", "f", Duration::from_secs(5)).await,
+        Ok(Claim::New { .. })
+    ));
+    let keys = |db: i64| {
+        let url = format!("redis://:secret@127.0.0.1:{port}/{db}");
+        async move {
+            let mut c = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("t:*")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            keys
+        }
+    };
+    assert_eq!(keys(3).await, vec!["t:{u}".to_owned()]);
+    assert_eq!(keys(0).await, vec!["t:{d}".to_owned()]);
+    let wrong = RedisStore::connect(&at(format!("redis://:nope@127.0.0.1:{port}/"))).await;
+    match wrong {
+        Err(e @ IdempotencyError::Unavailable(_)) => {
+            assert!(e.to_string().to_lowercase().contains("pass"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

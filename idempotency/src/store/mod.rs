@@ -21,7 +21,7 @@ use crate::{
 };
 
 #[cfg(feature = "redis")]
-mod batch;
+mod conn;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

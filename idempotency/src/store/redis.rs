@@ -40,10 +40,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::{aio::ConnectionManager, Cmd, ErrorKind, ServerErrorKind, Value};
+use redis::{ErrorKind, ServerErrorKind, Value};
 use tracing::warn;
 
-use super::{batch::Unit, BoxFuture, Claim, IdempotencyStore, Ownership};
+use super::{
+    conn::{Link, Unit},
+    BoxFuture, Claim, IdempotencyStore, Ownership,
+};
 use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 
 // One string per key: a fixed header, then owner and fingerprint (length-prefixed), then the
@@ -161,8 +164,7 @@ impl Script {
 /// A Redis-backed [`IdempotencyStore`].
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    batch: super::batch::Batcher,
+    link: Link,
     prefix: String,
     timeout: Duration,
     replicas: u32,
@@ -199,14 +201,7 @@ impl RedisStore {
     /// Fails (retryably) when Redis cannot be reached now; see [`connect_lazy`](Self::connect_lazy)
     /// for a store that starts without Redis and fails closed until it appears.
     pub async fn connect(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
-        let (client, mcfg) = Self::client(cfg)?;
-        let conn = tokio::time::timeout(
-            cfg.store_timeout * 3,
-            ConnectionManager::new_with_config(client, mcfg),
-        )
-        .await
-        .map_err(|_| IdempotencyError::Unavailable("connect timed out".to_owned()))??;
-        let store = Self::with_conn(conn, cfg);
+        let store = Self::connect_lazy(cfg)?;
         store.load_scripts().await?;
         Ok(store)
     }
@@ -214,43 +209,21 @@ impl RedisStore {
     /// A store that connects on first use (and reconnects after): the service can start while
     /// Redis is down; until it is up, every operation fails with
     /// [`IdempotencyError::Unavailable`] (503 by default). Must be called within a tokio runtime.
+    /// The URL names a TCP address or a Unix socket (`redis://`, `redis+unix://`), with the
+    /// user, password and database it gives.
     pub fn connect_lazy(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
-        let (client, mcfg) = Self::client(cfg)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, mcfg)
-            .map_err(|e| IdempotencyError::Config(e.to_string()))?;
-        Ok(Self::with_conn(conn, cfg))
-    }
-
-    fn client(
-        cfg: &IdempotencyConfig,
-    ) -> Result<(redis::Client, redis::aio::ConnectionManagerConfig), IdempotencyError> {
-        // TCP_NODELAY: a claim or completion is one small write that someone waits for; Nagle
-        // would hold it behind an unacknowledged one on the shared connection.
         let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
             .map_err(|e| IdempotencyError::Config(e.to_string()))?;
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))
-            .map_err(|e| IdempotencyError::Config(e.to_string()))?;
-        // A `WAIT` pipelined behind a script may block for `durability.timeout` on top of the
-        // round trip (`run` bounds each call itself); a shorter response timeout here would turn
-        // too few acknowledgements into a timeout, and skip the release of the claim.
-        let response_timeout = if cfg.durability.replicas > 0 {
-            cfg.store_timeout + cfg.durability.timeout
+        // A `WAIT` behind a command may block for `durability.timeout` on top of the round trip:
+        // a connection silent for twice that long while callers wait is taken for dead.
+        let wait = if cfg.durability.replicas > 0 {
+            cfg.durability.timeout
         } else {
-            cfg.store_timeout
+            Duration::ZERO
         };
-        let mcfg = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(response_timeout))
-            .set_connection_timeout(Some(cfg.store_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        Ok((client, mcfg))
-    }
-
-    fn with_conn(conn: ConnectionManager, cfg: &IdempotencyConfig) -> Self {
-        Self {
-            batch: super::batch::Batcher::start(conn.clone(), cfg.store_timeout),
-            conn,
+        let link = Link::start(info, cfg.store_timeout, (cfg.store_timeout + wait) * 2);
+        Ok(Self {
+            link,
             prefix: cfg.prefix.clone(),
             timeout: cfg.store_timeout,
             replicas: cfg.durability.replicas,
@@ -261,7 +234,7 @@ impl RedisStore {
                 Script::new(COMPLETE),
                 Script::new(RELEASE),
             ]),
-        }
+        })
     }
 
     /// Connects to `url` with `prefix` and the default policy otherwise.
@@ -282,13 +255,26 @@ impl RedisStore {
     }
 
     async fn load_scripts(&self) -> Result<(), IdempotencyError> {
-        let mut pipe = redis::pipe();
-        for s in self.scripts.iter() {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
+        let loads: Vec<[&[u8]; 3]> = self
+            .scripts
+            .iter()
+            .map(|s| [&b"SCRIPT"[..], b"LOAD", s.source.as_bytes()])
+            .collect();
+        let loads: Vec<&[&[u8]]> = loads.iter().map(|l| &l[..]).collect();
+        let answer = self.bounded(self.link.call(Unit::all(&loads))).await?;
+        match answer {
+            Value::Array(shas) if shas.iter().all(|s| matches!(s, Value::BulkString(_))) => Ok(()),
+            Value::Array(shas) => match shas.into_iter().find_map(|s| s.extract_error().err()) {
+                Some(e) => Err(e.into()),
+                None => Err(IdempotencyError::Protocol(
+                    "SCRIPT LOAD answered no digest".to_owned(),
+                )),
+            },
+            other => Err(IdempotencyError::Protocol(format!(
+                "SCRIPT LOAD answered {}",
+                shape(&other)
+            ))),
         }
-        let mut conn = self.conn.clone();
-        let _: Vec<String> = self.bounded(pipe.query_async(&mut conn)).await?;
-        Ok(())
     }
 
     async fn bounded<T>(
@@ -313,25 +299,24 @@ impl RedisStore {
     }
 
     fn evalsha(&self, which: usize, key: &str, args: &[&[u8]]) -> Unit {
-        // Sized once: built argument by argument, the command's buffers would grow a dozen
-        // times per request.
-        let sha = &self.scripts[which].sha;
-        let data = "EVALSHA".len()
-            + sha.len()
-            + 1
-            + key.len()
-            + args.iter().map(|a| a.len()).sum::<usize>();
-        let mut cmd = Cmd::with_capacity(4 + args.len(), data);
-        cmd.arg("EVALSHA").arg(sha).arg(1).arg(key);
-        for a in args {
-            cmd.arg(*a);
-        }
-        Unit::One(cmd)
+        // At most three arguments after the key (the owner-checked scripts', the takeover's).
+        let mut all: [&[u8]; 7] = [
+            b"EVALSHA",
+            self.scripts[which].sha.as_bytes(),
+            b"1",
+            key.as_bytes(),
+            &[],
+            &[],
+            &[],
+        ];
+        let n = args.len().min(3);
+        all[4..4 + n].copy_from_slice(&args[..n]);
+        Unit::one(&all[..4 + n])
     }
 
     /// Runs the unit `make` builds; when a script of it meets `NOSCRIPT`, loads the scripts and
-    /// runs it once more. With `wait`, a `WAIT` is pipelined behind it and its acknowledgement
-    /// count returned too.
+    /// runs it once more. With `wait`, a `WAIT` goes out behind it and its acknowledgement count
+    /// is returned too.
     async fn run(
         &self,
         make: impl Fn() -> Unit,
@@ -340,54 +325,38 @@ impl RedisStore {
         for attempt in 0..2 {
             // Made for each attempt from the borrowed arguments: no copy of them is kept for a
             // NOSCRIPT retry that almost never comes.
-            let unit = make();
-            let res = if wait {
-                let mut conn = self.conn.clone();
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                let n = unit.add_to(&mut pipe);
-                pipe.cmd("WAIT")
-                    .arg(self.replicas)
-                    .arg(ms(self.wait_timeout));
-                let timeout = self.timeout + self.wait_timeout;
-                match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await
-                {
-                    Ok(Ok(mut values)) if values.len() == n + 1 => {
-                        let acked = values.pop().map(super::batch::answer);
-                        let v = values.pop().map(super::batch::answer);
-                        match (v, acked) {
-                            (Some(Ok(v)), Some(Ok(Value::Int(a)))) => {
-                                Ok((v, Some(u32::try_from(a).unwrap_or(0))))
-                            }
-                            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
-                            _ => {
-                                return Err(IdempotencyError::Protocol(
-                                    "WAIT answered no count".to_owned(),
-                                ))
-                            }
+            let (unit, timeout) = if wait {
+                (
+                    make().and_wait(self.replicas, ms(self.wait_timeout)),
+                    self.timeout + self.wait_timeout,
+                )
+            } else {
+                (make(), self.timeout)
+            };
+            // Written with the other requests' commands of the moment.
+            let res = match tokio::time::timeout(timeout, self.link.call(unit)).await {
+                Err(_) => return Err(IdempotencyError::TimedOut),
+                Ok(Ok(Value::Array(mut both))) if wait && both.len() == 2 => {
+                    let acked = both.pop();
+                    match (both.pop(), acked) {
+                        (Some(Value::ServerError(e)), _) => Err(e.into()),
+                        (Some(v), Some(Value::Int(a))) => {
+                            Ok((v, Some(u32::try_from(a).unwrap_or(0))))
+                        }
+                        _ => {
+                            return Err(IdempotencyError::Protocol(
+                                "WAIT answered no count".to_owned(),
+                            ))
                         }
                     }
-                    Ok(Ok(values)) => {
-                        return Err(IdempotencyError::Protocol(format!(
-                            "{} replies for {} commands",
-                            values.len(),
-                            n + 1
-                        )))
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => return Err(IdempotencyError::TimedOut),
                 }
-            } else {
-                // Pipelined with the other requests' commands of the moment.
-                match tokio::time::timeout(self.timeout, self.batch.call(unit)).await {
-                    Ok(Ok(r)) => r.map(|v| (v, None)),
-                    Ok(Err(super::batch::PumpGone)) => {
-                        return Err(IdempotencyError::Unavailable(
-                            "the store's connection task has stopped".to_owned(),
-                        ))
-                    }
-                    Err(_) => return Err(IdempotencyError::TimedOut),
+                Ok(Ok(v)) if wait => {
+                    return Err(IdempotencyError::Protocol(format!(
+                        "a command and WAIT answered {}",
+                        shape(&v)
+                    )))
                 }
+                Ok(r) => r.map(|v| (v, None)),
             };
             match res {
                 Err(e) if attempt == 0 && no_script(&e) => {
@@ -454,15 +423,18 @@ impl RedisStore {
         // `SET ... NX GET` writes the record if the key is absent and answers what it held;
         // `TIME`, in the same transaction, is the fencing token of a new claim.
         let transaction = || {
-            let mut set = Cmd::with_capacity(7, 16 + rk.len() + record.len() + lease_ms.len());
-            set.arg("SET")
-                .arg(&rk)
-                .arg(&record)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(lease_ms);
-            Unit::Transaction(vec![set, redis::cmd("TIME")])
+            Unit::transaction(&[
+                &[
+                    b"SET",
+                    rk.as_bytes(),
+                    &record,
+                    b"NX",
+                    b"GET",
+                    b"PX",
+                    lease_ms.as_bytes(),
+                ],
+                &[b"TIME"],
+            ])
         };
         let (v, mut acked) = self.run(transaction, wait).await?;
         let claim = match settle(v, fp)? {
