@@ -214,8 +214,10 @@ impl RedisStore {
     pub fn connect_lazy(cfg: &IdempotencyConfig) -> Result<Self, IdempotencyError> {
         let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
             .map_err(|e| IdempotencyError::Config(e.to_string()))?;
-        // A `WAIT` behind a command may block for `durability.timeout` on top of the round trip:
-        // a connection silent for twice that long while callers wait is taken for dead.
+        // A connection silent while callers wait is taken for dead after twice their timeout (a
+        // `WAIT` behind a command may block for `durability.timeout` on top of the round trip).
+        // Twice, so that the give-back of a claim that timed out still goes out on the same
+        // connection, behind the claim, and Redis applies the two in that order.
         let wait = if cfg.durability.replicas > 0 {
             cfg.durability.timeout
         } else {
