@@ -40,6 +40,10 @@ const MAX_BATCH: usize = 64;
 pub(crate) const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Deepest nesting of arrays read in a reply (the store's deepest is 2).
 const MAX_DEPTH: usize = 8;
+/// Longest line read (a type byte, a length or a status or error message, and `\r\n`).
+const MAX_LINE: usize = 4096;
+/// Longest string read: Redis's own limit (`proto-max-bulk-len`).
+const MAX_BULK: usize = 512 * 1024 * 1024;
 
 /// Commands that go out together, and which of their replies answer the caller.
 pub(crate) struct Unit {
@@ -148,6 +152,15 @@ fn io_error(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::Io, what))
 }
 
+/// The answer of a unit that may have been written, on a connection lost before its reply: its
+/// outcome is unknown, as after a timeout (the service gives a claim back then).
+fn outcome_unknown() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "connection to Redis lost before the answer",
+    ))
+}
+
 impl Link {
     /// Starts the pump on the current tokio runtime; it connects at the first call. `timeout`
     /// bounds a connect and a write; `reply_bound` how long a connection may answer nothing
@@ -165,8 +178,7 @@ impl Link {
         self.tx
             .send(Job { unit, reply })
             .map_err(|_| io_error("the store's connection task has stopped"))?;
-        rx.await
-            .unwrap_or_else(|_| Err(io_error("connection to Redis lost before the answer")))
+        rx.await.unwrap_or_else(|_| Err(outcome_unknown()))
     }
 }
 
@@ -223,7 +235,7 @@ async fn pump(
         }
         if conn
             .as_ref()
-            .is_some_and(|c| c.dead.load(Ordering::Acquire))
+            .is_some_and(|c| c.dead.load(Ordering::Acquire) || c.reader.is_finished())
         {
             conn = None;
         }
@@ -271,13 +283,18 @@ async fn pump(
                 }
             }
         };
-        crate::telemetry::pipeline(jobs.len());
         buf.clear();
+        let mut units = 0;
         for job in jobs {
             // Those who gave up while the connection was made are not written.
             if job.reply.is_closed() {
                 continue;
             }
+            if job.unit.replies == 0 {
+                let _ = job.reply.send(Ok(Value::Array(Vec::new())));
+                continue;
+            }
+            units += 1;
             buf.extend_from_slice(&job.unit.bytes);
             c.in_flight.fetch_add(1, Ordering::AcqRel);
             let _ = c.waiting.send(Waiting {
@@ -286,7 +303,13 @@ async fn pump(
                 keep: job.unit.keep,
             });
         }
-        let written = tokio::time::timeout(timeout, c.write.write_all(&buf)).await;
+        if units == 0 {
+            continue;
+        }
+        crate::telemetry::pipeline(units);
+        // Bounded like a silent connection, longer than the callers' own timeout: a caller that
+        // timed out gives its claim back on this connection, behind the claim.
+        let written = tokio::time::timeout(reply_bound, c.write.write_all(&buf)).await;
         if !matches!(written, Ok(Ok(()))) {
             // Closing it answers everyone waiting on it; the next call reconnects.
             conn = None;
@@ -387,6 +410,14 @@ async fn read_replies(
     dead: Arc<AtomicBool>,
     reply_bound: Duration,
 ) {
+    // Marks the connection dead however the reader ends (a panic included).
+    struct Dead(Arc<AtomicBool>);
+    impl Drop for Dead {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _dead = Dead(dead);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut kept: Vec<Value> = Vec::new();
@@ -405,7 +436,7 @@ async fn read_replies(
                         break 'conn;
                     };
                     read_of_front += 1;
-                    if read_of_front > front.replies - front.keep {
+                    if read_of_front + front.keep > front.replies {
                         kept.push(v);
                     }
                     if read_of_front == front.replies {
@@ -462,14 +493,34 @@ async fn read_replies(
             Ok(_) => {}
         }
     }
-    dead.store(true, Ordering::Release);
     // The senders in `waiting` and `queue` drop here: their callers hear "lost".
 }
 
-/// The position of the `\r\n` that ends the line at the start of `buf`.
-fn line_end(buf: &[u8]) -> Option<usize> {
-    let i = buf.iter().position(|&b| b == b'\r')?;
-    (buf.get(i + 1) == Some(&b'\n')).then_some(i)
+/// The position of the `\r\n` that ends the line at the start of `buf`: `Ok(None)` while it is
+/// not all there, `Err` for a `\r` not followed by `\n` or a line longer than [`MAX_LINE`].
+fn line_end(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let head = &buf[..buf.len().min(MAX_LINE)];
+    match head.iter().position(|&b| b == b'\r') {
+        Some(i) => match buf.get(i + 1) {
+            Some(b'\n') => Ok(Some(i)),
+            Some(_) => Err(()),
+            None => Ok(None),
+        },
+        None if buf.len() >= MAX_LINE => Err(()),
+        None => Ok(None),
+    }
+}
+
+/// A length: -1 (nil), or 0 up to `max`.
+fn length(line: &[u8], max: usize) -> Result<Option<usize>, ()> {
+    match integer(line)? {
+        -1 => Ok(None),
+        n => usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= max)
+            .map(Some)
+            .ok_or(()),
+    }
 }
 
 fn integer(line: &[u8]) -> Result<i64, ()> {
@@ -485,10 +536,11 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
     let Some(&kind) = buf.first() else {
         return Ok(None);
     };
-    let Some(end) = line_end(buf) else {
+    let Some(end) = line_end(buf)? else {
         return Ok(None);
     };
-    let line = &buf[1..end];
+    // A type byte, then the line: `\r\n` at once is not RESP.
+    let line = buf.get(1..end).ok_or(())?;
     let next = end + 2;
     let v = match kind {
         b'+' if line == b"OK" => Value::Okay,
@@ -497,7 +549,7 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
         b'-' => redis::parse_redis_value(&buf[..next]).map_err(|_| ())?,
         b':' => Value::Int(integer(line)?),
         b'$' => {
-            let Ok(n) = usize::try_from(integer(line)?) else {
+            let Some(n) = length(line, MAX_BULK)? else {
                 return Ok(Some((Value::Nil, next)));
             };
             let Some(data) = buf.get(next..next + n) else {
@@ -510,7 +562,7 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
             }
         }
         b'*' => {
-            let Ok(n) = usize::try_from(integer(line)?) else {
+            let Some(n) = length(line, MAX_BULK)? else {
                 return Ok(Some((Value::Nil, next)));
             };
             if depth >= MAX_DEPTH {
@@ -538,6 +590,7 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt;
 
     fn whole(bytes: &[u8]) -> Value {
         match parse(bytes, 0) {
@@ -586,11 +639,153 @@ mod tests {
         ] {
             assert_eq!(parse(part, 0), Ok(None), "{part:?}");
         }
-        for bad in [&b"?x\r\n"[..], b":x\r\n", b"$2\r\nabcd\r\n"] {
+        for bad in [
+            &b"?x\r\n"[..],
+            b":x\r\n",
+            b"$2\r\nabcd\r\n",
+            b"\r\n",
+            b"$-5\r\n",
+            b"*-7\r\n",
+            b"$1\rx",
+            b"$536870913\r\n",
+        ] {
             assert_eq!(parse(bad, 0), Err(()), "{bad:?}");
         }
         let deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
         assert_eq!(parse(&deep, 0), Err(()));
+        // A line that never ends is not waited for without bound.
+        assert_eq!(parse(&[b'+'; MAX_LINE], 0), Err(()));
+        assert_eq!(parse(&[b'+'; MAX_LINE - 1], 0), Ok(None));
+    }
+
+    /// A reader on one end of an in-memory pipe, and what the test does with the other end.
+    struct Fake {
+        server: tokio::io::DuplexStream,
+        queue: mpsc::UnboundedSender<Waiting>,
+        in_flight: Arc<AtomicUsize>,
+        dead: Arc<AtomicBool>,
+        reader: tokio::task::JoinHandle<()>,
+    }
+
+    fn fake(reply_bound: Duration) -> Fake {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (queue, rx) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_replies(
+            Box::new(client),
+            rx,
+            in_flight.clone(),
+            dead.clone(),
+            reply_bound,
+        ));
+        Fake {
+            server,
+            queue,
+            in_flight,
+            dead,
+            reader,
+        }
+    }
+
+    impl Fake {
+        fn expect(&self, unit: &Unit) -> oneshot::Receiver<RedisResult<Value>> {
+            let (reply, rx) = oneshot::channel();
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.queue
+                .send(Waiting {
+                    reply,
+                    replies: unit.replies,
+                    keep: unit.keep,
+                })
+                .unwrap();
+            rx
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_answer_units_in_order_across_reads() {
+        let mut f = fake(Duration::from_secs(5));
+        let one = f.expect(&Unit::one(&[b"GET", b"k"]));
+        let claim = f.expect(&Unit::transaction(&[&[b"SET"], &[b"PTTL"], &[b"TIME"]]));
+        let waited = f.expect(&Unit::one(&[b"EVALSHA"]).and_wait(1, 10));
+        let loads = f.expect(&Unit::all(&[&[b"A"], &[b"B"]]));
+        let bytes: &[u8] = b"$1\r\nv\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n$-1\r\n:-2\r\n*2\r\n$1\r\n1\r\n$1\r\n2\r\n-NOSCRIPT gone\r\n:0\r\n$1\r\na\r\n$1\r\nb\r\n";
+        // Byte by byte: every reply spans reads.
+        for b in bytes {
+            f.server.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            one.await.unwrap().unwrap(),
+            Value::BulkString(b"v".to_vec())
+        );
+        assert_eq!(
+            claim.await.unwrap().unwrap(),
+            Value::Array(vec![
+                Value::Nil,
+                Value::Int(-2),
+                Value::Array(vec![
+                    Value::BulkString(b"1".to_vec()),
+                    Value::BulkString(b"2".to_vec())
+                ])
+            ])
+        );
+        match waited.await.unwrap().unwrap() {
+            Value::Array(both) => {
+                assert!(matches!(both[0], Value::ServerError(_)));
+                assert_eq!(both[1], Value::Int(0));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            loads.await.unwrap().unwrap(),
+            Value::Array(vec![
+                Value::BulkString(b"a".to_vec()),
+                Value::BulkString(b"b".to_vec())
+            ])
+        );
+        assert_eq!(f.in_flight.load(Ordering::Acquire), 0);
+        assert!(!f.dead.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn a_reply_nobody_asked_for_ends_the_connection() {
+        let mut f = fake(Duration::from_secs(5));
+        f.server.write_all(b"+OK\r\n").await.unwrap();
+        (&mut f.reader).await.unwrap();
+        assert!(f.dead.load(Ordering::Acquire));
+        // Nothing more is taken: what the pump queues then is dropped, its caller answered
+        // "outcome unknown" (as after a timeout) by `Link::call`.
+        assert!(f.queue.is_closed());
+        assert!(outcome_unknown().is_timeout());
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_resp_end_the_connection_and_answer_lost() {
+        let mut f = fake(Duration::from_secs(5));
+        let waiting = f.expect(&Unit::one(&[b"GET", b"k"]));
+        f.server.write_all(b"\r\n").await.unwrap();
+        (&mut f.reader).await.unwrap();
+        assert!(f.dead.load(Ordering::Acquire));
+        assert!(waiting.await.is_err(), "answered lost (its sender dropped)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_the_reply_bound() {
+        let mut f = fake(Duration::from_millis(500));
+        let waiting = f.expect(&Unit::one(&[b"GET", b"k"]));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!f.dead.load(Ordering::Acquire));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (&mut f.reader).await.unwrap();
+        assert!(f.dead.load(Ordering::Acquire));
+        assert!(waiting.await.is_err());
+        // Idle (nothing asked), it stays open however long.
+        let idle = fake(Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!idle.dead.load(Ordering::Acquire));
+        drop(idle.server);
     }
 
     #[test]
@@ -651,9 +846,16 @@ mod tests {
             }
         }
 
-        /// Arbitrary bytes never panic the reader, and it never claims more than it was given.
+        /// Arbitrary bytes never panic the reader, and it never claims more than it was given;
+        /// drawn mostly from RESP's own bytes, so that they come near replies.
         #[test]
-        fn any_bytes_are_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn any_bytes_are_read_without_panic(bytes in proptest::collection::vec(
+            prop_oneof![
+                4 => proptest::sample::select(&b"+-:$*\r\n0123456789-1OK"[..]),
+                1 => any::<u8>(),
+            ],
+            0..64,
+        )) {
             if let Ok(Some((_, used))) = parse(&bytes, 0) {
                 prop_assert!(used <= bytes.len());
             }
