@@ -6,7 +6,7 @@
 //! and fingerprint, then the stored answer.
 //!
 //! - **Claim**: no script, a transaction of native commands (`MULTI`; `SET key record NX GET PX
-//!   lease`; `PTTL key`; `TIME`; `EXEC`). The `SET` writes the record in progress if the key is
+//!   lease`; `TIME`; `EXEC`). The `SET` writes the record in progress if the key is
 //!   absent and answers what it held; the store reads that answer itself (new, in progress,
 //!   completed, or another fingerprint). `TIME`, run in the same transaction, is a new claim's
 //!   fencing token: the server's clock in microseconds. Native commands cost Redis less than half
@@ -54,9 +54,9 @@ use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 // milliseconds (13 digits). States:
 // - `q` in progress; its lease is the key's own expiry (`PX lease`), so it is alive exactly as
 //   long as the key exists. Written by a plain `SET ... NX`, which cannot know the server's clock,
-//   it carries no token (zeros) and `9999999999999` as its end: a store of the earlier layout,
-//   which reads the end from the header, takes it for in progress and never runs it a second
-//   time (its `Retry-After` is then far off).
+//   it carries the lease's length in milliseconds where the token goes (a retry hint for
+//   duplicates) and `9999999999999` as its end: a store of the earlier layout, which reads the
+//   end from the header, takes it for in progress and never runs it a second time.
 // - `c` completed, kept for the retention time.
 // - `p` in progress and `r` released, of the earlier layout (the lease's end written in the
 //   header, the record kept a day for its token): only read, and taken over, never written.
@@ -67,10 +67,8 @@ use crate::{config::IdempotencyConfig, telemetry, IdempotencyError};
 // A key holding anything but a string (a record of an earlier format) makes `redis.pcall('GET')`
 // answer an error table: it is never read as absent.
 
-/// The header of a record in progress (form `q`): no token, no end of its own.
-const IN_PROGRESS: &[u8; 34] = b"q000000000000000000009999999999999";
 /// Bytes of a record's header: state, 20 digits, 13 digits.
-const HEADER: usize = IN_PROGRESS.len();
+const HEADER: usize = 34;
 
 // A claim the plain `SET ... NX` could not settle: the key holds a record of the earlier layout
 // (`p` whose lease ended, or `r`). It is run as a general claim, since the key may have changed
@@ -420,13 +418,12 @@ impl RedisStore {
                 "owner and fingerprint are limited to {MAX_FIELD} bytes in the Redis store"
             )));
         }
-        let record = in_progress(owner, fp);
+        let record = in_progress(owner, fp, ms(lease));
         let mut lease_ms = itoa::Buffer::new();
         let lease_ms = lease_ms.format(ms(lease));
         let wait = self.replicas > 0;
         // `SET ... NX GET` writes the record if the key is absent and answers what it held;
-        // `PTTL` is what is left of a lease in progress; `TIME`, in the same transaction, is the
-        // fencing token of a new claim.
+        // `TIME`, in the same transaction, is the fencing token of a new claim.
         let transaction = || {
             Unit::transaction(&[
                 &[
@@ -438,7 +435,6 @@ impl RedisStore {
                     b"PX",
                     lease_ms.as_bytes(),
                 ],
-                &[b"PTTL", rk.as_bytes()],
                 &[b"TIME"],
             ])
         };
@@ -479,11 +475,18 @@ impl RedisStore {
     }
 }
 
-/// A record in progress of `owner` (form `q`): its header, then owner and fingerprint, each
-/// after its length in three digits (both are at most [`MAX_FIELD`] bytes).
-fn in_progress(owner: &str, fp: &str) -> Vec<u8> {
+/// A record in progress of `owner` (form `q`): its header (the lease's length in milliseconds
+/// where the token goes, no end of its own), then owner and fingerprint, each after its length in
+/// three digits (both are at most [`MAX_FIELD`] bytes).
+fn in_progress(owner: &str, fp: &str, lease_ms: u64) -> Vec<u8> {
     let mut rec = Vec::with_capacity(HEADER + 6 + owner.len() + fp.len());
-    rec.extend_from_slice(IN_PROGRESS);
+    rec.push(b'q');
+    let mut lease = itoa::Buffer::new();
+    // A u64 has at most 20 digits.
+    let lease = lease.format(lease_ms).as_bytes();
+    rec.resize(21 - lease.len(), b'0');
+    rec.extend_from_slice(lease);
+    rec.extend_from_slice(b"9999999999999");
     for field in [owner, fp] {
         let n = field.len().min(MAX_FIELD);
         rec.extend_from_slice(&[
@@ -523,15 +526,14 @@ fn digits(b: &[u8]) -> Option<u64> {
     })
 }
 
-/// What a claim's transaction found (`EXEC`'s reply: the key's old value, its `PTTL`, `TIME`), or
+/// What a claim's transaction found (`EXEC`'s reply: the key's old value, then `TIME`), or
 /// `None` when a record of the earlier layout must be taken over by a script.
 fn settle(v: Value, fp: &str) -> Result<Option<Claim>, IdempotencyError> {
     let bad = |v: &Value| IdempotencyError::Protocol(format!("claim answered {}", shape(v)));
     let Value::Array(items) = v else {
         return Err(bad(&v));
     };
-    let [old, pttl, time] =
-        <[Value; 3]>::try_from(items).map_err(|items| bad(&Value::Array(items)))?;
+    let [old, time] = <[Value; 2]>::try_from(items).map_err(|items| bad(&Value::Array(items)))?;
     let now_us = match &time {
         Value::Array(t) => match t.as_slice() {
             [Value::BulkString(s), Value::BulkString(us)] => digits(s)
@@ -541,24 +543,24 @@ fn settle(v: Value, fp: &str) -> Result<Option<Claim>, IdempotencyError> {
         },
         _ => None,
     };
-    let (Some(now_us), Value::Int(ms)) = (now_us, &pttl) else {
-        return Err(bad(&Value::Array(vec![old, pttl, time])));
+    let Some(now_us) = now_us else {
+        return Err(bad(&Value::Array(vec![old, time])));
     };
-    // What is left of the lease the key holds (none: no expiry, or no key).
-    let left = u64::try_from(*ms).ok().map(Duration::from_millis);
     let rec = match old {
         // Absent: now written, held by the caller, its token the server's clock.
         Value::Nil => return Ok(Some(Claim::New { fence: now_us })),
         Value::BulkString(rec) => rec,
         // Not a string (a record of an earlier format): in progress, never a second execution.
-        Value::ServerError(_) => return Ok(Some(Claim::InProgress { retry_after: left })),
-        other => return Err(bad(&Value::Array(vec![other, pttl, time]))),
+        Value::ServerError(_) => return Ok(Some(Claim::InProgress { retry_after: None })),
+        other => return Err(bad(&Value::Array(vec![other, time]))),
     };
     let Some((state, stored_fp, answer_at)) = fields(&rec) else {
-        return Ok(Some(Claim::InProgress { retry_after: left }));
+        return Ok(Some(Claim::InProgress { retry_after: None }));
     };
     let left = match state {
-        b'c' | b'q' => left,
+        b'c' => None,
+        // At most a lease, the length its header holds.
+        b'q' => rec.get(1..21).and_then(digits).map(Duration::from_millis),
         b'p' => {
             // The earlier layout: the lease ends by the time in its header.
             let ends = rec.get(21..34).and_then(digits).unwrap_or(0);
@@ -569,7 +571,7 @@ fn settle(v: Value, fp: &str) -> Result<Option<Claim>, IdempotencyError> {
         }
         b'r' => return Ok(None),
         // Not one of ours: in progress, as above.
-        _ => return Ok(Some(Claim::InProgress { retry_after: left })),
+        _ => return Ok(Some(Claim::InProgress { retry_after: None })),
     };
     Ok(Some(if stored_fp != fp.as_bytes() {
         Claim::Mismatch
@@ -699,7 +701,7 @@ mod tests {
 
     #[test]
     fn a_record_in_progress_prefixes_each_field_with_its_length() {
-        let rec = |o, f| in_progress(o, f)[HEADER..].to_vec();
+        let rec = |o, f| in_progress(o, f, 10_000)[HEADER..].to_vec();
         assert_eq!(rec("", ""), b"000000");
         assert_eq!(rec("own", "fp"), b"003own002fp");
         let long = "x".repeat(MAX_FIELD);
@@ -707,17 +709,23 @@ mod tests {
         assert_eq!(&tail[..3], b"999");
         assert_eq!(&tail[3 + MAX_FIELD..], b"001f");
         assert_eq!(
-            fields(&in_progress("own", "fp")),
+            &in_progress("own", "fp", 10_000)[..HEADER],
+            b"q000000000000000100009999999999999"
+        );
+        assert_eq!(
+            &in_progress("", "", u64::MAX)[..HEADER],
+            b"q184467440737095516159999999999999"
+        );
+        assert_eq!(
+            fields(&in_progress("own", "fp", 1)),
             Some((b'q', &b"fp"[..], 45))
         );
     }
 
-    /// `EXEC`'s reply to a claim that found `old` with 4 s left, at the server time
-    /// 1,700,000,000.000123 s.
+    /// `EXEC`'s reply to a claim that found `old`, at the server time 1,700,000,000.000123 s.
     fn exec(old: Value) -> Value {
         Value::Array(vec![
             old,
-            Value::Int(4_000),
             Value::Array(vec![
                 Value::BulkString(b"1700000000".to_vec()),
                 Value::BulkString(b"123".to_vec()),
@@ -740,7 +748,7 @@ mod tests {
             })
         );
         let mut done = b"c".to_vec();
-        done.extend_from_slice(&in_progress("own", "fp")[1..]);
+        done.extend_from_slice(&in_progress("own", "fp", 0)[1..]);
         done.extend_from_slice(b"answer");
         assert_eq!(
             settled(Value::BulkString(done.clone())),
@@ -751,13 +759,13 @@ mod tests {
             Some(Claim::Mismatch)
         );
         // In progress: at most the holder's lease, or another fingerprint.
-        let held = Value::BulkString(in_progress("own", "fp"));
+        let held = Value::BulkString(in_progress("own", "fp", 4_000));
         assert_eq!(settled(held.clone()), in_progress_for(Some(4_000)));
         assert_eq!(settle(exec(held), "other").unwrap(), Some(Claim::Mismatch));
         // The earlier layout: the lease's end in the header (ms), or released.
         let earlier = |state: &str, ends: u64| {
             let mut r = format!("{state}{:020}{ends:013}", 5).into_bytes();
-            r.extend_from_slice(&in_progress("own", "fp")[HEADER..]);
+            r.extend_from_slice(&in_progress("own", "fp", 0)[HEADER..]);
             Value::BulkString(r)
         };
         assert_eq!(
@@ -769,11 +777,11 @@ mod tests {
         // Not ours: in progress, never a second execution.
         assert_eq!(
             settled(Value::BulkString(b"x".to_vec())),
-            in_progress_for(Some(4_000))
+            in_progress_for(None)
         );
         let wrong_type = redis::parse_redis_value(b"-WRONGTYPE not a string\r\n").unwrap();
         assert!(matches!(wrong_type, Value::ServerError(_)));
-        assert_eq!(settled(wrong_type), in_progress_for(Some(4_000)));
+        assert_eq!(settled(wrong_type), in_progress_for(None));
         assert!(settle(Value::Int(1), "fp").is_err());
         assert!(settle(exec(Value::Int(1)), "fp").is_err());
     }
@@ -786,17 +794,18 @@ mod tests {
             rec in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
             owner in "[a-z0-9]{0,40}",
             fp in "[a-f0-9]{0,70}",
+            lease in proptest::num::u64::ANY,
         ) {
             if let Some((_, f, at)) = fields(&rec) {
                 proptest::prop_assert!(f.len() <= rec.len() && at <= rec.len());
             }
             let _ = settle(exec(Value::BulkString(rec)), &fp);
-            let written = in_progress(&owner, &fp);
+            let written = in_progress(&owner, &fp, lease);
             proptest::prop_assert_eq!(written.len(), HEADER + 6 + owner.len() + fp.len());
             proptest::prop_assert_eq!(fields(&written), Some((b'q', fp.as_bytes(), written.len())));
             proptest::prop_assert_eq!(
                 settle(exec(Value::BulkString(written)), &fp).unwrap(),
-                Some(Claim::InProgress { retry_after: Some(Duration::from_millis(4_000)) })
+                Some(Claim::InProgress { retry_after: Some(Duration::from_millis(lease)) })
             );
         }
     }
