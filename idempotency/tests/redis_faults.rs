@@ -23,6 +23,15 @@ fn cfg(server: &RedisServer) -> IdempotencyConfig {
     }
 }
 
+/// A connection of the test's own to its private Redis, to look at or change what it holds.
+async fn admin(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 async fn post(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
     c.post(url)
         .header("Idempotency-Key", key)
@@ -77,11 +86,7 @@ async fn round_trips_two_then_one() {
         .unwrap();
     let app = start(store, cfg(&server)).await;
     let c = client();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = admin(&server).await;
     let c0 = counts(&mut conn).await;
     assert_eq!(
         post(&c, &app.url("/work"), "rt").await.status(),
@@ -126,8 +131,7 @@ async fn restart_fails_closed_then_replays_stored() {
     let body = first.bytes().await.unwrap();
     // Persist what Redis holds, then kill it (the restart loads the snapshot).
     {
-        let client = redis::Client::open(server.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = admin(&server).await;
         let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
     }
     server.stop();
@@ -276,8 +280,7 @@ async fn script_flush_is_survived_and_fences_grow() {
     else {
         panic!()
     };
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = admin(&server).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
@@ -423,8 +426,7 @@ async fn a_record_of_an_earlier_format_is_in_progress_not_absent() {
     use keel_idempotency::Ownership;
     let server = RedisServer::start();
     let store = RedisStore::connect(&cfg(&server)).await.unwrap();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = admin(&server).await;
     // The old store's completed record: a hash under the same key.
     let key = "t:{old}";
     let _: () = redis::cmd("HSET")
@@ -532,11 +534,7 @@ async fn a_script_flush_is_survived_by_a_pipelined_burst() {
             .await;
         assert!(matches!(r, Ok(Claim::New { .. })), "{r:?}");
     }
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = admin(&server).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
@@ -576,11 +574,7 @@ async fn a_script_flush_is_survived_by_a_pipelined_burst() {
 async fn a_claim_dropped_while_queued_is_never_sent() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&cfg(&server)).await.unwrap();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = admin(&server).await;
     {
         // Polled once (queued for the connection's pump, which has not run yet), then dropped.
         let mut gone = store.claim("gone", "o", "f", Duration::from_secs(5));
@@ -634,11 +628,7 @@ async fn records_of_the_earlier_layout_are_read_and_taken_over() {
     use keel_idempotency::Ownership;
     let server = RedisServer::start();
     let store = RedisStore::connect(&cfg(&server)).await.unwrap();
-    let mut conn = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = admin(&server).await;
     let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let now_ms = secs * 1000;
     let tail = |owner: &str, fp: &str| format!("{:03}{owner}{:03}{fp}", owner.len(), fp.len());
@@ -765,11 +755,7 @@ async fn records_of_the_earlier_layout_are_read_and_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_url_s_user_password_and_database_are_used() {
     let server = RedisServer::start();
-    let mut admin = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = admin(&server).await;
     let _: () = redis::cmd("ACL")
         .arg(&["SETUSER", "keel", "on", ">pw", "~*", "+@all"][..])
         .query_async(&mut admin)
