@@ -311,6 +311,10 @@ impl RedisStore {
             &[],
             &[],
         ];
+        debug_assert!(
+            args.len() <= 3,
+            "a script takes at most three arguments here"
+        );
         let n = args.len().min(3);
         all[4..4 + n].copy_from_slice(&args[..n]);
         Unit::one(&all[..4 + n])
