@@ -12,6 +12,10 @@ pub const STORE_DURATION_SECONDS: &str = "keel_idempotency_store_duration_second
 /// Commands written to Redis together as one pipeline, per write (the Redis store gathers the
 /// commands of concurrent requests).
 pub const STORE_PIPELINE_COMMANDS: &str = "keel_idempotency_store_pipeline_commands";
+/// The Redis store's connection, by `event`: `opened`, `failed` (a connect that failed or timed
+/// out), `lost` (closed by Redis, silent past its bound, a reply that was not RESP or that nobody
+/// asked for, or a failed write).
+pub const STORE_CONNECTIONS_TOTAL: &str = "keel_idempotency_store_connections_total";
 /// Requests let through without idempotency because the store failed and the route fails open.
 pub const FAIL_OPEN_TOTAL: &str = "keel_idempotency_fail_open_total";
 /// Completed answers the memory store evicted before their retention ended, to make room for new
@@ -35,6 +39,10 @@ pub fn describe() {
         STORE_PIPELINE_COMMANDS,
         metrics::Unit::Count,
         "Commands written to Redis as one pipeline, per write"
+    );
+    metrics::describe_counter!(
+        STORE_CONNECTIONS_TOTAL,
+        "The Redis idempotency store's connection: opened, failed, lost"
     );
     metrics::describe_counter!(
         FAIL_OPEN_TOTAL,
@@ -113,6 +121,18 @@ pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn pipeline(commands: usize) {
     metrics::histogram!(STORE_PIPELINE_COMMANDS).record(commands as f64);
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn connection(event: &'static str) {
+    labelled!(
+        counter,
+        STORE_CONNECTIONS_TOTAL,
+        "event",
+        event,
+        ["opened", "failed", "lost"]
+    )
+    .increment(1);
 }
 
 #[cfg(test)]

@@ -249,6 +249,7 @@ async fn pump(
                 match tokio::time::timeout(timeout, connect(&info)).await {
                     Ok(Ok((read, write))) => {
                         retry_at = None;
+                        crate::telemetry::connection("opened");
                         let (waiting, queue) = mpsc::unbounded_channel();
                         let dead = Arc::new(AtomicBool::new(false));
                         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -268,7 +269,8 @@ async fn pump(
                         })
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "idempotency store: connect failed");
+                        crate::telemetry::connection("failed");
+                        tracing::warn!(error = %e, "idempotency store: connecting to Redis failed");
                         retry_at = Some(Instant::now() + RECONNECT_PAUSE);
                         for j in jobs {
                             let _ = j.reply.send(Err(e.clone()));
@@ -276,6 +278,8 @@ async fn pump(
                         continue;
                     }
                     Err(_) => {
+                        crate::telemetry::connection("failed");
+                        tracing::warn!("idempotency store: connecting to Redis timed out");
                         retry_at = Some(Instant::now() + RECONNECT_PAUSE);
                         fail(jobs, "connecting to Redis timed out");
                         continue;
@@ -312,6 +316,10 @@ async fn pump(
         let written = tokio::time::timeout(reply_bound, c.write.write_all(&buf)).await;
         if !matches!(written, Ok(Ok(()))) {
             // Closing it answers everyone waiting on it; the next call reconnects.
+            crate::telemetry::connection("lost");
+            tracing::warn!(
+                "idempotency store: a write to Redis failed or stalled; closing the connection"
+            );
             conn = None;
         }
         if buf.capacity() > 64 * 1024 {
@@ -493,6 +501,8 @@ async fn read_replies(
             Ok(_) => {}
         }
     }
+    // Not reached when the pump closes the connection itself (it aborts this task).
+    crate::telemetry::connection("lost");
     // The senders in `waiting` and `queue` drop here: their callers hear "lost".
 }
 
@@ -751,6 +761,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_nobody_asked_for_ends_the_connection() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
         let mut f = fake(Duration::from_secs(5));
         f.server.write_all(b"+OK\r\n").await.unwrap();
         (&mut f.reader).await.unwrap();
@@ -759,6 +772,29 @@ mod tests {
         // "outcome unknown" (as after a timeout) by `Link::call`.
         assert!(f.queue.is_closed());
         assert!(outcome_unknown().is_timeout());
+        // Counted, on this (current-thread) runtime's thread.
+        let lost: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == crate::telemetry::STORE_CONNECTIONS_TOTAL)
+            .map(|(k, _, _, v)| {
+                (
+                    k.key()
+                        .labels()
+                        .map(|l| l.value().to_owned())
+                        .collect::<Vec<_>>(),
+                    v,
+                )
+            })
+            .collect();
+        assert_eq!(
+            lost,
+            vec![(
+                vec!["lost".to_owned()],
+                metrics_util::debugging::DebugValue::Counter(1)
+            )]
+        );
     }
 
     #[tokio::test]
