@@ -811,3 +811,58 @@ async fn the_url_s_user_password_and_database_are_used() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The store reaches Redis over a Unix socket too (`redis+unix://`), on a `redis-server` of the
+/// test's own that listens on a socket only.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_url_is_used() {
+    let dir = std::env::temp_dir().join(format!(
+        "keel-idem-unix-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("redis.sock");
+    let mut child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
+        .arg(&socket)
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed");
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("redis+unix://{}", socket.display());
+    let cfg = IdempotencyConfig {
+        store: StoreKind::Redis,
+        url,
+        prefix: "t:".into(),
+        ..test_config()
+    };
+    let claimed = async {
+        let store = RedisStore::connect(&cfg).await?;
+        store.claim("k", "o", "f", Duration::from_secs(5)).await
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(matches!(claimed, Ok(Claim::New { .. })), "{claimed:?}");
+}
