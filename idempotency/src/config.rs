@@ -133,7 +133,8 @@ impl Default for Durability {
 pub struct IdempotencyConfig {
     /// `memory` (default) or `redis`.
     pub store: StoreKind,
-    /// Redis URL, for `store = "redis"`.
+    /// Redis URL, for `store = "redis"`: `redis://[user:password@]host:port/db` or
+    /// `redis+unix:///path/to/redis.sock` (Redis 7.0 or later; no TLS).
     pub url: String,
     /// Prefix of every Redis key.
     pub prefix: String,
