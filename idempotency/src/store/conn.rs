@@ -37,7 +37,7 @@ use tokio::{
 /// Most commands written in one write (more wait for the next one).
 const MAX_BATCH: usize = 64;
 /// How long calls fail at once after a failed connect, before the next attempt.
-pub(crate) const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Deepest nesting of arrays read in a reply (the store's deepest is 2).
 const MAX_DEPTH: usize = 8;
 /// Longest line read (a type byte, a length or a status or error message, and `\r\n`).
@@ -84,10 +84,7 @@ impl Unit {
 
     /// One command, answered by its reply.
     pub(crate) fn one(args: &[&[u8]]) -> Self {
-        let mut u = Self::empty(Self::size(args));
-        u.push(args);
-        u.keep = 1;
-        u
+        Self::all(&[args])
     }
 
     /// Commands run as one transaction (`MULTI` … `EXEC`: no other client's command runs
@@ -104,7 +101,8 @@ impl Unit {
         u
     }
 
-    /// Commands sent together, answered by all their replies (an array).
+    /// Commands sent together, answered by all their replies (an array; one command's reply
+    /// alone).
     pub(crate) fn all(cmds: &[&[&[u8]]]) -> Self {
         let mut u = Self::empty(cmds.iter().map(|c| Self::size(c)).sum());
         for c in cmds {
@@ -243,7 +241,7 @@ async fn pump(
             Some(c) => c,
             None => {
                 if retry_at.is_some_and(|t| Instant::now() < t) {
-                    fail(jobs, "not connected to Redis (reconnecting)");
+                    fail(jobs, &io_error("not connected to Redis (reconnecting)"));
                     continue;
                 }
                 match tokio::time::timeout(timeout, connect(&info)).await {
@@ -268,20 +266,15 @@ async fn pump(
                             reader,
                         })
                     }
-                    Ok(Err(e)) => {
+                    failed => {
+                        let e = match failed {
+                            Ok(Err(e)) => e,
+                            _ => io_error("connecting to Redis timed out"),
+                        };
                         crate::telemetry::connection("failed");
                         tracing::warn!(error = %e, "idempotency store: connecting to Redis failed");
                         retry_at = Some(Instant::now() + RECONNECT_PAUSE);
-                        for j in jobs {
-                            let _ = j.reply.send(Err(e.clone()));
-                        }
-                        continue;
-                    }
-                    Err(_) => {
-                        crate::telemetry::connection("failed");
-                        tracing::warn!("idempotency store: connecting to Redis timed out");
-                        retry_at = Some(Instant::now() + RECONNECT_PAUSE);
-                        fail(jobs, "connecting to Redis timed out");
+                        fail(jobs, &e);
                         continue;
                     }
                 }
@@ -328,9 +321,9 @@ async fn pump(
     }
 }
 
-fn fail(jobs: Vec<Job>, why: &'static str) {
+fn fail(jobs: Vec<Job>, e: &RedisError) {
     for j in jobs {
-        let _ = j.reply.send(Err(io_error(why)));
+        let _ = j.reply.send(Err(e.clone()));
     }
 }
 
