@@ -216,7 +216,12 @@ fn main() {
         .unwrap();
     let cfg = IdempotencyConfig {
         store: StoreKind::Redis,
-        url: redis.url(),
+        // KEEL_BENCH_UNIX=1: the store reaches Redis over its Unix socket instead of TCP.
+        url: if std::env::var("KEEL_BENCH_UNIX").is_ok_and(|v| v == "1") {
+            redis.unix_url()
+        } else {
+            redis.url()
+        },
         prefix: "bench:".into(),
         ..IdempotencyConfig::default()
     };

@@ -95,8 +95,12 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
-                "--dir",
+                "--unixsocketperm",
+                "700",
+                "--unixsocket",
             ])
+            .arg(self.socket())
+            .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -123,6 +127,16 @@ impl RedisServer {
     /// `redis://127.0.0.1:{port}/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The path of its Unix socket (it listens there too, beside the TCP port).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// `redis+unix://{socket}`: the same server over its Unix socket.
+    pub fn unix_url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
     }
 
     /// Kills it (SIGKILL): connections drop, data is gone.

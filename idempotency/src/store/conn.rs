@@ -426,18 +426,23 @@ async fn read_replies(
     let mut read_of_front = 0;
     'conn: loop {
         loop {
-            match parse(&buf, 0) {
+            while let Ok(w) = queue.try_recv() {
+                waiting.push_back(w);
+            }
+            // Whether the next reply is part of its caller's answer (a reply nobody asked for
+            // is read whole, then ends the connection).
+            let keep = waiting
+                .front()
+                .is_none_or(|front| read_of_front + 1 + front.keep > front.replies);
+            match reply(&buf, 0, keep) {
                 Ok(Some((v, used))) => {
                     buf.advance(used);
-                    while let Ok(w) = queue.try_recv() {
-                        waiting.push_back(w);
-                    }
                     let Some(front) = waiting.front() else {
                         tracing::warn!("idempotency store: Redis sent a reply nobody asked for");
                         break 'conn;
                     };
                     read_of_front += 1;
-                    if read_of_front + front.keep > front.replies {
+                    if keep {
                         kept.push(v);
                     }
                     if read_of_front == front.replies {
@@ -536,6 +541,12 @@ fn integer(line: &[u8]) -> Result<i64, ()> {
 /// One RESP2 reply from the start of `buf`: the value and the bytes it took, `None` when `buf`
 /// does not hold all of it yet, `Err` when it is not RESP.
 fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
+    reply(buf, depth, true)
+}
+
+/// [`parse`], or with `keep` false, a reply read and checked as strictly but not built: `Nil`
+/// stands for it, unless it is an error (so a reply nobody reads costs no allocation).
+fn reply(buf: &[u8], depth: usize, keep: bool) -> Result<Option<(Value, usize)>, ()> {
     let Some(&kind) = buf.first() else {
         return Ok(None);
     };
@@ -546,11 +557,15 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
     let line = buf.get(1..end).ok_or(())?;
     let next = end + 2;
     let v = match kind {
+        b'+' if !keep => Value::Nil,
         b'+' if line == b"OK" => Value::Okay,
         b'+' => Value::SimpleString(String::from_utf8_lossy(line).into_owned()),
         // Rare (NOSCRIPT, WRONGTYPE, ...): redis-rs makes its typed error.
         b'-' => redis::parse_redis_value(&buf[..next]).map_err(|_| ())?,
-        b':' => Value::Int(integer(line)?),
+        b':' => match integer(line)? {
+            n if keep => Value::Int(n),
+            _ => Value::Nil,
+        },
         b'$' => {
             let Some(n) = length(line, MAX_BULK)? else {
                 return Ok(Some((Value::Nil, next)));
@@ -560,6 +575,7 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
             };
             match buf.get(next + n..next + n + 2) {
                 None | Some(b"\r") => return Ok(None),
+                Some(b"\r\n") if !keep => return Ok(Some((Value::Nil, next + n + 2))),
                 Some(b"\r\n") => return Ok(Some((Value::BulkString(data.to_vec()), next + n + 2))),
                 Some(_) => return Err(()),
             }
@@ -571,18 +587,27 @@ fn parse(buf: &[u8], depth: usize) -> Result<Option<(Value, usize)>, ()> {
             if depth >= MAX_DEPTH {
                 return Err(());
             }
-            let mut items = Vec::with_capacity(n.min(16));
+            let mut items = Vec::with_capacity(if keep { n.min(16) } else { 0 });
             let mut at = next;
             for _ in 0..n {
-                match parse(&buf[at..], depth + 1)? {
+                match reply(&buf[at..], depth + 1, keep)? {
                     Some((v, used)) => {
-                        items.push(v);
+                        if keep {
+                            items.push(v);
+                        }
                         at += used;
                     }
                     None => return Ok(None),
                 }
             }
-            return Ok(Some((Value::Array(items), at)));
+            return Ok(Some((
+                if keep {
+                    Value::Array(items)
+                } else {
+                    Value::Nil
+                },
+                at,
+            )));
         }
         _ => return Err(()),
     };
@@ -869,9 +894,13 @@ mod tests {
         fn replies_round_trip(v in value()) {
             let mut bytes = Vec::new();
             encode(&v, &mut bytes);
-            prop_assert_eq!(parse(&bytes, 0), Ok(Some((v, bytes.len()))));
+            prop_assert_eq!(parse(&bytes, 0), Ok(Some((v.clone(), bytes.len()))));
+            // Read without being kept: as many bytes, and only an error is built.
+            let skipped = if matches!(v, Value::ServerError(_)) { v } else { Value::Nil };
+            prop_assert_eq!(reply(&bytes, 0, false), Ok(Some((skipped, bytes.len()))));
             for cut in 0..bytes.len() {
                 prop_assert_eq!(parse(&bytes[..cut], 0), Ok(None));
+                prop_assert_eq!(reply(&bytes[..cut], 0, false), Ok(None));
             }
         }
 
@@ -885,9 +914,15 @@ mod tests {
             ],
             0..64,
         )) {
-            if let Ok(Some((_, used))) = parse(&bytes, 0) {
+            let read = parse(&bytes, 0);
+            if let Ok(Some((_, used))) = read {
                 prop_assert!(used <= bytes.len());
             }
+            // Skipping accepts and rejects exactly what reading does.
+            prop_assert_eq!(
+                reply(&bytes, 0, false).map(|r| r.map(|(_, used)| used)),
+                read.map(|r| r.map(|(_, used)| used))
+            );
         }
     }
 }
