@@ -9,7 +9,12 @@
 //! will be refused as a stale owner. A process paused longer than its lease (GC, SIGSTOP, a VM
 //! migration) cannot notice in time; that is what the [`FencingToken`] is for.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,24 +63,48 @@ impl LeaseLost {
 /// Runs `work` while renewing the lease every `lease / 3` in the same task (no spawn: the renewal
 /// loop is polled beside the work and stops when the work ends). Cancels `lost` when a renewal
 /// finds another owner, or when renewals fail until the next one would come too late.
-pub(crate) async fn with_lease<F: Future>(
-    store: &dyn IdempotencyStore,
-    key: &str,
-    owner: &str,
+///
+/// A future of its own rather than an `async fn`, which would hold `work` twice (as its argument
+/// and pinned) in every request's future.
+pub(crate) fn with_lease<'a, F: Future + 'a>(
+    store: &'a dyn IdempotencyStore,
+    key: &'a str,
+    owner: &'a str,
     lease: Duration,
-    lost: &LeaseLost,
+    lost: &'a LeaseLost,
     work: F,
-) -> F::Output {
-    let renew = renew_loop(store, key, owner, lease, lost);
-    tokio::pin!(work);
-    tokio::pin!(renew);
-    let mut renewing = true;
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            () = &mut renew, if renewing => renewing = false,
+) -> WithLease<F, impl Future<Output = ()> + 'a> {
+    WithLease {
+        work,
+        renew: renew_loop(store, key, owner, lease, lost),
+        renewing: true,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`with_lease`].
+    pub(crate) struct WithLease<F, R> {
+        #[pin]
+        work: F,
+        #[pin]
+        renew: R,
+        renewing: bool,
+    }
+}
+
+impl<F: Future, R: Future<Output = ()>> Future for WithLease<F, R> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // The work first: once it is done, no renewal starts.
+        if let Poll::Ready(out) = this.work.poll(cx) {
+            return Poll::Ready(out);
         }
+        if *this.renewing && this.renew.poll(cx).is_ready() {
+            *this.renewing = false;
+        }
+        Poll::Pending
     }
 }
 

@@ -18,7 +18,9 @@
 //!    per `on_cancel`; a completion or release already on its way runs to its end.
 
 use std::{
+    future::Future,
     panic::AssertUnwindSafe,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -307,293 +309,338 @@ where
     }
 }
 
-async fn call_inner<S>(mut inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+/// Calls `inner` with `req` once it is ready.
+fn call_inner<S>(inner: S, req: Request<Body>) -> Call<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
 {
-    futures_util::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-    inner.call(req).await
+    Call::Waiting { inner, req }
 }
 
-async fn handle<S>(
+pin_project_lite::pin_project! {
+    /// The future of [`call_inner`]: a future of its own rather than an `async fn`, which would
+    /// hold the request twice (as its argument, and in the handler's future).
+    #[project = CallState]
+    enum Call<S: Service<Request<Body>>> {
+        Waiting { inner: S, req: Request<Body> },
+        Called { #[pin] fut: S::Future },
+    }
+}
+
+impl<S> Future for Call<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+{
+    type Output = Result<Response<Body>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                CallState::Waiting { inner, req } => {
+                    std::task::ready!(inner.poll_ready(cx))?;
+                    let fut = inner.call(std::mem::take(req));
+                    self.set(Call::Called { fut });
+                }
+                CallState::Called { fut } => return fut.poll(cx),
+            }
+        }
+    }
+}
+
+#[allow(clippy::manual_async_fn)] // see the comment on the `async` block
+fn handle<S>(
     inner: S,
     store: Arc<dyn IdempotencyStore>,
     policy: Policy,
     req: Request<Body>,
-) -> Result<Response<Body>, S::Error>
+) -> impl Future<Output = Result<Response<Body>, S::Error>>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
 {
-    let cfg = &policy.cfg;
-    if !cfg
-        .methods
-        .iter()
-        .any(|m| m.eq_ignore_ascii_case(req.method().as_str()))
-    {
-        return call_inner(inner, req).await;
-    }
-    let client_key = match key::key_from_headers(req.headers(), &cfg.header) {
-        Ok(Some(k)) => k,
-        Ok(None) if policy.required() => {
-            return Ok(problem(
-                StatusCode::BAD_REQUEST,
-                "missing-key",
-                "Idempotency key missing",
-                &format!("This operation requires the {} header.", cfg.header),
-                None,
-            ))
+    // An `async` block rather than an `async fn`: its arguments are held once, not twice
+    // (an `async fn` keeps them and its own copies), in every request's future.
+    async move {
+        let cfg = &policy.cfg;
+        if !cfg
+            .methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(req.method().as_str()))
+        {
+            return call_inner(inner, req).await;
         }
-        Ok(None) => return call_inner(inner, req).await,
-        Err(e) => {
-            return Ok(problem(
-                StatusCode::BAD_REQUEST,
-                "malformed-key",
-                "Idempotency key malformed",
-                &e.to_string(),
-                None,
-            ))
-        }
-    };
-    // Raw bytes: a lossy UTF-8 conversion would merge distinct non-UTF-8 tenants.
-    let scope = req
-        .extensions()
-        .get::<IdempotencyScope>()
-        .map(|s| s.0.as_bytes().to_vec())
-        .or_else(|| {
-            let h = cfg.scope_header.as_deref()?;
-            req.headers().get(h).map(|v| v.as_bytes().to_vec())
-        })
-        .unwrap_or_default();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| req.uri().path().to_owned());
-    let skey = key::storage_key_raw(&scope, req.method().as_str(), &route, &client_key);
-    drop(client_key);
+        let client_key = match key::key_from_headers(req.headers(), &cfg.header) {
+            Ok(Some(k)) => k,
+            Ok(None) if policy.required() => {
+                return Ok(problem(
+                    StatusCode::BAD_REQUEST,
+                    "missing-key",
+                    "Idempotency key missing",
+                    &format!("This operation requires the {} header.", cfg.header),
+                    None,
+                ))
+            }
+            Ok(None) => return call_inner(inner, req).await,
+            Err(e) => {
+                return Ok(problem(
+                    StatusCode::BAD_REQUEST,
+                    "malformed-key",
+                    "Idempotency key malformed",
+                    &e.to_string(),
+                    None,
+                ))
+            }
+        };
+        // Raw bytes: a lossy UTF-8 conversion would merge distinct non-UTF-8 tenants.
+        let scope = req
+            .extensions()
+            .get::<IdempotencyScope>()
+            .map(|s| s.0.as_bytes().to_vec())
+            .or_else(|| {
+                let h = cfg.scope_header.as_deref()?;
+                req.headers().get(h).map(|v| v.as_bytes().to_vec())
+            })
+            .unwrap_or_default();
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_else(|| req.uri().path().to_owned());
+        let skey = key::storage_key_raw(&scope, req.method().as_str(), &route, &client_key);
+        drop(client_key);
 
-    let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if !e.is::<http_body_util::LengthLimitError>() => {
-            return Ok(problem(
-                StatusCode::BAD_REQUEST,
-                "body-unreadable",
-                "Request body unreadable",
-                "The request body could not be read.",
-                None,
-            ))
-        }
-        Err(_) => {
-            return Ok(problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
-                "Request body too large",
-                &format!(
-                    "Idempotent requests are limited to {} bytes.",
-                    cfg.max_body_bytes
-                ),
-                None,
-            ))
-        }
-    };
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let fp = key::fingerprint(policy.fingerprint(), target, &parts.headers, &body);
-    let req = Request::from_parts(parts, Body::from(body));
-    let span = tracing::info_span!("keel.idempotency", key = key::short(&skey));
-    execute(inner, store, policy, req, skey, fp)
-        .instrument(span)
-        .await
+        // In a block, so that what it leaves behind takes no room in the future while the
+        // request executes.
+        let (req, fp) = {
+            let (parts, body) = req.into_parts();
+            let body = match Limited::new(body, cfg.max_body_bytes).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) if !e.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(problem(
+                        StatusCode::BAD_REQUEST,
+                        "body-unreadable",
+                        "Request body unreadable",
+                        "The request body could not be read.",
+                        None,
+                    ))
+                }
+                Err(_) => {
+                    return Ok(problem(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body-too-large",
+                        "Request body too large",
+                        &format!(
+                            "Idempotent requests are limited to {} bytes.",
+                            cfg.max_body_bytes
+                        ),
+                        None,
+                    ))
+                }
+            };
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let fp = key::fingerprint(policy.fingerprint(), target, &parts.headers, &body);
+            (Request::from_parts(parts, Body::from(body)), fp)
+        };
+        let span = tracing::info_span!("keel.idempotency", key = key::short(&skey));
+        execute(inner, store, policy, req, skey, fp)
+            .instrument(span)
+            .await
+    }
 }
 
-async fn execute<S>(
+#[allow(clippy::manual_async_fn)] // see the comment on the `async` block
+fn execute<S>(
     inner: S,
     store: Arc<dyn IdempotencyStore>,
     policy: Policy,
     mut req: Request<Body>,
     skey: String,
     fp: String,
-) -> Result<Response<Body>, S::Error>
+) -> impl Future<Output = Result<Response<Body>, S::Error>>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
 {
-    let lease = policy.lease();
-    let owner = new_owner();
-    let wait_until =
-        tokio::time::Instant::now() + policy.cfg.conflict_wait.min(keel_core::units::MAX_DURATION);
-    let mut guard = CancelGuard {
-        store: store.clone(),
-        key: skey.clone(),
-        owner: owner.clone(),
-        release: policy.on_cancel() == OnCancel::Release,
-        armed: Armed::No,
-    };
-    let fence = loop {
-        guard.armed = Armed::Claiming;
-        let claim = store.claim(&skey, &owner, &fp, lease).await;
-        guard.armed = Armed::No;
-        match claim {
-            Ok(Claim::New { fence }) => {
-                telemetry::claim("new");
-                break fence;
-            }
-            Ok(Claim::Completed(raw)) => {
-                telemetry::claim("replay");
-                return Ok(match StoredResponse::decode(&raw) {
-                    Some(s) => replay(s),
-                    None => {
-                        error!(
-                            key = key::short(&skey),
-                            "stored idempotent response is corrupt"
-                        );
-                        problem(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "corrupt-record",
-                            "Stored response unreadable",
-                            "The stored response for this key cannot be read.",
-                            None,
-                        )
+    // An `async` block rather than an `async fn`: its arguments are held once, not twice
+    // (an `async fn` keeps them and its own copies), in every request's future.
+    async move {
+        let lease = policy.lease();
+        let owner = new_owner();
+        let wait_until = tokio::time::Instant::now()
+            + policy.cfg.conflict_wait.min(keel_core::units::MAX_DURATION);
+        let mut guard = CancelGuard {
+            store: store.clone(),
+            key: skey.clone(),
+            owner: owner.clone(),
+            release: policy.on_cancel() == OnCancel::Release,
+            armed: Armed::No,
+        };
+        let fence = loop {
+            guard.armed = Armed::Claiming;
+            let claim = store.claim(&skey, &owner, &fp, lease).await;
+            guard.armed = Armed::No;
+            match claim {
+                Ok(Claim::New { fence }) => {
+                    telemetry::claim("new");
+                    break fence;
+                }
+                Ok(Claim::Completed(raw)) => {
+                    telemetry::claim("replay");
+                    return Ok(match StoredResponse::decode(&raw) {
+                        Some(s) => replay(s),
+                        None => {
+                            error!(
+                                key = key::short(&skey),
+                                "stored idempotent response is corrupt"
+                            );
+                            problem(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "corrupt-record",
+                                "Stored response unreadable",
+                                "The stored response for this key cannot be read.",
+                                None,
+                            )
+                        }
+                    });
+                }
+                Ok(Claim::Mismatch) => {
+                    telemetry::claim("mismatch");
+                    return Ok(problem(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "key-reused",
+                        "Idempotency key reused",
+                        "This idempotency key was used with a different request.",
+                        None,
+                    ));
+                }
+                Ok(Claim::InProgress { retry_after }) => {
+                    let now = tokio::time::Instant::now();
+                    if policy.on_conflict() == OnConflict::Wait && now < wait_until {
+                        let step = retry_after
+                            .unwrap_or(Duration::from_millis(50))
+                            .clamp(Duration::from_millis(5), Duration::from_millis(50));
+                        tokio::time::sleep(step.min(wait_until - now)).await;
+                        continue;
                     }
-                });
+                    telemetry::claim("conflict");
+                    let secs = retry_after.map(secs_ceil).unwrap_or(1);
+                    return Ok(problem(
+                        StatusCode::CONFLICT,
+                        "in-progress",
+                        "Request in progress",
+                        "A request with this idempotency key is being processed; retry later.",
+                        Some(secs),
+                    ));
+                }
+                Err(e) => {
+                    telemetry::claim("store_error");
+                    crate::store::give_back_timed_out_claim(&store, &e, &skey, &owner);
+                    if policy.on_store_error() == OnStoreError::FailOpen && e.is_store_failure() {
+                        metrics::counter!(telemetry::FAIL_OPEN_TOTAL).increment(1);
+                        warn!(key = key::short(&skey), error = %e, "idempotency store failed; running without idempotency (fail open)");
+                        return call_inner(inner, req).await;
+                    }
+                    warn!(key = key::short(&skey), error = %e, "idempotency store failed; refusing (fail closed)");
+                    return Ok(store_unavailable(&e));
+                }
             }
-            Ok(Claim::Mismatch) => {
-                telemetry::claim("mismatch");
+        };
+
+        let lost = LeaseLost::default();
+        req.extensions_mut().insert(FencingToken(fence));
+        req.extensions_mut().insert(lost.clone());
+        guard.armed = Armed::Running;
+
+        // The handler and the reading of its body (up to the storage limit) run under the lease.
+        let limit = policy.cfg.max_body_bytes;
+        // Built in place, of combinators rather than an `async` block (which would hold the
+        // handler's future beside the request it was made from): every request's future is smaller.
+        let outcome = with_lease(
+            store.as_ref(),
+            &skey,
+            &owner,
+            lease,
+            &lost,
+            AssertUnwindSafe(call_inner(inner, req).then(move |resp| async move {
+                let (parts, body) = resp?.into_parts();
+                Ok::<_, S::Error>((parts, read_at_most(body, limit).await))
+            }))
+            .catch_unwind(),
+        )
+        .await;
+        let held = guard.disarm();
+        let (parts, body) = match outcome {
+            Ok(Ok((parts, Ok(Answer::Whole(body))))) => (parts, body),
+            Ok(Ok((parts, Ok(Answer::TooLarge(body))))) => {
+                // Never stored cut short: the key is released (a retry runs again) and the answer
+                // streams on to the client whole.
+                warn!(
+                    key = key::short(&skey),
+                    limit, "response too large to store; key released"
+                );
+                give_back(held).await;
+                return Ok(Response::from_parts(parts, body));
+            }
+            Ok(Ok((_, Err(e)))) => {
+                give_back(held).await;
+                error!(key = key::short(&skey), error = %e, "response body failed; key released");
                 return Ok(problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "key-reused",
-                    "Idempotency key reused",
-                    "This idempotency key was used with a different request.",
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "body-failed",
+                    "Internal error",
+                    "The response could not be produced; the request may be retried.",
                     None,
                 ));
             }
-            Ok(Claim::InProgress { retry_after }) => {
-                let now = tokio::time::Instant::now();
-                if policy.on_conflict() == OnConflict::Wait && now < wait_until {
-                    let step = retry_after
-                        .unwrap_or(Duration::from_millis(50))
-                        .clamp(Duration::from_millis(5), Duration::from_millis(50));
-                    tokio::time::sleep(step.min(wait_until - now)).await;
-                    continue;
-                }
-                telemetry::claim("conflict");
-                let secs = retry_after.map(secs_ceil).unwrap_or(1);
+            Ok(Err(e)) => {
+                give_back(held).await;
+                return Err(e);
+            }
+            Err(_) => {
+                give_back(held).await;
+                error!(key = key::short(&skey), "handler panicked; key released");
                 return Ok(problem(
-                    StatusCode::CONFLICT,
-                    "in-progress",
-                    "Request in progress",
-                    "A request with this idempotency key is being processed; retry later.",
-                    Some(secs),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "handler-panicked",
+                    "Internal error",
+                    "The handler failed; the request may be retried.",
+                    None,
                 ));
             }
-            Err(e) => {
-                telemetry::claim("store_error");
-                crate::store::give_back_timed_out_claim(&store, &e, &skey, &owner);
-                if policy.on_store_error() == OnStoreError::FailOpen && e.is_store_failure() {
-                    metrics::counter!(telemetry::FAIL_OPEN_TOTAL).increment(1);
-                    warn!(key = key::short(&skey), error = %e, "idempotency store failed; running without idempotency (fail open)");
-                    return call_inner(inner, req).await;
-                }
-                warn!(key = key::short(&skey), error = %e, "idempotency store failed; refusing (fail closed)");
-                return Ok(store_unavailable(&e));
+        };
+
+        if !policy.store_policy().stores(parts.status.as_u16()) {
+            give_back(held).await;
+            return Ok(Response::from_parts(parts, Body::from(body)));
+        }
+        let record = StoredResponse::new(
+            parts.status,
+            &parts.headers,
+            &policy.cfg.replay_headers,
+            body.clone(),
+        )
+        .encode();
+        match complete(held, record, policy.ttl()).await {
+            Ok(Ownership::Owner) => Ok(Response::from_parts(parts, Body::from(body))),
+            Ok(Ownership::Stale) => {
+                warn!(
+                    key = key::short(&skey),
+                    fence,
+                    lease_lost = lost.is_lost(),
+                    "completion refused: stale owner"
+                );
+                Ok(problem(
+                    StatusCode::CONFLICT,
+                    "lease-lost",
+                    "Lease lost",
+                    "This execution lost its claim on the key before completing; retry to get the stored answer.",
+                    Some(1),
+                ))
             }
-        }
-    };
-
-    let lost = LeaseLost::default();
-    req.extensions_mut().insert(FencingToken(fence));
-    req.extensions_mut().insert(lost.clone());
-    guard.armed = Armed::Running;
-
-    // The handler and the reading of its body (up to the storage limit) run under the lease.
-    let limit = policy.cfg.max_body_bytes;
-    let work = async {
-        let resp = call_inner(inner, req).await?;
-        let (parts, body) = resp.into_parts();
-        Ok::<_, S::Error>((parts, read_at_most(body, limit).await))
-    };
-    let outcome = with_lease(
-        store.as_ref(),
-        &skey,
-        &owner,
-        lease,
-        &lost,
-        AssertUnwindSafe(work).catch_unwind(),
-    )
-    .await;
-    let held = guard.disarm();
-    let (parts, body) = match outcome {
-        Ok(Ok((parts, Ok(Answer::Whole(body))))) => (parts, body),
-        Ok(Ok((parts, Ok(Answer::TooLarge(body))))) => {
-            // Never stored cut short: the key is released (a retry runs again) and the answer
-            // streams on to the client whole.
-            warn!(
-                key = key::short(&skey),
-                limit, "response too large to store; key released"
-            );
-            give_back(held).await;
-            return Ok(Response::from_parts(parts, body));
-        }
-        Ok(Ok((_, Err(e)))) => {
-            give_back(held).await;
-            error!(key = key::short(&skey), error = %e, "response body failed; key released");
-            return Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "body-failed",
-                "Internal error",
-                "The response could not be produced; the request may be retried.",
-                None,
-            ));
-        }
-        Ok(Err(e)) => {
-            give_back(held).await;
-            return Err(e);
-        }
-        Err(_) => {
-            give_back(held).await;
-            error!(key = key::short(&skey), "handler panicked; key released");
-            return Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "handler-panicked",
-                "Internal error",
-                "The handler failed; the request may be retried.",
-                None,
-            ));
-        }
-    };
-
-    if !policy.store_policy().stores(parts.status.as_u16()) {
-        give_back(held).await;
-        return Ok(Response::from_parts(parts, Body::from(body)));
-    }
-    let record = StoredResponse::new(
-        parts.status,
-        &parts.headers,
-        &policy.cfg.replay_headers,
-        body.clone(),
-    )
-    .encode();
-    match complete(held, record, policy.ttl()).await {
-        Ok(Ownership::Owner) => Ok(Response::from_parts(parts, Body::from(body))),
-        Ok(Ownership::Stale) => {
-            warn!(
-                key = key::short(&skey),
-                fence,
-                lease_lost = lost.is_lost(),
-                "completion refused: stale owner"
-            );
-            Ok(problem(
-                StatusCode::CONFLICT,
-                "lease-lost",
-                "Lease lost",
-                "This execution lost its claim on the key before completing; retry to get the stored answer.",
-                Some(1),
-            ))
-        }
-        Err(e) => {
-            error!(key = key::short(&skey), error = %e, "completion could not be stored; the key stays claimed until its lease expires");
-            Ok(Response::from_parts(parts, Body::from(body)))
+            Err(e) => {
+                error!(key = key::short(&skey), error = %e, "completion could not be stored; the key stays claimed until its lease expires");
+                Ok(Response::from_parts(parts, Body::from(body)))
+            }
         }
     }
 }

@@ -628,17 +628,41 @@ fn shape(v: &Value) -> String {
     }
 }
 
-/// `fut`, boxed, with its duration recorded as the store operation `op`.
+/// `fut`, boxed, with its duration recorded as the store operation `op`. A future of its own
+/// rather than an `async` block, which would hold `fut` twice (as its capture and as the value
+/// it awaits) and double the allocation.
 fn timed<'a, T>(
     op: &'static str,
     fut: impl std::future::Future<Output = T> + Send + 'a,
 ) -> BoxFuture<'a, T> {
-    Box::pin(async move {
-        let t = tokio::time::Instant::now();
-        let r = fut.await;
-        telemetry::store_latency(op, t);
-        r
+    Box::pin(Timed {
+        op,
+        start: tokio::time::Instant::now(),
+        fut,
     })
+}
+
+pin_project_lite::pin_project! {
+    struct Timed<F> {
+        op: &'static str,
+        start: tokio::time::Instant,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Timed<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        telemetry::store_latency(this.op, *this.start);
+        std::task::Poll::Ready(out)
+    }
 }
 
 impl IdempotencyStore for RedisStore {
@@ -649,9 +673,7 @@ impl IdempotencyStore for RedisStore {
         fingerprint: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, IdempotencyError>> {
-        timed("claim", async move {
-            self.claim_inner(key, owner, fingerprint, lease).await
-        })
+        timed("claim", self.claim_inner(key, owner, fingerprint, lease))
     }
 
     fn renew<'a>(
