@@ -75,8 +75,8 @@ pub(crate) fn with_lease<'a, F: Future + 'a>(
     work: F,
 ) -> WithLease<F, impl Future<Output = ()> + 'a> {
     WithLease {
-        work,
         renew: renew_loop(store, key, owner, lease, lost),
+        work,
         renewing: true,
     }
 }
@@ -84,10 +84,11 @@ pub(crate) fn with_lease<'a, F: Future + 'a>(
 pin_project_lite::pin_project! {
     /// The future of [`with_lease`].
     pub(crate) struct WithLease<F, R> {
-        #[pin]
-        work: F,
+        // Dropped first: the renewal ends before the work.
         #[pin]
         renew: R,
+        #[pin]
+        work: F,
         renewing: bool,
     }
 }

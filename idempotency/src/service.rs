@@ -891,6 +891,104 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
 
+    /// An inner service that is not ready at once (`Pending` twice, then ready), or that fails
+    /// its readiness: the layer waits for it, or answers its error and gives the key back.
+    #[derive(Clone)]
+    struct Gate {
+        pending: Arc<AtomicUsize>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+        runs: Arc<AtomicUsize>,
+        saw: Arc<std::sync::Mutex<Vec<(Option<FencingToken>, Bytes)>>>,
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct NotReady;
+
+    impl Service<Request<Body>> for Gate {
+        type Response = Response<Body>;
+        type Error = NotReady;
+        type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, NotReady>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), NotReady>> {
+            if self
+                .pending
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Poll::Ready(Err(NotReady));
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<Body>) -> Self::Future {
+            let (runs, saw) = (self.runs.clone(), self.saw.clone());
+            Box::pin(async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let fence = req.extensions().get::<FencingToken>().copied();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                saw.lock().unwrap().push((fence, body));
+                let mut r = Response::new(Body::from("ran"));
+                *r.status_mut() = StatusCode::CREATED;
+                Ok(r)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inner_service_not_ready_at_once_is_waited_for_or_its_error_answered() {
+        let gate = Gate {
+            pending: Arc::new(AtomicUsize::new(2)),
+            fail: Arc::default(),
+            runs: Arc::default(),
+            saw: Arc::default(),
+        };
+        let svc = tower_layer::Layer::layer(
+            &IdempotencyLayer::new(
+                Arc::new(MemoryStore::new(100)),
+                Live::new(IdempotencyConfig::default()),
+            ),
+            gate.clone(),
+        );
+        let call = |key: &'static str| {
+            let svc = svc.clone();
+            async move {
+                let req = Request::post("/pay")
+                    .header("idempotency-key", key)
+                    .body(Body::from("b"))
+                    .unwrap();
+                tower::ServiceExt::oneshot(svc, req).await
+            }
+        };
+        // Not ready twice, then ready: the request arrives whole, with its fencing token.
+        for replayed in [false, true] {
+            let r = call("a").await.unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            assert_eq!(r.headers().contains_key(REPLAYED_HEADER), replayed);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ran");
+        }
+        assert_eq!(gate.pending.load(Ordering::SeqCst), 0);
+        assert_eq!(gate.runs.load(Ordering::SeqCst), 1);
+        {
+            let saw = gate.saw.lock().unwrap();
+            assert_eq!(saw.len(), 1);
+            assert!(saw[0].0.is_some(), "the fencing token reaches the handler");
+            assert_eq!(saw[0].1, "b");
+        }
+        // Readiness fails: the error is the answer, and the key is given back for a retry.
+        gate.fail.store(true, Ordering::SeqCst);
+        assert_eq!(call("b").await.unwrap_err(), NotReady);
+        gate.fail.store(false, Ordering::SeqCst);
+        let r = call("b").await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert!(!r.headers().contains_key(REPLAYED_HEADER));
+        assert_eq!(gate.runs.load(Ordering::SeqCst), 2);
+    }
+
     /// Per-route overrides pass no validation: a zero lease made every completion a stale
     /// owner (409, and the next request ran again), a zero retention forgot every answer at
     /// once. They count as the configuration's floors: a lease of at least 30 ms, a retention

@@ -75,9 +75,15 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one and waits until it accepts connections.
     pub fn start() -> Self {
+        // Under /tmp when it can be: a Unix socket's path must stay under 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("keel-redis")
+            .tempdir_in("/tmp")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
         let mut s = Self {
             port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             child: None,
         };
         s.spawn();
@@ -95,11 +101,15 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
-                "--unixsocketperm",
-                "700",
-                "--unixsocket",
             ])
-            .arg(self.socket())
+            .args(self.unix_socket().map_or_else(Vec::new, |path| {
+                vec![
+                    "--unixsocketperm".into(),
+                    "700".into(),
+                    "--unixsocket".into(),
+                    path.into_os_string(),
+                ]
+            }))
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -112,6 +122,19 @@ impl RedisServer {
             "redis-server did not start on port {}",
             self.port
         );
+        // It opens the Unix socket after the port (a socket file may be left from before a
+        // restart: connect, do not look for the file).
+        if let Some(path) = self.unix_socket() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::os::unix::net::UnixStream::connect(&path).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not open {}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Its port.
@@ -129,14 +152,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// The path of its Unix socket (it listens there too, beside the TCP port).
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("redis.sock")
+    /// The path of its Unix socket, where it listens too, beside the TCP port; `None` when the
+    /// temporary directory's path is too long for one.
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        let path = self.dir.path().join("redis.sock");
+        (path.as_os_str().len() < 100).then_some(path)
     }
 
-    /// `redis+unix://{socket}`: the same server over its Unix socket.
+    /// `redis+unix://{socket}`: the same server over its Unix socket (panics when it has none).
     pub fn unix_url(&self) -> String {
-        format!("redis+unix://{}", self.socket().display())
+        let path = self
+            .unix_socket()
+            .expect("the temporary directory's path is too long for a Unix socket");
+        format!("redis+unix://{}", path.display())
     }
 
     /// Kills it (SIGKILL): connections drop, data is gone.

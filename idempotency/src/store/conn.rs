@@ -731,6 +731,28 @@ mod tests {
         }
     }
 
+    /// A command that `MULTI` refused to queue: its error is not part of the answer, `EXEC`'s
+    /// (`EXECABORT`) is, and the next unit still gets its own reply.
+    #[tokio::test]
+    async fn a_refused_command_in_a_transaction_answers_with_exec_s_error() {
+        let mut f = fake(Duration::from_secs(5));
+        let claim = f.expect(&Unit::transaction(&[&[b"SET"], &[b"NOPE"]]));
+        let next = f.expect(&Unit::one(&[b"GET", b"k"]));
+        f.server
+            .write_all(b"+OK\r\n+QUEUED\r\n-ERR unknown command 'NOPE'\r\n-EXECABORT Transaction discarded because of previous errors.\r\n$1\r\nv\r\n")
+            .await
+            .unwrap();
+        let err = claim.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Some("EXECABORT"), "{err:?}");
+        assert_eq!(
+            next.await.unwrap().unwrap(),
+            Value::BulkString(b"v".to_vec())
+        );
+        assert_eq!(f.in_flight.load(Ordering::Acquire), 0);
+        assert!(!f.dead.load(Ordering::Acquire));
+        assert!(!f.reader.is_finished());
+    }
+
     #[tokio::test]
     async fn replies_answer_units_in_order_across_reads() {
         let mut f = fake(Duration::from_secs(5));
@@ -861,6 +883,10 @@ mod tests {
             Just(Value::Okay),
             any::<i64>().prop_map(Value::Int),
             proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::BulkString),
+            // An error reply, as redis-rs reads one (a code, then details).
+            "[A-Z]{1,10}( [a-z0-9]{1,8}){0,3}".prop_map(|line| {
+                redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap()
+            }),
         ];
         leaf.prop_recursive(3, 24, 4, |inner| {
             proptest::collection::vec(inner, 0..4).prop_map(Value::Array)
@@ -882,6 +908,15 @@ mod tests {
                 for i in items {
                     encode(i, out);
                 }
+            }
+            Value::ServerError(e) => {
+                out.push(b'-');
+                out.extend_from_slice(e.code().as_bytes());
+                if let Some(d) = e.details() {
+                    out.push(b' ');
+                    out.extend_from_slice(d.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
             }
             _ => unreachable!(),
         }
