@@ -898,8 +898,11 @@ mod tests {
         pending: Arc<AtomicUsize>,
         fail: Arc<std::sync::atomic::AtomicBool>,
         runs: Arc<AtomicUsize>,
-        saw: Arc<std::sync::Mutex<Vec<(Option<FencingToken>, Bytes)>>>,
+        saw: Arc<std::sync::Mutex<Vec<Seen>>>,
     }
+
+    /// What the handler was given: its fencing token and the request body.
+    type Seen = (Option<FencingToken>, Bytes);
 
     #[derive(Debug, PartialEq)]
     struct NotReady;
