@@ -422,6 +422,10 @@ async fn read_replies(
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut kept: Vec<Value> = Vec::new();
+    // The first error among the unit's replies that are not kept: a command `MULTI` refused
+    // (`ERR unknown command`, `LOADING`, `OOM`). It stands in for the error that `EXEC` then
+    // answers (`EXECABORT`, `EXEC without MULTI`), which does not say why.
+    let mut refused: Option<Value> = None;
     // Replies already read of the unit at the front.
     let mut read_of_front = 0;
     'conn: loop {
@@ -444,6 +448,8 @@ async fn read_replies(
                     read_of_front += 1;
                     if keep {
                         kept.push(v);
+                    } else if matches!(v, Value::ServerError(_)) && refused.is_none() {
+                        refused = Some(v);
                     }
                     if read_of_front == front.replies {
                         let Some(w) = waiting.pop_front() else {
@@ -451,6 +457,13 @@ async fn read_replies(
                         };
                         read_of_front = 0;
                         in_flight.fetch_sub(1, Ordering::AcqRel);
+                        if let Some(first) = refused.take() {
+                            if let Some(slot) =
+                                kept.iter_mut().find(|v| matches!(v, Value::ServerError(_)))
+                            {
+                                *slot = first;
+                            }
+                        }
                         let answer = if w.keep == 1 {
                             kept.pop().unwrap_or(Value::Nil)
                         } else {
@@ -731,19 +744,34 @@ mod tests {
         }
     }
 
-    /// A command that `MULTI` refused to queue: its error is not part of the answer, `EXEC`'s
-    /// (`EXECABORT`) is, and the next unit still gets its own reply.
+    /// A command that `MULTI` refused to queue: the transaction's answer is that command's
+    /// error, not `EXEC`'s (`EXECABORT`, or `EXEC without MULTI` when `MULTI` itself was
+    /// refused), which does not say why; and the next unit still gets its own reply.
     #[tokio::test]
-    async fn a_refused_command_in_a_transaction_answers_with_exec_s_error() {
+    async fn a_refused_command_in_a_transaction_answers_with_its_own_error() {
         let mut f = fake(Duration::from_secs(5));
         let claim = f.expect(&Unit::transaction(&[&[b"SET"], &[b"NOPE"]]));
+        let loading = f.expect(&Unit::transaction(&[&[b"SET"]]).and_wait(1, 10));
         let next = f.expect(&Unit::one(&[b"GET", b"k"]));
         f.server
-            .write_all(b"+OK\r\n+QUEUED\r\n-ERR unknown command 'NOPE'\r\n-EXECABORT Transaction discarded because of previous errors.\r\n$1\r\nv\r\n")
+            .write_all(b"+OK\r\n+QUEUED\r\n-ERR unknown command 'NOPE'\r\n-EXECABORT Transaction discarded because of previous errors.\r\n")
+            .await
+            .unwrap();
+        f.server
+            .write_all(b"-LOADING Redis is loading the dataset in memory\r\n-LOADING Redis is loading the dataset in memory\r\n-ERR EXEC without MULTI\r\n:0\r\n$1\r\nv\r\n")
             .await
             .unwrap();
         let err = claim.await.unwrap().unwrap_err();
-        assert_eq!(err.code(), Some("EXECABORT"), "{err:?}");
+        assert_eq!(err.code(), Some("ERR"), "{err:?}");
+        assert!(err.to_string().contains("unknown command"), "{err}");
+        // With WAIT the answer is an array: the transaction's error in it is replaced too.
+        match loading.await.unwrap().unwrap() {
+            Value::Array(items) => match items.as_slice() {
+                [Value::ServerError(e), Value::Int(0)] => assert_eq!(e.code(), "LOADING"),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             next.await.unwrap().unwrap(),
             Value::BulkString(b"v".to_vec())
