@@ -866,3 +866,37 @@ async fn a_unix_socket_url_is_used() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(matches!(claimed, Ok(Claim::New { .. })), "{claimed:?}");
 }
+
+/// Redis out of memory (`maxmemory` reached, `noeviction`) refuses the claim's `SET` inside the
+/// transaction: the claim fails with that refusal (not `EXECABORT`), takes nothing, and claims
+/// again once memory is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_refused_for_memory_says_so_and_takes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&cfg(&server)).await.unwrap();
+    let mut admin = admin(&server).await;
+    let set = |k: &'static str, v: &'static str| {
+        let mut c = redis::cmd("CONFIG");
+        c.arg("SET").arg(k).arg(v);
+        c
+    };
+    let _: () = set("maxmemory-policy", "noeviction")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = set("maxmemory", "1").query_async(&mut admin).await.unwrap();
+    let refused = store.claim("oom", "o", "f", Duration::from_secs(5)).await;
+    match &refused {
+        Err(e) => assert!(e.to_string().contains("OOM"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let held: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("t:{oom}")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "a refused claim writes nothing");
+    let _: () = set("maxmemory", "0").query_async(&mut admin).await.unwrap();
+    let again = store.claim("oom", "o", "f", Duration::from_secs(5)).await;
+    assert!(matches!(again, Ok(Claim::New { .. })), "{again:?}");
+}
