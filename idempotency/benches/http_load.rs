@@ -465,6 +465,17 @@ fn main() {
         "  throughput with layer (redis) / without, c={conns}: {:.2} (target >= 0.5)",
         idem.rps / plain.rps
     );
+    if let (Some(p), Some(r)) = (plain.cpu, idem.cpu) {
+        // Were the server's own CPU the only limit (load and Redis on other hosts), the ratio
+        // would be that of its CPU per request. On loopback that CPU still includes the
+        // receiving side's TCP work for what it writes to Redis and to wrk.
+        println!(
+            "  the same ratio were the server's CPU the only limit: {:.2} ({:.1} us per request without the layer, {:.1} us with it)",
+            p.server / r.server,
+            p.server,
+            r.server
+        );
+    }
     if let (Some(p), Some(r), false) = (plain.cpu, idem.cpu, pinned) {
         // Redis shares the two cores: its work for a request is taken from what /plain spends
         // on one. Even a layer that cost the server nothing, with the cores never idle, would
