@@ -771,20 +771,19 @@ async fn the_url_s_user_password_and_database_are_used() {
         url,
         ..cfg(&server)
     };
-    let user = RedisStore::connect(&at(format!("redis://keel:pw@127.0.0.1:{port}/3")))
-        .await
-        .unwrap();
-    assert!(matches!(
-        user.claim("u", "o", "f", Duration::from_secs(5)).await,
-        Ok(Claim::New { .. })
-    ));
-    let default = RedisStore::connect(&at(format!("redis://:secret@127.0.0.1:{port}/")))
-        .await
-        .unwrap();
-    assert!(matches!(
-        default.claim("d", "o", "f", Duration::from_secs(5)).await,
-        Ok(Claim::New { .. })
-    ));
+    // Connects with `url` and claims `key`, new.
+    let claim_new = |url: String, key: &'static str| {
+        let cfg = at(url);
+        async move {
+            let store = RedisStore::connect(&cfg).await.unwrap();
+            assert!(matches!(
+                store.claim(key, "o", "f", Duration::from_secs(5)).await,
+                Ok(Claim::New { .. })
+            ));
+        }
+    };
+    claim_new(format!("redis://keel:pw@127.0.0.1:{port}/3"), "u").await;
+    claim_new(format!("redis://:secret@127.0.0.1:{port}/"), "d").await;
     let keys = |db: i64| {
         let url = format!("redis://:secret@127.0.0.1:{port}/{db}");
         async move {

@@ -506,12 +506,7 @@ fn in_progress(owner: &str, fp: &str, lease_ms: u64) -> Vec<u8> {
 /// A record's fields: its state byte, the fingerprint, and where the stored answer starts.
 /// `None` for a string too short or malformed to be one of ours.
 fn fields(rec: &[u8]) -> Option<(u8, &[u8], usize)> {
-    let len = |at: usize| -> Option<usize> {
-        let d = rec.get(at..at + 3)?;
-        d.iter().try_fold(0usize, |n, c| {
-            c.is_ascii_digit().then(|| n * 10 + usize::from(c - b'0'))
-        })
-    };
+    let len = |at: usize| -> Option<usize> { usize::try_from(digits(rec.get(at..at + 3)?)?).ok() };
     let ol = len(HEADER)?;
     let fl_at = HEADER + 3 + ol;
     let fl = len(fl_at)?;
