@@ -12,7 +12,8 @@
 //!
 //! Requests go 32 at a time (as the HTTP benchmark's `wrk -c32`), each with a new key, a 30-byte
 //! JSON body and a 36-byte answer. `plain` as a second argument calls the handler without the
-//! layer (the loop's own cost). Needs `redis-server` (a private one is started).
+//! layer (the loop's own cost); `memory` puts the layer on the memory store instead (the layer's
+//! own work, no store I/O). Needs `redis-server` (a private one is started).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{convert::Infallible, sync::Arc};
@@ -21,7 +22,9 @@ use axum::body::Body;
 use futures_util::future::join_all;
 use http::{Request, Response, StatusCode};
 use keel_core::Live;
-use keel_idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore};
+use keel_idempotency::{
+    IdempotencyConfig, IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore,
+};
 use keel_testkit::RedisServer;
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -67,20 +70,24 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let plain = std::env::args().nth(2).is_some_and(|a| a == "plain");
+    let mode = std::env::args().nth(2).unwrap_or_default();
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = Arc::new(RedisStore::open(&redis.url(), "calls:").await.unwrap());
+        let store: Arc<dyn IdempotencyStore> = if mode == "memory" {
+            Arc::new(MemoryStore::new(1_000_000))
+        } else {
+            Arc::new(RedisStore::open(&redis.url(), "calls:").await.unwrap())
+        };
         let layered = IdempotencyLayer::new(store, Live::new(IdempotencyConfig::default()))
             .layer(service_fn(handler));
         let bare = service_fn(handler);
         // Warm-up either way: connections, scripts, allocator.
         calls(layered.clone(), 0, 1_000).await;
-        if plain {
+        if mode == "plain" {
             calls(bare, 1_000, n).await;
         } else {
             calls(layered, 1_000, n).await;

@@ -613,13 +613,12 @@ where
             give_back(held).await;
             return Ok(Response::from_parts(parts, Body::from(body)));
         }
-        let record = StoredResponse::new(
+        let record = StoredResponse::encode(
             parts.status,
             &parts.headers,
             &policy.cfg.replay_headers,
-            body.clone(),
-        )
-        .encode();
+            &body,
+        );
         match complete(held, record, policy.ttl()).await {
             Ok(Ownership::Owner) => Ok(Response::from_parts(parts, Body::from(body))),
             Ok(Ownership::Stale) => {

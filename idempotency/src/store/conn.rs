@@ -544,11 +544,28 @@ fn length(line: &[u8], max: usize) -> Result<Option<usize>, ()> {
     }
 }
 
+/// An integer line: an optional `-`, then 1 to 19 ASCII digits that fit an `i64`.
 fn integer(line: &[u8]) -> Result<i64, ()> {
-    std::str::from_utf8(line)
-        .map_err(|_| ())?
-        .parse()
-        .map_err(|_| ())
+    let (negative, digits) = match line {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, line),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return Err(());
+    }
+    // Accumulated on the side of its sign, so that `i64::MIN` reads too.
+    digits.iter().try_fold(0i64, |n, &c| {
+        if !c.is_ascii_digit() {
+            return Err(());
+        }
+        let d = i64::from(c - b'0');
+        let n = n.checked_mul(10).ok_or(())?;
+        if negative {
+            n.checked_sub(d).ok_or(())
+        } else {
+            n.checked_add(d).ok_or(())
+        }
+    })
 }
 
 /// One RESP2 reply from the start of `buf`: the value and the bytes it took, `None` when `buf`
@@ -965,6 +982,27 @@ mod tests {
                 prop_assert_eq!(parse(&bytes[..cut], 0), Ok(None));
                 prop_assert_eq!(reply(&bytes[..cut], 0, false), Ok(None));
             }
+        }
+
+        /// An integer line reads as the standard library reads it (which also takes a `+`,
+        /// which RESP never sends), and every `i64` reads back as itself.
+        #[test]
+        fn integers_read_as_the_standard_library_reads_them(
+            line in proptest::collection::vec(
+                prop_oneof![
+                    8 => proptest::sample::select(&b"0123456789"[..]),
+                    1 => proptest::sample::select(&b"-+ x"[..]),
+                ],
+                0..22,
+            ),
+            n in any::<i64>(),
+        ) {
+            let std = std::str::from_utf8(&line).ok().and_then(|l| l.parse::<i64>().ok());
+            match integer(&line) {
+                Ok(v) => prop_assert_eq!(Some(v), std),
+                Err(()) => prop_assert!(std.is_none() || line.first() == Some(&b'+')),
+            }
+            prop_assert_eq!(integer(n.to_string().as_bytes()), Ok(n));
         }
 
         /// Arbitrary bytes never panic the reader, and it never claims more than it was given;
