@@ -28,6 +28,19 @@
 //! Every operation is O(log n): entries are indexed by the end of their lease (in progress) or of
 //! their retention (completed), so expired entries and eviction candidates are found at the front
 //! of an ordered map instead of by walking every entry.
+//!
+//! ## Parts
+//!
+//! A large store is split by a hash of the key into parts (a power of two, up to 16), each with
+//! its own lock and an equal share of `capacity` and `max_bytes`; every part holds at least 8,192
+//! keys and 4 MiB (and, built from the configuration, the largest answer `max_body_bytes`
+//! allows). The limits, the eviction order and "full" above hold per part. Keys are hashed, so
+//! parts fill evenly. Two things come of it: requests on different keys do not wait for one lock,
+//! and each hash table is small. A hash table that has grown or been churned rebuilds itself now
+//! and then, all at once, under its lock: over a single table of 145,000 keys that took 35 ms,
+//! during which every request waited; over one of 16 parts it takes a sixteenth of that, for the
+//! keys of that part only. A store below 16,384 keys or 8 MiB is one part, and its limits and
+//! eviction order are exact.
 
 use std::{
     collections::BTreeMap,
@@ -173,9 +186,19 @@ impl Inner {
 /// completed answers (never claims in progress) when full. See the module documentation above
 /// for what eviction means for the guarantee.
 pub struct MemoryStore {
-    inner: Mutex<Inner>,
+    /// The keys, split by a hash of the key: each part has its own lock and its share of the
+    /// limits (see the module documentation).
+    shards: Box<[Mutex<Inner>]>,
+    /// Picks a key's part.
+    pick: foldhash::fast::RandomState,
+    /// The limits as given, for the whole store.
     capacity: usize,
     max_bytes: usize,
+    /// The largest answer each part must be able to hold.
+    largest: usize,
+    /// Each part's share of them.
+    shard_capacity: usize,
+    shard_bytes: usize,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -183,6 +206,7 @@ impl std::fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("capacity", &self.capacity)
             .field("max_bytes", &self.max_bytes)
+            .field("shards", &self.shards.len())
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +223,24 @@ fn wall_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// Keys per part, at least.
+const KEYS_PER_SHARD: usize = 8_192;
+/// Bytes per part, at least (and at least the largest answer to be stored).
+const BYTES_PER_SHARD: usize = 4 << 20;
+/// The most parts a store is split into.
+const MAX_SHARDS: usize = 16;
+
+/// How many parts a store of `capacity` keys and `max_bytes` bytes is split into, so that each
+/// holds at least [`KEYS_PER_SHARD`] keys and `largest` (or [`BYTES_PER_SHARD`]) bytes: a power of
+/// two, 1 to [`MAX_SHARDS`].
+fn shard_count(capacity: usize, max_bytes: usize, largest: usize) -> usize {
+    let n = (capacity / KEYS_PER_SHARD)
+        .min(max_bytes / largest.max(BYTES_PER_SHARD))
+        .clamp(1, MAX_SHARDS);
+    // The largest power of two not above `n`.
+    1 << n.ilog2()
+}
+
 /// Counts evictions once the lock is released.
 fn count_evictions(n: u64) {
     if n > 0 {
@@ -210,24 +252,42 @@ impl MemoryStore {
     /// A store holding at most `capacity` keys, and at most [`DEFAULT_MEMORY_MAX_BYTES`] bytes
     /// (see [`with_max_bytes`](Self::with_max_bytes)).
     pub fn new(capacity: usize) -> Self {
+        Self::split(capacity.max(1), DEFAULT_MEMORY_MAX_BYTES, BYTES_PER_SHARD)
+    }
+
+    /// An empty store of these limits, split into parts.
+    fn split(capacity: usize, max_bytes: usize, largest: usize) -> Self {
+        let n = shard_count(capacity, max_bytes, largest);
         Self {
-            inner: Mutex::new(Inner::default()),
-            capacity: capacity.max(1),
-            max_bytes: DEFAULT_MEMORY_MAX_BYTES,
+            shards: (0..n).map(|_| Mutex::new(Inner::default())).collect(),
+            pick: foldhash::fast::RandomState::default(),
+            capacity,
+            max_bytes,
+            largest,
+            shard_capacity: capacity.div_ceil(n),
+            shard_bytes: max_bytes / n,
         }
     }
 
     /// The same store holding at most about `max_bytes` bytes: keys, fingerprints, owners and
     /// stored answers, plus an estimate of the bookkeeping of each key (256 bytes).
     #[must_use]
-    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
-        self.max_bytes = max_bytes.max(1);
-        self
+    pub fn with_max_bytes(self, max_bytes: usize) -> Self {
+        Self::split(self.capacity, max_bytes.max(1), self.largest)
+    }
+
+    /// The same store, its parts each able to hold an answer of `bytes` (the configured body
+    /// limit): fewer parts when they would be smaller.
+    pub(crate) fn with_largest_answer(self, bytes: usize) -> Self {
+        Self::split(self.capacity, self.max_bytes, bytes)
     }
 
     /// How many keys it holds (expired ones included until dropped by a later claim).
     pub fn len(&self) -> usize {
-        self.lock().map.len()
+        self.shards
+            .iter()
+            .map(|s| keel_core::lock(s).map.len())
+            .sum()
     }
 
     /// Whether it holds no key.
@@ -238,15 +298,25 @@ impl MemoryStore {
     /// The bytes it counts against its budget now (an estimate; see
     /// [`with_max_bytes`](Self::with_max_bytes)).
     pub fn bytes(&self) -> usize {
-        self.lock().bytes()
+        self.shards.iter().map(|s| keel_core::lock(s).bytes()).sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        keel_core::lock(&self.inner)
+    /// The part that holds `key`, locked.
+    fn lock(&self, key: &str) -> std::sync::MutexGuard<'_, Inner> {
+        let i = if self.shards.len() == 1 {
+            0
+        } else {
+            // The low bits of a 64-bit hash; the part count is a power of two.
+            usize::try_from(std::hash::BuildHasher::hash_one(&self.pick, key)).unwrap_or(0)
+                & (self.shards.len() - 1)
+        };
+        keel_core::lock(&self.shards[i])
     }
 
-    fn full(&self, g: &Inner) -> IdempotencyError {
-        IdempotencyError::Full(g.map.len())
+    /// "Full", naming how many keys the store holds (counted once the part's lock is released).
+    fn full(&self, g: std::sync::MutexGuard<'_, Inner>) -> IdempotencyError {
+        drop(g);
+        IdempotencyError::Full(self.len())
     }
 
     fn claim_now(
@@ -258,7 +328,7 @@ impl MemoryStore {
     ) -> Result<Claim, IdempotencyError> {
         let now = Instant::now();
         let wall = wall_micros();
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         if let Some(e) = g.map.get(key) {
             if e.expires > now {
                 if *e.fingerprint != *fp {
@@ -278,13 +348,15 @@ impl MemoryStore {
         let size = entry_size(key, fp, owner, 0);
         // Claims in progress are never evicted: when they alone leave no room, refuse without
         // evicting anything.
-        if g.leases.len() >= self.capacity
-            || g.bytes_in_progress.saturating_add(size) > self.max_bytes
+        if g.leases.len() >= self.shard_capacity
+            || g.bytes_in_progress.saturating_add(size) > self.shard_bytes
         {
-            return Err(self.full(&g));
+            return Err(self.full(g));
         }
         let mut evicted = 0;
-        while g.map.len() >= self.capacity || g.bytes().saturating_add(size) > self.max_bytes {
+        while g.map.len() >= self.shard_capacity
+            || g.bytes().saturating_add(size) > self.shard_bytes
+        {
             if !g.evict_one() {
                 break;
             }
@@ -320,7 +392,7 @@ impl MemoryStore {
 
     fn renew_now(&self, key: &str, owner: &str, lease: Duration) -> Ownership {
         let now = Instant::now();
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         if !Self::held(&g, key, owner, now) {
             return Ownership::Stale;
         }
@@ -339,7 +411,7 @@ impl MemoryStore {
         retention: Duration,
     ) -> Result<Ownership, IdempotencyError> {
         let now = Instant::now();
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         if !Self::held(&g, key, owner, now) {
             return Ok(Ownership::Stale);
         }
@@ -352,14 +424,14 @@ impl MemoryStore {
             .saturating_add(record.len());
         // Even with every completed answer evicted, this one would not fit beside the claims in
         // progress: refuse, and leave the claim as it was.
-        if (g.bytes_in_progress - old_size).saturating_add(size) > self.max_bytes {
-            return Err(self.full(&g));
+        if (g.bytes_in_progress - old_size).saturating_add(size) > self.shard_bytes {
+            return Err(self.full(g));
         }
         let Some((k, mut e)) = g.remove(key) else {
             return Ok(Ownership::Stale);
         };
         let mut evicted = 0;
-        while g.bytes().saturating_add(size) > self.max_bytes {
+        while g.bytes().saturating_add(size) > self.shard_bytes {
             if !g.evict_one() {
                 break;
             }
@@ -376,7 +448,7 @@ impl MemoryStore {
 
     fn release_now(&self, key: &str, owner: &str) -> Ownership {
         let now = Instant::now();
-        let mut g = self.lock();
+        let mut g = self.lock(key);
         if !Self::held(&g, key, owner, now) {
             return Ownership::Stale;
         }
@@ -387,7 +459,13 @@ impl MemoryStore {
     /// Checks that the map, the indices and the byte counts agree (tests).
     #[cfg(test)]
     fn check(&self) {
-        let g = self.lock();
+        for shard in &self.shards[..] {
+            self.check_shard(&keel_core::lock(shard));
+        }
+    }
+
+    #[cfg(test)]
+    fn check_shard(&self, g: &Inner) {
         assert_eq!(g.map.len(), g.leases.len() + g.completed.len());
         let (mut bp, mut bc) = (0, 0);
         for (k, e) in &g.map {
@@ -401,8 +479,8 @@ impl MemoryStore {
             assert_eq!(index.get(&e.index()).map(|k| &**k), Some(&**k));
         }
         assert_eq!((bp, bc), (g.bytes_in_progress, g.bytes_completed));
-        assert!(g.map.len() <= self.capacity);
-        assert!(g.bytes() <= self.max_bytes);
+        assert!(g.map.len() <= self.shard_capacity);
+        assert!(g.bytes() <= self.shard_bytes);
     }
 }
 
@@ -457,6 +535,56 @@ mod tests {
     use proptest::prelude::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_large_store_is_split_into_parts_that_each_hold_enough() {
+        const MIB: usize = 1 << 20;
+        let parts = |keys, bytes, largest| shard_count(keys, bytes, largest);
+        assert_eq!(parts(1, 64 * MIB, 0), 1);
+        assert_eq!(parts(16_383, 64 * MIB, 0), 1);
+        assert_eq!(parts(16_384, 64 * MIB, 0), 2);
+        // The defaults: 100,000 keys and 64 MiB, answers up to 1 MiB.
+        assert_eq!(parts(100_000, 64 * MIB, MIB), 8);
+        assert_eq!(parts(10_000_000, 64 * MIB, MIB), 16);
+        assert_eq!(parts(10_000_000, 1 << 40, 0), 16);
+        // Bytes bound it too: every part holds 4 MiB, or the largest answer if more.
+        assert_eq!(parts(10_000_000, 8 * MIB - 1, 0), 1);
+        assert_eq!(parts(10_000_000, 64 * MIB, 20 * MIB), 2);
+        assert_eq!(parts(10_000_000, 3 * MIB, 20 * MIB), 1);
+        let s = MemoryStore::new(100_000).with_max_bytes(64 * MIB);
+        assert_eq!(
+            (s.shards.len(), s.shard_capacity, s.shard_bytes),
+            (8, 12_500, 8 * MIB)
+        );
+        let s = s.with_largest_answer(40 * MIB);
+        assert_eq!((s.shards.len(), s.shard_bytes), (1, 64 * MIB));
+    }
+
+    /// A store in parts: every key claims once and replays, counts add up over the parts, and
+    /// each part evicts its own oldest answers once it holds its share.
+    #[tokio::test]
+    async fn a_store_in_parts_keeps_each_part_within_its_share() {
+        let recorder = Evictions::default();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let s = MemoryStore::new(16_384);
+        assert_eq!(s.shards.len(), 2);
+        for i in 0..20_000 {
+            let key = format!("k{i}");
+            new(&s, &key).await;
+            done(&s, &key, S * 60).await;
+        }
+        s.check();
+        assert_eq!(recorder.get(), 20_000 - s.len() as u64);
+        assert!(s.len() > 16_000 && s.len() <= 16_384, "{}", s.len());
+        // The newest keys are all still there, as replays.
+        for i in 19_000..20_000 {
+            match s.claim(&format!("k{i}"), "o2", "f", S).await.unwrap() {
+                Claim::Completed(b) => assert_eq!(b, format!("k{i}")),
+                other => panic!("k{i}: {other:?}"),
+            }
+        }
+        assert!(s.bytes() > 0);
+    }
 
     async fn new(s: &MemoryStore, key: &str) -> u64 {
         match s.claim(key, "o", "f", S).await {

@@ -228,7 +228,10 @@ pub async fn store_from_config(
     cfg.validate().map_err(IdempotencyError::Config)?;
     Ok(match cfg.store {
         StoreKind::Memory => Arc::new(
-            MemoryStore::new(cfg.memory_capacity).with_max_bytes(cfg.memory_max_bytes),
+            MemoryStore::new(cfg.memory_capacity)
+                .with_max_bytes(cfg.memory_max_bytes)
+                // Room for the largest answer and its headers in every part.
+                .with_largest_answer(cfg.max_body_bytes.saturating_add(64 << 10)),
         ),
         #[cfg(feature = "redis")]
         StoreKind::Redis => Arc::new(RedisStore::connect(cfg).await?),
