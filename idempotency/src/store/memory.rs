@@ -42,13 +42,10 @@
 //! keys of that part only. A store below 16,384 keys or 8 MiB is one part, and its limits and
 //! eviction order are exact.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 use keel_core::units::MAX_DURATION;
 use tokio::time::Instant;
 
@@ -95,17 +92,22 @@ fn entry_size(key: &str, fingerprint: &str, owner: &str, record: usize) -> usize
         .saturating_add(record)
 }
 
-/// Everything under the store's one lock.
+/// A key's entry in its part's table, beside the key's hash: the table never hashes a key again,
+/// neither to grow or rebuild itself nor to find the entry an index names.
+struct Slot {
+    hash: u64,
+    key: Box<str>,
+    entry: Entry,
+}
+
+/// Everything under one part's lock.
 #[derive(Default)]
 struct Inner {
-    /// Hashed with foldhash (seeded per map): several times cheaper than the standard library's
-    /// SipHash on the 64-byte keys the layer makes, and as resistant to chosen keys as a
-    /// per-map random seed makes it.
-    map: foldhash::HashMap<Arc<str>, Entry>,
-    /// Entries in progress, by the end of their lease.
-    leases: BTreeMap<(Instant, u64), Arc<str>>,
-    /// Completed entries, by the end of their retention: the eviction order.
-    completed: BTreeMap<(Instant, u64), Arc<str>>,
+    table: HashTable<Slot>,
+    /// Entries in progress, by the end of their lease: the key's hash.
+    leases: BTreeMap<(Instant, u64), u64>,
+    /// Completed entries, by the end of their retention (the eviction order): the key's hash.
+    completed: BTreeMap<(Instant, u64), u64>,
     bytes_in_progress: usize,
     bytes_completed: usize,
     fence: u64,
@@ -116,30 +118,54 @@ impl Inner {
         self.bytes_in_progress + self.bytes_completed
     }
 
-    fn insert(&mut self, key: Arc<str>, e: Entry) {
-        if e.in_progress() {
-            self.bytes_in_progress += e.size;
-            self.leases.insert(e.index(), key.clone());
-        } else {
-            self.bytes_completed += e.size;
-            self.completed.insert(e.index(), key.clone());
-        }
-        self.map.insert(key, e);
+    fn get(&self, hash: u64, key: &str) -> Option<&Entry> {
+        self.table
+            .find(hash, |s| s.hash == hash && *s.key == *key)
+            .map(|s| &s.entry)
     }
 
-    fn remove(&mut self, key: &str) -> Option<(Arc<str>, Entry)> {
-        let (k, e) = self.map.remove_entry(key)?;
-        self.unindex(&e);
-        Some((k, e))
+    fn insert(&mut self, hash: u64, key: Box<str>, entry: Entry) {
+        let index = if entry.in_progress() {
+            self.bytes_in_progress += entry.size;
+            &mut self.leases
+        } else {
+            self.bytes_completed += entry.size;
+            &mut self.completed
+        };
+        index.insert(entry.index(), hash);
+        self.table
+            .insert_unique(hash, Slot { hash, key, entry }, |s| s.hash);
     }
 
-    fn unindex(&mut self, e: &Entry) {
-        if e.in_progress() {
-            self.bytes_in_progress -= e.size;
-            self.leases.remove(&e.index());
+    fn remove(&mut self, hash: u64, key: &str) -> Option<(Box<str>, Entry)> {
+        let (slot, _) = self
+            .table
+            .find_entry(hash, |s| s.hash == hash && *s.key == *key)
+            .ok()?
+            .remove();
+        let index = if slot.entry.in_progress() {
+            self.bytes_in_progress -= slot.entry.size;
+            &mut self.leases
         } else {
-            self.bytes_completed -= e.size;
-            self.completed.remove(&e.index());
+            self.bytes_completed -= slot.entry.size;
+            &mut self.completed
+        };
+        index.remove(&slot.entry.index());
+        Some((slot.key, slot.entry))
+    }
+
+    /// Drops the entry its index named at `at` (already taken out of the index).
+    fn drop_indexed(&mut self, at: (Instant, u64), hash: u64) {
+        if let Ok(found) = self
+            .table
+            .find_entry(hash, |s| s.hash == hash && s.entry.index() == at)
+        {
+            let (slot, _) = found.remove();
+            if slot.entry.in_progress() {
+                self.bytes_in_progress -= slot.entry.size;
+            } else {
+                self.bytes_completed -= slot.entry.size;
+            }
         }
     }
 
@@ -152,32 +178,25 @@ impl Inner {
                 } else {
                     &mut self.leases
                 };
-                let Some(entry) = index.first_entry() else {
+                let Some(first) = index.first_entry() else {
                     break;
                 };
-                if entry.key().0 > now {
+                let at = *first.key();
+                if at.0 > now {
                     break;
                 }
-                let key = entry.remove();
-                if let Some(e) = self.map.remove(&*key) {
-                    if completed {
-                        self.bytes_completed -= e.size;
-                    } else {
-                        self.bytes_in_progress -= e.size;
-                    }
-                }
+                let hash = first.remove();
+                self.drop_indexed(at, hash);
             }
         }
     }
 
     /// Evicts the completed entry whose retention ends first; false when there is none.
     fn evict_one(&mut self) -> bool {
-        let Some((_, key)) = self.completed.pop_first() else {
+        let Some((at, hash)) = self.completed.pop_first() else {
             return false;
         };
-        if let Some(e) = self.map.remove(&*key) {
-            self.bytes_completed -= e.size;
-        }
+        self.drop_indexed(at, hash);
         true
     }
 }
@@ -189,8 +208,10 @@ pub struct MemoryStore {
     /// The keys, split by a hash of the key: each part has its own lock and its share of the
     /// limits (see the module documentation).
     shards: Box<[Mutex<Inner>]>,
-    /// Picks a key's part.
-    pick: foldhash::fast::RandomState,
+    /// Hashes keys (foldhash, seeded per store): several times cheaper than the standard
+    /// library's SipHash on the 64-byte keys the layer makes, and as resistant to chosen keys as
+    /// a per-store random seed makes it. One hash per operation picks the part and finds the key.
+    hasher: foldhash::fast::RandomState,
     /// The limits as given, for the whole store.
     capacity: usize,
     max_bytes: usize,
@@ -260,7 +281,7 @@ impl MemoryStore {
         let n = shard_count(capacity, max_bytes, largest);
         Self {
             shards: (0..n).map(|_| Mutex::new(Inner::default())).collect(),
-            pick: foldhash::fast::RandomState::default(),
+            hasher: foldhash::fast::RandomState::default(),
             capacity,
             max_bytes,
             largest,
@@ -286,7 +307,7 @@ impl MemoryStore {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| keel_core::lock(s).map.len())
+            .map(|s| keel_core::lock(s).table.len())
             .sum()
     }
 
@@ -301,16 +322,20 @@ impl MemoryStore {
         self.shards.iter().map(|s| keel_core::lock(s).bytes()).sum()
     }
 
-    /// The part that holds `key`, locked.
-    fn lock(&self, key: &str) -> std::sync::MutexGuard<'_, Inner> {
-        let i = if self.shards.len() == 1 {
-            0
-        } else {
-            // The low bits of a 64-bit hash; the part count is a power of two.
-            usize::try_from(std::hash::BuildHasher::hash_one(&self.pick, key)).unwrap_or(0)
-                & (self.shards.len() - 1)
-        };
-        keel_core::lock(&self.shards[i])
+    fn hash(&self, key: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, key)
+    }
+
+    /// Which part holds the key of `hash`: bits 32 and up, which a table does not use (it places
+    /// keys by the low bits and tags them with the top 7), so each part's keys still spread over
+    /// its whole table.
+    fn part_of(&self, hash: u64) -> usize {
+        usize::try_from(hash >> 32).unwrap_or(0) & (self.shards.len() - 1)
+    }
+
+    /// The part that holds the key of `hash`, locked.
+    fn lock(&self, hash: u64) -> std::sync::MutexGuard<'_, Inner> {
+        keel_core::lock(&self.shards[self.part_of(hash)])
     }
 
     /// "Full", naming how many keys the store holds (counted once the part's lock is released).
@@ -328,8 +353,9 @@ impl MemoryStore {
     ) -> Result<Claim, IdempotencyError> {
         let now = Instant::now();
         let wall = wall_micros();
-        let mut g = self.lock(key);
-        if let Some(e) = g.map.get(key) {
+        let hash = self.hash(key);
+        let mut g = self.lock(hash);
+        if let Some(e) = g.get(hash, key) {
             if e.expires > now {
                 if *e.fingerprint != *fp {
                     return Ok(Claim::Mismatch);
@@ -343,7 +369,7 @@ impl MemoryStore {
             }
         }
         // What the key held has expired (or there was nothing): the claim is new.
-        let old = g.remove(key).map(|(k, _)| k);
+        let old = g.remove(hash, key).map(|(k, _)| k);
         g.purge_expired(now);
         let size = entry_size(key, fp, owner, 0);
         // Claims in progress are never evicted: when they alone leave no room, refuse without
@@ -354,7 +380,7 @@ impl MemoryStore {
             return Err(self.full(g));
         }
         let mut evicted = 0;
-        while g.map.len() >= self.shard_capacity
+        while g.table.len() >= self.shard_capacity
             || g.bytes().saturating_add(size) > self.shard_bytes
         {
             if !g.evict_one() {
@@ -364,8 +390,9 @@ impl MemoryStore {
         }
         g.fence = g.fence.saturating_add(1).max(wall);
         let fence = g.fence;
-        let key = old.unwrap_or_else(|| Arc::from(key));
+        let key = old.unwrap_or_else(|| key.into());
         g.insert(
+            hash,
             key,
             Entry {
                 state: State::InProgress {
@@ -383,22 +410,23 @@ impl MemoryStore {
     }
 
     /// Whether `owner` holds `key` in progress with its lease running.
-    fn held(g: &Inner, key: &str, owner: &str, now: Instant) -> bool {
+    fn held(g: &Inner, hash: u64, key: &str, owner: &str, now: Instant) -> bool {
         matches!(
-            g.map.get(key),
+            g.get(hash, key),
             Some(Entry { state: State::InProgress { owner: o }, expires, .. }) if **o == *owner && *expires > now
         )
     }
 
     fn renew_now(&self, key: &str, owner: &str, lease: Duration) -> Ownership {
         let now = Instant::now();
-        let mut g = self.lock(key);
-        if !Self::held(&g, key, owner, now) {
+        let hash = self.hash(key);
+        let mut g = self.lock(hash);
+        if !Self::held(&g, hash, key, owner, now) {
             return Ownership::Stale;
         }
-        if let Some((k, mut e)) = g.remove(key) {
+        if let Some((k, mut e)) = g.remove(hash, key) {
             e.expires = now + lease.min(MAX_DURATION);
-            g.insert(k, e);
+            g.insert(hash, k, e);
         }
         Ownership::Owner
     }
@@ -411,11 +439,13 @@ impl MemoryStore {
         retention: Duration,
     ) -> Result<Ownership, IdempotencyError> {
         let now = Instant::now();
-        let mut g = self.lock(key);
-        if !Self::held(&g, key, owner, now) {
+        let hash = self.hash(key);
+        let mut g = self.lock(hash);
+        if !Self::held(&g, hash, key, owner, now) {
             return Ok(Ownership::Stale);
         }
-        let Some((old_size, fp_len)) = g.map.get(key).map(|e| (e.size, e.fingerprint.len())) else {
+        let Some((old_size, fp_len)) = g.get(hash, key).map(|e| (e.size, e.fingerprint.len()))
+        else {
             return Ok(Ownership::Stale);
         };
         let size = ENTRY_OVERHEAD
@@ -427,7 +457,7 @@ impl MemoryStore {
         if (g.bytes_in_progress - old_size).saturating_add(size) > self.shard_bytes {
             return Err(self.full(g));
         }
-        let Some((k, mut e)) = g.remove(key) else {
+        let Some((k, mut e)) = g.remove(hash, key) else {
             return Ok(Ownership::Stale);
         };
         let mut evicted = 0;
@@ -440,7 +470,7 @@ impl MemoryStore {
         e.state = State::Completed(record);
         e.expires = now + retention.min(MAX_DURATION);
         e.size = size;
-        g.insert(k, e);
+        g.insert(hash, k, e);
         drop(g);
         count_evictions(evicted);
         Ok(Ownership::Owner)
@@ -448,38 +478,42 @@ impl MemoryStore {
 
     fn release_now(&self, key: &str, owner: &str) -> Ownership {
         let now = Instant::now();
-        let mut g = self.lock(key);
-        if !Self::held(&g, key, owner, now) {
+        let hash = self.hash(key);
+        let mut g = self.lock(hash);
+        if !Self::held(&g, hash, key, owner, now) {
             return Ownership::Stale;
         }
-        g.remove(key);
+        g.remove(hash, key);
         Ownership::Owner
     }
 
     /// Checks that the map, the indices and the byte counts agree (tests).
     #[cfg(test)]
     fn check(&self) {
-        for shard in &self.shards[..] {
-            self.check_shard(&keel_core::lock(shard));
+        for (part, shard) in self.shards.iter().enumerate() {
+            self.check_shard(part, &keel_core::lock(shard));
         }
     }
 
     #[cfg(test)]
-    fn check_shard(&self, g: &Inner) {
-        assert_eq!(g.map.len(), g.leases.len() + g.completed.len());
+    fn check_shard(&self, part: usize, g: &Inner) {
+        assert_eq!(g.table.len(), g.leases.len() + g.completed.len());
         let (mut bp, mut bc) = (0, 0);
-        for (k, e) in &g.map {
-            let index = if e.in_progress() {
-                bp += e.size;
+        for slot in &g.table {
+            // Its hash is its key's, and that hash picks this part.
+            assert_eq!(slot.hash, self.hash(&slot.key));
+            assert_eq!(self.part_of(slot.hash), part);
+            let index = if slot.entry.in_progress() {
+                bp += slot.entry.size;
                 &g.leases
             } else {
-                bc += e.size;
+                bc += slot.entry.size;
                 &g.completed
             };
-            assert_eq!(index.get(&e.index()).map(|k| &**k), Some(&**k));
+            assert_eq!(index.get(&slot.entry.index()), Some(&slot.hash));
         }
         assert_eq!((bp, bc), (g.bytes_in_progress, g.bytes_completed));
-        assert!(g.map.len() <= self.shard_capacity);
+        assert!(g.table.len() <= self.shard_capacity);
         assert!(g.bytes() <= self.shard_bytes);
     }
 }
@@ -529,7 +563,10 @@ impl IdempotencyStore for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
 
     use super::*;
     use proptest::prelude::*;
