@@ -71,7 +71,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let mode = std::env::args().nth(2).unwrap_or_default();
-    let redis = RedisServer::start();
+    // Only a Redis store needs a server.
+    let redis = (mode != "memory").then(RedisServer::start);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -80,7 +81,8 @@ fn main() {
         let store: Arc<dyn IdempotencyStore> = if mode == "memory" {
             Arc::new(MemoryStore::new(1_000_000))
         } else {
-            Arc::new(RedisStore::open(&redis.url(), "calls:").await.unwrap())
+            let url = redis.as_ref().map(RedisServer::url).unwrap();
+            Arc::new(RedisStore::open(&url, "calls:").await.unwrap())
         };
         let layered = IdempotencyLayer::new(store, Live::new(IdempotencyConfig::default()))
             .layer(service_fn(handler));

@@ -25,9 +25,10 @@ pub enum IdempotencyError {
         wanted: u32,
     },
     /// The memory store is full of claims in progress (completed answers are evicted to make
-    /// room; claims in progress never are), or a completed answer cannot fit beside them.
+    /// room; claims in progress never are), or a completed answer cannot fit beside them: in the
+    /// part of the store the key belongs to, whose number of claims in progress it holds.
     /// Retrying later may help.
-    #[error("idempotency memory store is full of claims in progress ({0} entries)")]
+    #[error("idempotency memory store is full of claims in progress ({0} where the key belongs)")]
     Full(usize),
     /// The store answered something this version cannot read. Retrying will not help.
     #[error("idempotency store answered unexpectedly: {0}")]

@@ -32,6 +32,7 @@ impl StoredResponse {
         b.put_slice(MAGIC);
         b.put_u16(status.as_u16());
         // The number of headers, written once they are counted.
+        let count_at = b.len();
         b.put_u16(0);
         let mut count: u16 = 0;
         for (n, v) in all {
@@ -54,7 +55,7 @@ impl StoredResponse {
             b.put_slice(v.as_bytes());
             count = next;
         }
-        b[4..6].copy_from_slice(&count.to_be_bytes());
+        b[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
         b.put_slice(body);
         b.freeze()
     }

@@ -544,13 +544,13 @@ fn length(line: &[u8], max: usize) -> Result<Option<usize>, ()> {
     }
 }
 
-/// An integer line: an optional `-`, then 1 to 19 ASCII digits that fit an `i64`.
+/// An integer line: an optional `-`, then ASCII digits whose value fits an `i64`.
 fn integer(line: &[u8]) -> Result<i64, ()> {
     let (negative, digits) = match line {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, line),
     };
-    if digits.is_empty() || digits.len() > 19 {
+    if digits.is_empty() {
         return Err(());
     }
     // Accumulated on the side of its sign, so that `i64::MIN` reads too.
@@ -657,6 +657,33 @@ mod tests {
                 v
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn integers_take_a_sign_and_digits_that_fit() {
+        for (line, n) in [
+            (&b"0"[..], 0),
+            (b"-0", 0),
+            (b"0042", 42),
+            (b"00000000000000000000000001", 1),
+            (b"9223372036854775807", i64::MAX),
+            (b"-9223372036854775808", i64::MIN),
+        ] {
+            assert_eq!(integer(line), Ok(n));
+        }
+        for line in [
+            &b""[..],
+            b"-",
+            b"+1",
+            b"--1",
+            b" 1",
+            b"1 ",
+            b"1x",
+            b"9223372036854775808",
+            b"-9223372036854775809",
+        ] {
+            assert_eq!(integer(line), Err(()), "{line:?}");
         }
     }
 

@@ -21,9 +21,11 @@
 //! with [`IdempotencyError::Full`] (503 + `Retry-After`, or run without idempotency on a route
 //! that fails open), and so is a completion whose answer cannot fit beside them.
 //!
-//! Fencing tokens grow with every claim and continue from the wall clock (microseconds since the
-//! epoch, as Redis's do from the server's clock), so a store made after a restart hands out
-//! tokens above those of the store before it.
+//! A key's fencing tokens grow with every claim of it and continue from the wall clock
+//! (microseconds since the epoch, as Redis's do from the server's clock), so a store made after a
+//! restart hands out tokens above those of the store before it. Each part counts its own: two
+//! keys in different parts may get the same token (as with Redis, tokens order the claims of one
+//! key, not of all keys).
 //!
 //! Every operation is O(log n): entries are indexed by the end of their lease (in progress) or of
 //! their retention (completed), so expired entries and eviction candidates are found at the front
@@ -33,14 +35,15 @@
 //!
 //! A large store is split by a hash of the key into parts (a power of two, up to 16), each with
 //! its own lock and an equal share of `capacity` and `max_bytes`; every part holds at least 8,192
-//! keys and 4 MiB (and, built from the configuration, the largest answer `max_body_bytes`
-//! allows). The limits, the eviction order and "full" above hold per part. Keys are hashed, so
-//! parts fill evenly. Two things come of it: requests on different keys do not wait for one lock,
-//! and each hash table is small. A hash table that has grown or been churned rebuilds itself now
-//! and then, all at once, under its lock: over a single table of 145,000 keys that took 35 ms,
-//! during which every request waited; over one of 16 parts it takes a sixteenth of that, for the
-//! keys of that part only. A store below 16,384 keys or 8 MiB is one part, and its limits and
-//! eviction order are exact.
+//! keys and 4 MiB, and at least the largest answer it is told of
+//! ([`with_largest_answer`](MemoryStore::with_largest_answer); the store built from the
+//! configuration passes `max_body_bytes`). The limits, the eviction order and "full" above hold
+//! per part. Keys are hashed, so parts fill evenly. Two things come of it: requests on different
+//! keys do not wait for one lock, and each hash table is small. A hash table that has grown or
+//! been churned rebuilds itself now and then, all at once, under its lock: one table of 145,000
+//! keys took 56–60 ms, during which every request waited; a part of such a store (16 parts) takes
+//! about 2 ms, for the keys of that part only (`examples/memory_churn.rs` measures it). A store below 16,384 keys or 8 MiB is one part,
+//! and its limits and eviction order are exact.
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
@@ -209,8 +212,9 @@ pub struct MemoryStore {
     /// limits (see the module documentation).
     shards: Box<[Mutex<Inner>]>,
     /// Hashes keys (foldhash, seeded per store): several times cheaper than the standard
-    /// library's SipHash on the 64-byte keys the layer makes, and as resistant to chosen keys as
-    /// a per-store random seed makes it. One hash per operation picks the part and finds the key.
+    /// library's SipHash on the 64-byte keys the layer makes. It is not built to resist keys
+    /// chosen to collide; the layer's keys are SHA-256 digests, which nobody can choose so. One
+    /// hash per operation picks the part and finds the key.
     hasher: foldhash::fast::RandomState,
     /// The limits as given, for the whole store.
     capacity: usize,
@@ -285,7 +289,9 @@ impl MemoryStore {
             capacity,
             max_bytes,
             largest,
-            shard_capacity: capacity.div_ceil(n),
+            // At least KEYS_PER_SHARD each (n is at most capacity / KEYS_PER_SHARD), and never
+            // more than `capacity` together.
+            shard_capacity: capacity / n,
             shard_bytes: max_bytes / n,
         }
     }
@@ -293,13 +299,19 @@ impl MemoryStore {
     /// The same store holding at most about `max_bytes` bytes: keys, fingerprints, owners and
     /// stored answers, plus an estimate of the bookkeeping of each key (256 bytes).
     #[must_use]
+    /// A builder: the store it returns is a new, empty one.
     pub fn with_max_bytes(self, max_bytes: usize) -> Self {
         Self::split(self.capacity, max_bytes.max(1), self.largest)
     }
 
-    /// The same store, its parts each able to hold an answer of `bytes` (the configured body
-    /// limit): fewer parts when they would be smaller.
-    pub(crate) fn with_largest_answer(self, bytes: usize) -> Self {
+    /// The same store with parts (see the module documentation) that each hold at least `bytes`
+    /// of answers: fewer, larger parts when the largest answer to be stored is over 4 MiB. The
+    /// store built from the configuration passes `max_body_bytes` (with room for headers); a
+    /// store built in code for larger answers should too, or an answer larger than its part's
+    /// share is refused as [`IdempotencyError::Full`]. A builder: the store it returns is a new,
+    /// empty one.
+    #[must_use]
+    pub fn with_largest_answer(self, bytes: usize) -> Self {
         Self::split(self.capacity, self.max_bytes, bytes)
     }
 
@@ -338,10 +350,9 @@ impl MemoryStore {
         keel_core::lock(&self.shards[self.part_of(hash)])
     }
 
-    /// "Full", naming how many keys the store holds (counted once the part's lock is released).
-    fn full(&self, g: std::sync::MutexGuard<'_, Inner>) -> IdempotencyError {
-        drop(g);
-        IdempotencyError::Full(self.len())
+    /// "Full", naming how many claims are in progress in the key's part.
+    fn full(g: &Inner) -> IdempotencyError {
+        IdempotencyError::Full(g.leases.len())
     }
 
     fn claim_now(
@@ -377,7 +388,7 @@ impl MemoryStore {
         if g.leases.len() >= self.shard_capacity
             || g.bytes_in_progress.saturating_add(size) > self.shard_bytes
         {
-            return Err(self.full(g));
+            return Err(Self::full(&g));
         }
         let mut evicted = 0;
         while g.table.len() >= self.shard_capacity
@@ -455,7 +466,7 @@ impl MemoryStore {
         // Even with every completed answer evicted, this one would not fit beside the claims in
         // progress: refuse, and leave the claim as it was.
         if (g.bytes_in_progress - old_size).saturating_add(size) > self.shard_bytes {
-            return Err(self.full(g));
+            return Err(Self::full(&g));
         }
         let Some((k, mut e)) = g.remove(hash, key) else {
             return Ok(Ownership::Stale);
@@ -597,30 +608,117 @@ mod tests {
         assert_eq!((s.shards.len(), s.shard_bytes), (1, 64 * MIB));
     }
 
-    /// A store in parts: every key claims once and replays, counts add up over the parts, and
-    /// each part evicts its own oldest answers once it holds its share.
+    /// A store of `n` parts of `keys` keys and `bytes` bytes each (smaller than the real minimum,
+    /// so that tests can fill one).
+    fn in_parts(n: usize, keys: usize, bytes: usize) -> MemoryStore {
+        let mut s = MemoryStore::new(1);
+        s.shards = (0..n).map(|_| Mutex::new(Inner::default())).collect();
+        (s.capacity, s.max_bytes, s.shard_capacity, s.shard_bytes) =
+            (n * keys, n * bytes, keys, bytes);
+        s
+    }
+
+    /// Keys of part `part` of `s`, in order.
+    fn keys_of(s: &MemoryStore, part: usize) -> impl Iterator<Item = String> + '_ {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .filter(move |k| s.part_of(s.hash(k)) == part)
+    }
+
+    /// Each part keeps to its share: a part full of claims in progress refuses the next claim
+    /// of its own keys while the other parts take theirs, and a part evicts its own answers,
+    /// never another part's.
     #[tokio::test]
-    async fn a_store_in_parts_keeps_each_part_within_its_share() {
+    async fn each_part_keeps_to_its_share() {
         let recorder = Evictions::default();
         let _guard = metrics::set_default_local_recorder(&recorder);
-        let s = MemoryStore::new(16_384);
-        assert_eq!(s.shards.len(), 2);
-        for i in 0..20_000 {
-            let key = format!("k{i}");
-            new(&s, &key).await;
-            done(&s, &key, S * 60).await;
+        let s = in_parts(4, 3, 1 << 20);
+        let mine: Vec<String> = keys_of(&s, 1).take(5).collect();
+        for k in &mine[..3] {
+            new(&s, k).await;
         }
-        s.check();
-        assert_eq!(recorder.get(), 20_000 - s.len() as u64);
-        assert!(s.len() > 16_000 && s.len() <= 16_384, "{}", s.len());
-        // The newest keys are all still there, as replays.
-        for i in 19_000..20_000 {
-            match s.claim(&format!("k{i}"), "o2", "f", S).await.unwrap() {
-                Claim::Completed(b) => assert_eq!(b, format!("k{i}")),
-                other => panic!("k{i}: {other:?}"),
+        match s.claim(&mine[3], "o", "f", S).await {
+            Err(IdempotencyError::Full(3)) => {}
+            other => panic!("{other:?}"),
+        }
+        for part in [0, 2, 3] {
+            for k in keys_of(&s, part).take(3) {
+                new(&s, &k).await;
             }
         }
-        assert!(s.bytes() > 0);
+        s.check();
+        // Part 2 answers, then takes more keys: it evicts its own oldest answers only.
+        let theirs: Vec<String> = keys_of(&s, 2).take(3).collect();
+        for k in &theirs {
+            done(&s, k, S * 60).await;
+        }
+        for k in keys_of(&s, 2).skip(3).take(2) {
+            new(&s, &k).await;
+        }
+        assert_eq!(recorder.get(), 2);
+        let holds = |k: &str| {
+            let hash = s.hash(k);
+            s.lock(hash).get(hash, k).is_some()
+        };
+        let kept: Vec<bool> = theirs.iter().map(|k| holds(k)).collect();
+        assert_eq!(kept, [false, false, true]);
+        assert!(matches!(
+            s.claim(&theirs[2], "o2", "f", S).await,
+            Ok(Claim::Completed(_))
+        ));
+        // Part 1 still holds its three claims; part 1's refusal took nothing from the others.
+        assert_eq!(s.len(), 12);
+        s.check();
+    }
+
+    /// In a store of several parts, one key's fencing tokens still grow with every claim.
+    #[tokio::test]
+    async fn a_keys_tokens_grow_in_a_store_of_parts() {
+        let s = MemoryStore::new(1 << 17);
+        assert_eq!(s.shards.len(), 16);
+        let mut last = 0;
+        for round in 0..50 {
+            for k in ["a", "b", "c"] {
+                let fence = new(&s, k).await;
+                assert!(fence > last || k != "a", "round {round}");
+                if k == "a" {
+                    last = fence;
+                }
+                assert_eq!(s.release(k, "o").await.unwrap(), Ownership::Owner);
+            }
+        }
+    }
+
+    /// Built from the configuration, every part can hold the largest answer the body limit
+    /// allows: a 20 MiB answer is stored in a store of 100,000 keys and 64 MiB (which, split
+    /// into parts of 4 MiB, could not hold it).
+    #[tokio::test]
+    async fn the_store_built_from_the_configuration_holds_the_largest_answer() {
+        let cfg = crate::IdempotencyConfig {
+            max_body_bytes: 20 << 20,
+            memory_capacity: 100_000,
+            memory_max_bytes: 64 << 20,
+            ..crate::IdempotencyConfig::default()
+        };
+        let store = crate::store::store_from_config(&cfg).await.unwrap();
+        assert!(matches!(
+            store.claim("big", "o", "f", S).await,
+            Ok(Claim::New { .. })
+        ));
+        let answer = Bytes::from(vec![7u8; 20 << 20]);
+        assert_eq!(
+            store.complete("big", "o", answer, S).await.unwrap(),
+            Ownership::Owner
+        );
+        let small = MemoryStore::new(100_000).with_max_bytes(64 << 20);
+        assert!(small.shards.len() > 1);
+        new(&small, "big").await;
+        assert!(matches!(
+            small
+                .complete("big", "o", Bytes::from(vec![7u8; 20 << 20]), S)
+                .await,
+            Err(IdempotencyError::Full(_))
+        ));
     }
 
     async fn new(s: &MemoryStore, key: &str) -> u64 {
@@ -888,14 +986,20 @@ mod tests {
         /// Any sequence of operations keeps the indices, byte counts and bounds consistent, and
         /// never evicts a claim in progress: its owner can always complete it within its lease.
         #[test]
-        fn bookkeeping_holds(ops in proptest::collection::vec(op(), 1..200)) {
+        fn bookkeeping_holds(ops in proptest::collection::vec(op(), 1..200), parts in proptest::bool::ANY) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .start_paused(true)
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let s = MemoryStore::new(6).with_max_bytes(4 * entry_size("k00", "f", "o0", 1500));
+                let bytes = 4 * entry_size("k00", "f", "o0", 1500);
+                // One part, or three of a third each.
+                let s = if parts {
+                    in_parts(3, 2, bytes / 3)
+                } else {
+                    MemoryStore::new(6).with_max_bytes(bytes)
+                };
                 // What each key's owner believes it holds, and until when.
                 let mut held: std::collections::HashMap<String, (String, Instant)> =
                     std::collections::HashMap::new();
