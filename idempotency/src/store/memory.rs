@@ -42,8 +42,8 @@
 //! keys do not wait for one lock, and each hash table is small. A hash table that has grown or
 //! been churned rebuilds itself now and then, all at once, under its lock: one table of 145,000
 //! keys took 56–60 ms, during which every request waited; a part of such a store (16 parts) takes
-//! about 2 ms, for the keys of that part only (`examples/memory_churn.rs` measures it). A store below 16,384 keys or 8 MiB is one part,
-//! and its limits and eviction order are exact.
+//! about 2 ms, for the keys of that part only (`examples/memory_churn.rs` measures it). A store
+//! below 16,384 keys or 8 MiB is one part, and its limits and eviction order are exact.
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
@@ -297,9 +297,9 @@ impl MemoryStore {
     }
 
     /// The same store holding at most about `max_bytes` bytes: keys, fingerprints, owners and
-    /// stored answers, plus an estimate of the bookkeeping of each key (256 bytes).
+    /// stored answers, plus an estimate of the bookkeeping of each key (256 bytes). A builder:
+    /// the store it returns is a new, empty one.
     #[must_use]
-    /// A builder: the store it returns is a new, empty one.
     pub fn with_max_bytes(self, max_bytes: usize) -> Self {
         Self::split(self.capacity, max_bytes.max(1), self.largest)
     }
