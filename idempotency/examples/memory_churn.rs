@@ -1,12 +1,14 @@
 //! Churns claims and completions of new keys through a full memory store and reports the
-//! slowest operations: the pauses a hash table's rebuild causes (see the memory store's "Parts").
+//! slowest pairs of them: the pauses a hash table's rebuild causes (see the memory store's
+//! "Parts").
 //!
 //! ```sh
 //! cargo run --release -p keel-idempotency --example memory_churn [pairs] [capacity]
 //! ```
 //!
 //! Each pair is a claim and a completion of a new 64-character key with an 80-byte answer;
-//! the store keeps 24 hours, so once its 64 MiB are full every claim evicts the oldest answer.
+//! the store keeps answers 24 hours, so once its 64 MiB are full every claim evicts the oldest
+//! answer of its key's part.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let (pairs, capacity) = (arg(1, 1_500_000), arg(2, 10_000_000));
+    let (pairs, capacity) = (arg(1, 1_500_000).max(1), arg(2, 10_000_000));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -186,8 +186,9 @@ pub struct IdempotencyConfig {
     /// retention actually kept shrinks to `memory_capacity / rate`. Claims in progress are never
     /// evicted; when they alone fill the store, new claims are refused (503, or run without
     /// idempotency on a route that fails open). Raise it, shorten `ttl`, or use Redis for more.
-    /// A store of 16,384 keys or more is split into parts (8 with the defaults) of an equal
-    /// share of this and of `memory_max_bytes` each, and these limits hold per part (see
+    /// A store of 16,384 keys or more, and at least twice the larger of 4 MiB and
+    /// `max_body_bytes` + 64 KiB in `memory_max_bytes`, is split into parts (8 with the defaults)
+    /// of an equal share of both limits each, and these limits hold per part (see
     /// [`MemoryStore`](crate::MemoryStore)).
     pub memory_capacity: usize,
     /// Most bytes the memory store holds (keys, fingerprints and stored answers, plus about

@@ -28,7 +28,9 @@ pub enum IdempotencyError {
     /// room; claims in progress never are), or a completed answer cannot fit beside them: in the
     /// part of the store the key belongs to, whose number of claims in progress it holds.
     /// Retrying later may help.
-    #[error("idempotency memory store is full of claims in progress ({0} where the key belongs)")]
+    #[error(
+        "idempotency memory store is full of claims in progress ({0} claims in progress in the key's part)"
+    )]
     Full(usize),
     /// The store answered something this version cannot read. Retrying will not help.
     #[error("idempotency store answered unexpectedly: {0}")]
