@@ -140,17 +140,23 @@ impl Inner {
             .insert_unique(hash, Slot { hash, key, entry }, |s| s.hash);
     }
 
-    fn remove(&mut self, hash: u64, key: &str) -> Option<(Box<str>, Entry)> {
-        let (slot, _) = self
-            .table
-            .find_entry(hash, |s| s.hash == hash && *s.key == *key)
-            .ok()?
-            .remove();
-        let index = if slot.entry.in_progress() {
+    /// Takes the slot `eq` finds out of the table and its bytes out of the counts (not out of
+    /// its index).
+    fn take(&mut self, hash: u64, eq: impl FnMut(&Slot) -> bool) -> Option<Slot> {
+        let (slot, _) = self.table.find_entry(hash, eq).ok()?.remove();
+        if slot.entry.in_progress() {
             self.bytes_in_progress -= slot.entry.size;
-            &mut self.leases
         } else {
             self.bytes_completed -= slot.entry.size;
+        }
+        Some(slot)
+    }
+
+    fn remove(&mut self, hash: u64, key: &str) -> Option<(Box<str>, Entry)> {
+        let slot = self.take(hash, |s| s.hash == hash && *s.key == *key)?;
+        let index = if slot.entry.in_progress() {
+            &mut self.leases
+        } else {
             &mut self.completed
         };
         index.remove(&slot.entry.index());
@@ -159,17 +165,7 @@ impl Inner {
 
     /// Drops the entry its index named at `at` (already taken out of the index).
     fn drop_indexed(&mut self, at: (Instant, u64), hash: u64) {
-        if let Ok(found) = self
-            .table
-            .find_entry(hash, |s| s.hash == hash && s.entry.index() == at)
-        {
-            let (slot, _) = found.remove();
-            if slot.entry.in_progress() {
-                self.bytes_in_progress -= slot.entry.size;
-            } else {
-                self.bytes_completed -= slot.entry.size;
-            }
-        }
+        self.take(hash, |s| s.hash == hash && s.entry.index() == at);
     }
 
     /// Drops the entries whose lease or retention ended (at the front of each index).
@@ -422,18 +418,24 @@ impl MemoryStore {
     }
 
     /// Whether `owner` holds `key` in progress with its lease running.
-    fn held(g: &Inner, hash: u64, key: &str, owner: &str, now: Instant) -> bool {
-        matches!(
-            g.get(hash, key),
-            Some(Entry { state: State::InProgress { owner: o }, expires, .. }) if **o == *owner && *expires > now
-        )
+    /// The entry of `key` if `owner` holds it in progress with its lease running.
+    fn held<'g>(
+        g: &'g Inner,
+        hash: u64,
+        key: &str,
+        owner: &str,
+        now: Instant,
+    ) -> Option<&'g Entry> {
+        g.get(hash, key).filter(|e| {
+            matches!(&e.state, State::InProgress { owner: o } if **o == *owner) && e.expires > now
+        })
     }
 
     fn renew_now(&self, key: &str, owner: &str, lease: Duration) -> Ownership {
         let now = Instant::now();
         let hash = self.hash(key);
         let mut g = self.lock(hash);
-        if !Self::held(&g, hash, key, owner, now) {
+        if Self::held(&g, hash, key, owner, now).is_none() {
             return Ownership::Stale;
         }
         if let Some((k, mut e)) = g.remove(hash, key) {
@@ -453,10 +455,8 @@ impl MemoryStore {
         let now = Instant::now();
         let hash = self.hash(key);
         let mut g = self.lock(hash);
-        if !Self::held(&g, hash, key, owner, now) {
-            return Ok(Ownership::Stale);
-        }
-        let Some((old_size, fp_len)) = g.get(hash, key).map(|e| (e.size, e.fingerprint.len()))
+        let Some((old_size, fp_len)) =
+            Self::held(&g, hash, key, owner, now).map(|e| (e.size, e.fingerprint.len()))
         else {
             return Ok(Ownership::Stale);
         };
@@ -492,7 +492,7 @@ impl MemoryStore {
         let now = Instant::now();
         let hash = self.hash(key);
         let mut g = self.lock(hash);
-        if !Self::held(&g, hash, key, owner, now) {
+        if Self::held(&g, hash, key, owner, now).is_none() {
             return Ownership::Stale;
         }
         g.remove(hash, key);
