@@ -13,6 +13,10 @@
 //! Each run also reports the CPU spent per request (from `/proc`: this process, which is the
 //! server; Redis; wrk, the child waited for) and the share of the two cores left idle, and from
 //! them how far the with/without ratio could go at all while Redis shares the cores.
+//!
+//! A full run ends with each route's peak throughput over c = N, 2N and 4N, once with Redis
+//! sharing both cores and once with Redis on a core of its own (`taskset`), and the ratio of
+//! the peaks (`KEEL_BENCH_PEAK=0` leaves it out).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{process::Command, sync::Arc, time::Duration};
@@ -197,17 +201,7 @@ fn main() {
     // them share both CPUs.
     let pinned = std::env::var("KEEL_BENCH_PIN").is_ok_and(|v| v == "1");
     if pinned {
-        let taskset = |args: &[&str]| {
-            let ok = std::process::Command::new("taskset")
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "taskset {args:?} failed (util-linux)");
-        };
-        let redis_pid = redis.pid().unwrap().to_string();
-        taskset(&["-a", "-p", "-c", "1", &redis_pid]);
-        taskset(&["-a", "-p", "-c", "0", &std::process::id().to_string()]);
+        pin(&redis, true);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -489,6 +483,71 @@ fn main() {
     }
     println!("  added p50 at c=1: {added:.0} us; budget 2 x redis round trip ({:.0} us) + 20 us = {budget:.0} us", claim_p50_1 * 1000.0);
     println!("  layer throughput / redis-benchmark claim+complete pairs, c={conns}: {:.2} (target >= 0.6)", idem.rps / pair_rps);
+
+    // Throughput at saturation. A request through the layer waits for two round trips to Redis,
+    // so at c=N it may leave the server's core idle where /plain keeps it busy: each route's
+    // best over c = N, 2N, 4N compares the two at their own peaks. Once with everything sharing
+    // both cores, once with Redis on its own core (a deployment where Redis runs on its own
+    // host: its CPU is not taken from the service). KEEL_BENCH_PEAK=0 leaves this out.
+    if std::env::var("KEEL_BENCH_PEAK").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let levels = [conns, conns * 2, conns * 4];
+    println!(
+        "peak throughput, each route at its best of c={} (median of {rounds} interleaved rounds at each):",
+        levels.map(|c| c.to_string()).join(",")
+    );
+    for apart in [false, true] {
+        pin(&redis, apart);
+        let mut runs: Vec<(u32, &str, Vec<f64>)> = levels
+            .iter()
+            .flat_map(|&c| [(c, "/plain", Vec::new()), (c, "/redis", Vec::new())])
+            .collect();
+        for round in 0..rounds {
+            for (c, path, rps) in runs.iter_mut() {
+                let tag = format!(
+                    "{run}-peak{}-{round}-{c}-{}",
+                    u8::from(apart),
+                    path.trim_start_matches('/')
+                );
+                let (w, _, _) = wrk(&format!("http://{addr}{path}"), *c, secs, &script, &tag);
+                rps.push(w.rps);
+            }
+        }
+        let best = |p: &str| {
+            runs.iter()
+                .filter(|r| r.1 == p)
+                .map(|r| (r.0, median(r.2.clone())))
+                .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap())
+                .unwrap()
+        };
+        let ((pc, p), (rc, r)) = (best("/plain"), best("/redis"));
+        println!(
+            "  {:<26} /plain {p:>7.0} req/s (c={pc}), /redis {r:>7.0} req/s (c={rc}): ratio {:.2}{}",
+            if apart { "Redis on its own core:" } else { "all sharing both cores:" },
+            r / p,
+            if apart { " (target >= 0.5)" } else { "" }
+        );
+    }
+    pin(&redis, pinned);
+}
+
+/// With `apart`, Redis gets CPU 1 to itself and this process (the server, and the load
+/// generators it spawns from now on) CPU 0; without, all of them share both.
+fn pin(redis: &RedisServer, apart: bool) {
+    let taskset = |args: &[&str]| {
+        let ok = std::process::Command::new("taskset")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "taskset {args:?} failed (util-linux)");
+    };
+    let redis_pid = redis.pid().unwrap().to_string();
+    let me = std::process::id().to_string();
+    let (redis_cpus, own_cpus) = if apart { ("1", "0") } else { ("0,1", "0,1") };
+    taskset(&["-a", "-p", "-c", redis_cpus, &redis_pid]);
+    taskset(&["-a", "-p", "-c", own_cpus, &me]);
 }
 
 fn tempfile_dir() -> String {
