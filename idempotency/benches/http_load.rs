@@ -5,10 +5,10 @@
 //! Everything runs side by side in one process run, so the ratios are comparable.
 //!
 //! Run: `cargo bench -p keel-idempotency --bench http_load` (needs `wrk`, `redis-server`,
-//! `redis-benchmark`). `KEEL_BENCH_SECS` (default 4) sets the length of each wrk run, `KEEL_BENCH_ROUNDS` (default 3) the
-//! number of interleaved rounds (medians are reported), and
-//! `KEEL_BENCH_CONNS` (default 32) the concurrency, `KEEL_BENCH_WORKERS` (default 1) the server's
-//! tokio worker threads.
+//! `redis-benchmark`, and `taskset` for the peak phase and `KEEL_BENCH_PIN`).
+//! `KEEL_BENCH_SECS` (default 4) sets the length of each wrk run, `KEEL_BENCH_ROUNDS` (default
+//! 3) the number of interleaved rounds (medians are reported), `KEEL_BENCH_CONNS` (default 32)
+//! the concurrency, and `KEEL_BENCH_WORKERS` (default 1) the server's tokio worker threads.
 //!
 //! Each run also reports the CPU spent per request (from `/proc`: this process, which is the
 //! server; Redis; wrk, the child waited for) and the share of the two cores left idle, and from
@@ -201,7 +201,10 @@ fn main() {
     // them share both CPUs.
     let pinned = std::env::var("KEEL_BENCH_PIN").is_ok_and(|v| v == "1");
     if pinned {
-        pin(&redis, true);
+        assert!(
+            pin(&redis, true),
+            "KEEL_BENCH_PIN=1 needs taskset (util-linux) and two CPUs"
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -367,7 +370,7 @@ fn main() {
         rb.push((c1, p1, cl, co));
     }
     let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let mut rows = Vec::new();
@@ -436,7 +439,7 @@ fn main() {
                 .unwrap();
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        samples.sort_by(f64::total_cmp);
         samples[samples.len() / 2]
     });
     println!("  redis-rs claim round trip from the service's runtime, c=1: p50 {rtt_us:.0} us");
@@ -498,7 +501,13 @@ fn main() {
         levels.map(|c| c.to_string()).join(",")
     );
     for apart in [false, true] {
-        pin(&redis, apart);
+        if !pin(&redis, apart) {
+            println!("  skipped: taskset (util-linux) failed, or this machine has no CPU 1");
+            return;
+        }
+        // Each pass starts from an empty Redis: the keys of the runs before it (millions, kept
+        // a day) would otherwise make the later pass pay for Redis's rehashing.
+        flush(&redis);
         let mut runs: Vec<(u32, &str, Vec<f64>)> = levels
             .iter()
             .flat_map(|&c| [(c, "/plain", Vec::new()), (c, "/redis", Vec::new())])
@@ -518,7 +527,7 @@ fn main() {
             runs.iter()
                 .filter(|r| r.1 == p)
                 .map(|r| (r.0, median(r.2.clone())))
-                .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap())
+                .max_by(|a, b| a.1.total_cmp(&b.1))
                 .unwrap()
         };
         let ((pc, p), (rc, r)) = (best("/plain"), best("/redis"));
@@ -529,25 +538,38 @@ fn main() {
             if apart { " (target >= 0.5)" } else { "" }
         );
     }
-    pin(&redis, pinned);
 }
 
 /// With `apart`, Redis gets CPU 1 to itself and this process (the server, and the load
-/// generators it spawns from now on) CPU 0; without, all of them share both.
-fn pin(redis: &RedisServer, apart: bool) {
+/// generators it spawns from now on) CPU 0; without, all of them share CPUs 0 and 1. False when
+/// `taskset` is missing or fails (no CPU 1, say).
+fn pin(redis: &RedisServer, apart: bool) -> bool {
     let taskset = |args: &[&str]| {
-        let ok = std::process::Command::new("taskset")
+        std::process::Command::new("taskset")
             .args(args)
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "taskset {args:?} failed (util-linux)");
+            .is_ok_and(|s| s.success())
     };
-    let redis_pid = redis.pid().unwrap().to_string();
+    let Some(redis_pid) = redis.pid().map(|p| p.to_string()) else {
+        return false;
+    };
     let me = std::process::id().to_string();
     let (redis_cpus, own_cpus) = if apart { ("1", "0") } else { ("0,1", "0,1") };
-    taskset(&["-a", "-p", "-c", redis_cpus, &redis_pid]);
-    taskset(&["-a", "-p", "-c", own_cpus, &me]);
+    taskset(&["-a", "-p", "-c", redis_cpus, &redis_pid])
+        && taskset(&["-a", "-p", "-c", own_cpus, &me])
+}
+
+/// Empties the benchmark's Redis (its own server).
+fn flush(redis: &RedisServer) {
+    let mut conn = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connect to the benchmark's Redis");
+    redis::cmd("FLUSHALL")
+        .arg("SYNC")
+        .query::<()>(&mut conn)
+        .expect("FLUSHALL");
 }
 
 fn tempfile_dir() -> String {

@@ -71,6 +71,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let mode = std::env::args().nth(2).unwrap_or_default();
+    // KEEL_CALLS_PROMETHEUS=1: with the Prometheus recorder a keel service installs, so the
+    // metrics cost what they cost in a service (without a recorder they are no-ops).
+    if std::env::var("KEEL_CALLS_PROMETHEUS").is_ok_and(|v| v == "1") {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap();
+    }
     // Only a Redis store needs a server.
     let redis = (mode != "memory").then(RedisServer::start);
     let rt = tokio::runtime::Builder::new_current_thread()

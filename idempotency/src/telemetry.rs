@@ -54,11 +54,13 @@ pub fn describe() {
     );
 }
 
-/// The metric `$kind!($name, $label => $value)`, with the label set built at compile time for
-/// each value listed (a label given at run time costs an allocation per call); any other value
-/// still works, at that cost.
+/// The metric `$kind!($name, $label => $value)`, with the key built at compile time for each
+/// value listed: a static key whose hash a recorder computes once (a label given at run time
+/// costs an allocation per call, a name given as a constant a hash per call); any other value
+/// still works, at that cost. `$name` is a literal for that reason: the test below checks that
+/// each literal is the constant of its metric.
 macro_rules! labelled {
-    ($kind:ident, $name:expr, $label:literal, $value:expr, [$($v:literal),*]) => {
+    ($kind:ident, $name:literal, $label:literal, $value:expr, [$($v:literal),*]) => {
         match $value {
             $($v => metrics::$kind!($name, $label => $v),)*
             other => metrics::$kind!($name, $label => other),
@@ -69,7 +71,7 @@ macro_rules! labelled {
 pub(crate) fn claim(outcome: &'static str) {
     labelled!(
         counter,
-        CLAIMS_TOTAL,
+        "keel_idempotency_claims_total",
         "outcome",
         outcome,
         ["new", "replay", "conflict", "mismatch", "store_error"]
@@ -80,7 +82,7 @@ pub(crate) fn claim(outcome: &'static str) {
 pub(crate) fn renewal(result: &'static str) {
     labelled!(
         counter,
-        LEASE_RENEWALS_TOTAL,
+        "keel_idempotency_lease_renewals_total",
         "result",
         result,
         ["ok", "lost", "error"]
@@ -91,7 +93,7 @@ pub(crate) fn renewal(result: &'static str) {
 pub(crate) fn complete(result: &'static str) {
     labelled!(
         counter,
-        COMPLETES_TOTAL,
+        "keel_idempotency_completes_total",
         "result",
         result,
         [
@@ -110,7 +112,7 @@ pub(crate) fn complete(result: &'static str) {
 pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
     labelled!(
         histogram,
-        STORE_DURATION_SECONDS,
+        "keel_idempotency_store_duration_seconds",
         "op",
         op,
         ["claim", "renew", "complete", "release"]
@@ -120,14 +122,14 @@ pub(crate) fn store_latency(op: &'static str, started: tokio::time::Instant) {
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn pipeline(commands: usize) {
-    metrics::histogram!(STORE_PIPELINE_COMMANDS).record(commands as f64);
+    metrics::histogram!("keel_idempotency_store_pipeline_commands").record(commands as f64);
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn connection(event: &'static str) {
     labelled!(
         counter,
-        STORE_CONNECTIONS_TOTAL,
+        "keel_idempotency_store_connections_total",
         "event",
         event,
         ["opened", "failed", "lost"]
@@ -150,6 +152,8 @@ mod tests {
             renewal("lost");
             complete("stale_owner");
             store_latency("complete", tokio::time::Instant::now());
+            pipeline(3);
+            connection("opened");
         });
         let mut seen: Vec<(String, String)> = snapshotter
             .snapshot()
@@ -171,6 +175,8 @@ mod tests {
             (COMPLETES_TOTAL, "result=stale_owner"),
             (LEASE_RENEWALS_TOTAL, "result=lost"),
             (STORE_DURATION_SECONDS, "op=complete"),
+            (STORE_PIPELINE_COMMANDS, ""),
+            (STORE_CONNECTIONS_TOTAL, "event=opened"),
         ];
         let mut expected: Vec<(String, String)> = expected
             .iter()
