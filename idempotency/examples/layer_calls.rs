@@ -13,7 +13,9 @@
 //! Requests go 32 at a time (as the HTTP benchmark's `wrk -c32`), each with a new key, a 30-byte
 //! JSON body and a 36-byte answer. `plain` as a second argument calls the handler without the
 //! layer (the loop's own cost); `memory` puts the layer on the memory store instead (the layer's
-//! own work, no store I/O). Needs `redis-server` (a private one is started).
+//! own work, no store I/O). `KEEL_CALLS_PROMETHEUS=1` installs the Prometheus recorder a keel
+//! service runs with (without one, metrics cost next to nothing). Needs `redis-server` (a
+//! private one is started).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{convert::Infallible, sync::Arc};
