@@ -168,7 +168,9 @@ pub struct DnsConfig {
     pub record: DnsRecord,
     /// The port of A/AAAA instances. Default 80.
     pub port: u16,
-    /// Re-resolve no sooner than this, whatever the TTL says. Default 1s.
+    /// Re-resolve no sooner than this, whatever the TTL says (also the pause after a failed
+    /// lookup). Default 1s; at least [`MIN_DNS_TTL`], so a zero TTL or a failing server does
+    /// not turn the watcher into a busy loop.
     #[serde(with = "serde_duration")]
     pub min_ttl: Duration,
     /// Re-resolve at least this often, whatever the TTL says. Default 5 min.
@@ -188,6 +190,9 @@ impl Default for DnsConfig {
     }
 }
 
+/// The least `discovery.dns.min_ttl`.
+pub const MIN_DNS_TTL: Duration = Duration::from_millis(100);
+
 impl DnsConfig {
     /// Checks the section.
     pub fn validate(&self) -> Result<(), String> {
@@ -197,8 +202,14 @@ impl DnsConfig {
         if self.record == DnsRecord::A && self.port == 0 {
             return Err("discovery.dns.port must not be 0".to_owned());
         }
-        if self.min_ttl > self.max_ttl || self.max_ttl.is_zero() {
-            return Err("discovery.dns.min_ttl must be <= max_ttl, and max_ttl > 0".to_owned());
+        if self.min_ttl < MIN_DNS_TTL {
+            return Err(format!(
+                "discovery.dns.min_ttl must be at least {}ms (a zero TTL would re-resolve without pause)",
+                MIN_DNS_TTL.as_millis()
+            ));
+        }
+        if self.min_ttl > self.max_ttl {
+            return Err("discovery.dns.min_ttl must be <= max_ttl".to_owned());
         }
         Ok(())
     }
@@ -438,6 +449,19 @@ mod tests {
         assert!(toml::from_str::<DiscoveryConfig>("backendd = \"redis\"").is_err());
         let no_url: DiscoveryConfig = toml::from_str("backend = \"etcd\"").unwrap();
         assert!(no_url.validate().unwrap_err().contains("url"));
+    }
+
+    #[test]
+    fn dns_re_resolves_no_more_often_than_the_floor() {
+        let dns = |min: &str, max: &str| {
+            toml::from_str::<DnsConfig>(&format!("min_ttl = \"{min}\"\nmax_ttl = \"{max}\""))
+                .unwrap()
+                .validate()
+        };
+        assert!(dns("0s", "5m").unwrap_err().contains("at least 100ms"));
+        assert!(dns("99ms", "5m").unwrap_err().contains("min_ttl"));
+        dns("100ms", "100ms").unwrap();
+        assert!(dns("2s", "1s").unwrap_err().contains("<= max_ttl"));
     }
 
     #[test]

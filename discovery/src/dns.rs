@@ -1,7 +1,7 @@
 //! DNS: A/AAAA records (with a configured port) or SRV records, re-resolved on their TTL.
 //!
-//! The re-resolve interval follows the answer's TTL, bounded by `min_ttl` (so a zero TTL does
-//! not become a busy loop) and `max_ttl` (so a day-long TTL does not hide changes for a day).
+//! The re-resolve interval follows the answer's TTL, bounded by `min_ttl` (at least 100 ms, so
+//! a zero TTL or a failing server does not become a busy loop) and `max_ttl` (so a day-long TTL does not hide changes for a day).
 //! SRV records map as nginx's `resolve service=` does: the lowest priority among the usable
 //! records are the primaries, every higher priority is `AdminState::Backup`; the SRV weight
 //! becomes the weight (0 counts as 1). SRV targets are resolved from the additional section when
@@ -245,15 +245,19 @@ fn by_priority(mut usable: Vec<(u16, Instance)>) -> Vec<Instance> {
 
 async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
     let service = publisher.service().clone();
+    // The section's bounds as validated; a section built in code that skipped validation gets
+    // the same floor, and no panic from `clamp` when its bounds are crossed.
+    let min = inner.config.min_ttl.max(crate::config::MIN_DNS_TTL);
+    let max = inner.config.max_ttl.max(min);
     loop {
         let wait = match resolve(&inner, &service).await {
             Ok((set, ttl)) => {
                 publisher.offer(set);
-                ttl.clamp(inner.config.min_ttl, inner.config.max_ttl)
+                ttl.clamp(min, max)
             }
             Err(error) => {
                 publisher.failed(&error);
-                inner.config.min_ttl
+                min
             }
         };
         tokio::select! {

@@ -40,6 +40,9 @@ use crate::{
 
 const BACKEND: &str = "etcd";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest watch message read (one JSON line of the stream): past it, the stream is dropped as
+/// broken rather than buffered without end.
+const MAX_WATCH_LINE: usize = 32 * 1024 * 1024;
 
 /// The value stored under each key (Go's `naming/endpoints` update).
 #[derive(Debug, Serialize, Deserialize)]
@@ -407,7 +410,7 @@ async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
             None => match read_all(&inner, &service).await {
                 Ok((revision, raw)) => {
                     publisher.offer(raw.values().cloned().collect());
-                    (revision + 1, raw)
+                    (revision.saturating_add(1), raw)
                 }
                 Err(error) => {
                     publisher.failed(&error);
@@ -472,7 +475,7 @@ async fn watch_from(
         return Err(unavailable(format!("watch: {}", resp.status())));
     }
     let mut stream = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut lines = Lines::default();
     let resync = tokio::time::sleep(inner.resync);
     tokio::pin!(resync);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -493,9 +496,8 @@ async fn watch_from(
             Some(Err(e)) => return Err(unavailable(e)),
             None => return Err(unavailable("watch stream ended")),
         };
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
+        lines.buf.extend_from_slice(&chunk);
+        while let Some(line) = lines.next_line() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -507,6 +509,38 @@ async fn watch_from(
                 return Ok(end);
             }
             publisher.offer(raw.values().cloned().collect());
+        }
+        if lines.buf.len() > MAX_WATCH_LINE {
+            return Err(unavailable(format!(
+                "watch message longer than {MAX_WATCH_LINE} bytes"
+            )));
+        }
+    }
+}
+
+/// The newline-delimited messages of a byte stream, each byte searched for the newline once
+/// (a message that arrives in many chunks is not searched again from its start).
+#[derive(Default)]
+struct Lines {
+    /// Bytes read and not yet taken as a line.
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline.
+    scanned: usize,
+}
+
+impl Lines {
+    /// The next whole line, its newline included, if one has arrived.
+    fn next_line(&mut self) -> Option<Vec<u8>> {
+        match self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+            Some(at) => {
+                let line = self.buf.drain(..=self.scanned + at).collect();
+                self.scanned = 0;
+                Some(line)
+            }
+            None => {
+                self.scanned = self.buf.len();
+                None
+            }
         }
     }
 }
@@ -537,7 +571,7 @@ fn apply_watch_message(
     {
         let kv = ev.get("kv");
         let revision = kv.and_then(|k| k.get("mod_revision")).map(int).unwrap_or(0);
-        *next = (*next).max(revision + 1);
+        *next = (*next).max(revision.saturating_add(1));
         let key = String::from_utf8_lossy(&decode(kv.and_then(|k| k.get("key")))).into_owned();
         match ev.get("type").and_then(Value::as_str) {
             Some("DELETE") => {
@@ -577,6 +611,64 @@ mod tests {
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(e.contains("etcd://root:***@127.0.0.1:2379"), "{e}");
+    }
+
+    #[test]
+    fn the_largest_revision_does_not_overflow_the_next() {
+        let s = ServiceName::new("payments").unwrap();
+        let msg = json!({"result": {"events": [{"kv": {
+            "key": B64.encode("keel/payments/a"),
+            "mod_revision": i64::MAX.to_string(),
+        }, "type": "DELETE"}]}});
+        let mut next = 5;
+        apply_watch_message(&s, &msg, &mut BTreeMap::new(), &mut next).unwrap();
+        assert_eq!(next, i64::MAX);
+    }
+
+    #[test]
+    fn watch_lines_split_across_and_within_chunks() {
+        let mut l = Lines::default();
+        for chunk in [&b"{\"a\""[..], b":1}\n{\"b\":2}\n{", b"\"c\":3"] {
+            l.buf.extend_from_slice(chunk);
+            while let Some(line) = l.next_line() {
+                assert!(line.ends_with(b"\n"), "{line:?}");
+                assert!(serde_json::from_slice::<Value>(&line).is_ok(), "{line:?}");
+            }
+        }
+        // The third message is still open: kept, and searched no more than once.
+        assert_eq!(l.buf, b"{\"c\":3");
+        assert_eq!(l.scanned, l.buf.len());
+        l.buf.extend_from_slice(b"}\n");
+        assert_eq!(l.next_line().as_deref(), Some(&b"{\"c\":3}\n"[..]));
+        assert!(l.next_line().is_none() && l.buf.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn watch_lines_are_the_stream_cut_at_newlines(
+            text in "[a-z\n]{0,200}",
+            cuts in proptest::collection::vec(0usize..200, 0..10),
+        ) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let mut l = Lines::default();
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                l.buf.extend_from_slice(&bytes[w[0]..w[1]]);
+                while let Some(line) = l.next_line() {
+                    got.push(line);
+                }
+            }
+            let want: Vec<Vec<u8>> = bytes
+                .split_inclusive(|b| *b == b'\n')
+                .filter(|p| p.ends_with(b"\n"))
+                .map(<[u8]>::to_vec)
+                .collect();
+            prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

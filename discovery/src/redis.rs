@@ -201,7 +201,8 @@ impl RedisDiscovery {
                 conn: tokio::sync::Mutex::new(None),
                 prefix: cfg.prefix.clone(),
                 ttl: cfg.ttl,
-                resync: cfg.resync,
+                // A longer period set in code would overflow the clock's arithmetic.
+                resync: cfg.resync.min(keel_core::units::MAX_DURATION),
                 safety: crate::setup::safety(cfg),
                 shutdown,
                 publishers: Mutex::new(BTreeMap::new()),

@@ -84,7 +84,8 @@ pub(crate) fn decide(cell: &AtomicU64, now: u64, q: Quota) -> Decision {
     match step(cell, now, q) {
         Ok(ahead) => Decision {
             allowed: true,
-            remaining: (q.tau_ns - ahead) / q.t_ns,
+            // A quota built field by field may hold a zero interval (`Quota::new` never does).
+            remaining: (q.tau_ns - ahead) / q.t_ns.max(1),
             retry_after: Duration::ZERO,
             reset: Duration::from_nanos(ahead),
         },
@@ -226,6 +227,17 @@ impl LocalGcra {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_quota_of_zeros_built_by_hand_decides_without_panicking() {
+        let g = LocalGcra::new();
+        let zero = Quota { t_ns: 0, tau_ns: 0 };
+        for _ in 0..3 {
+            let d = g.check("k", zero, 10);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 0);
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn within_one_percent_over_10_000_decisions() {
