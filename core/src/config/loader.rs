@@ -417,19 +417,25 @@ impl Sources {
     }
 
     fn build(&self, inputs: &Inputs) -> Result<config::Config, ConfigError> {
-        let mut not_utf8: Vec<ConfigError> = inputs
+        let prefix_len = self.env_prefix_lower().len();
+        let mut refused: Vec<ConfigError> = inputs
             .env_not_utf8
             .iter()
-            .map(|var| ConfigError::Invalid {
+            .map(|var| (var, "is not valid UTF-8".to_owned()))
+            .chain(inputs.env.keys().filter_map(|var| {
+                key_path_problem(var.get(prefix_len..).unwrap_or_default(), "__")
+                    .map(|reason| (var, format!("the variable's name {reason}")))
+            }))
+            .map(|(var, reason)| ConfigError::Invalid {
                 key: self.key_of_env_var(var),
                 origin: Origin::Env { var: var.clone() },
-                reason: "is not valid UTF-8".to_owned(),
+                reason,
             })
             .collect();
-        match not_utf8.len() {
+        match refused.len() {
             0 => {}
-            1 => return Err(not_utf8.remove(0)),
-            _ => return Err(ConfigError::Many(not_utf8)),
+            1 => return Err(refused.remove(0)),
+            _ => return Err(ConfigError::Many(refused)),
         }
         let mut builder = config::Config::builder();
         for (path, text) in &inputs.files {
@@ -603,11 +609,101 @@ impl TextSource {
                 })
             }
         };
+        if format == FileFormat::Yaml {
+            check_yaml(text).map_err(|(line, message)| ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                message,
+            })?;
+        }
         Ok(Self {
             uri: path.display().to_string(),
             format,
             text: text.to_owned(),
         })
+    }
+}
+
+/// Most segments a key path may have: a file's top-level key (`a.b.c`) or a variable's name
+/// (`KEEL__A__B__C`). Both are read as paths, and a deeper one is cloned by recursion.
+const MAX_KEY_SEGMENTS: usize = 32;
+
+/// Why a key path read from a file's top level (segments split by `.`) or a variable's name
+/// (split by `__`) is refused, if it is: the loader reads both as path expressions, where
+/// `[n]` would grow an array to index `n` (a capacity overflow or an allocation of terabytes).
+fn key_path_problem(path: &str, separator: &str) -> Option<String> {
+    if separator == "__"
+        && !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Some("may hold only letters, digits, _ and -".to_owned());
+    }
+    if path.contains(['[', ']']) {
+        return Some("may not hold [ or ] (an index)".to_owned());
+    }
+    if path.split(separator).count() > MAX_KEY_SEGMENTS {
+        return Some(format!("nests deeper than {MAX_KEY_SEGMENTS} levels"));
+    }
+    None
+}
+
+/// Deepest nesting of a YAML file: its loader recurses once per level, and a 2 KB file of
+/// nested `- ` would exhaust a thread's stack.
+const MAX_YAML_DEPTH: usize = 64;
+/// Most values a YAML file may hold, its aliases (`*name`) expanded: a few aliases of aliases
+/// make a file of a few hundred bytes expand to billions ("billion laughs").
+const MAX_YAML_VALUES: u64 = 100_000;
+
+/// Refuses a YAML document nested deeper than [`MAX_YAML_DEPTH`] or holding more than
+/// [`MAX_YAML_VALUES`] values once its aliases are expanded, before it is loaded: a pass over
+/// the parser's events, which neither recurses nor expands anything. A syntax error is left
+/// to the loader, which reports it with its own message. `Err((line, message))`.
+fn check_yaml(text: &str) -> Result<(), (Option<u32>, String)> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let mut values: u64 = 0;
+    // The expanded size of each anchor, and the collections open (anchor, values before it).
+    let mut sizes: HashMap<usize, u64> = HashMap::new();
+    let mut open: Vec<(usize, u64)> = Vec::new();
+    loop {
+        let Ok((event, mark)) = parser.next_token() else {
+            return Ok(());
+        };
+        let line = u32::try_from(mark.line()).ok();
+        match event {
+            Event::StreamEnd => return Ok(()),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                open.push((anchor, values));
+                values += 1;
+                if open.len() > MAX_YAML_DEPTH {
+                    return Err((line, format!("nests deeper than {MAX_YAML_DEPTH} levels")));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, before)) = open.pop() {
+                    if anchor != 0 {
+                        sizes.insert(anchor, values - before);
+                    }
+                }
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                values += 1;
+                if anchor != 0 {
+                    sizes.insert(anchor, 1);
+                }
+            }
+            Event::Alias(anchor) => {
+                values = values.saturating_add(sizes.get(&anchor).copied().unwrap_or(1));
+            }
+            _ => {}
+        }
+        if values > MAX_YAML_VALUES {
+            return Err((
+                line,
+                format!("holds more than {MAX_YAML_VALUES} values, its aliases expanded"),
+            ));
+        }
     }
 }
 
@@ -617,12 +713,24 @@ impl Source for TextSource {
     }
 
     fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
-        self.format
+        let map = self
+            .format
             .parse(Some(&self.uri), &self.text)
             .map_err(|cause| config::ConfigError::FileParse {
                 uri: Some(self.uri.clone()),
                 cause,
-            })
+            })?;
+        // Its top-level keys are read as paths: see `key_path_problem`.
+        if let Some((key, reason)) = map
+            .keys()
+            .find_map(|k| key_path_problem(k, ".").map(|r| (k, r)))
+        {
+            return Err(config::ConfigError::FileParse {
+                uri: Some(self.uri.clone()),
+                cause: format!("top-level key {key:?} {reason}").into(),
+            });
+        }
+        Ok(map)
     }
 }
 

@@ -616,3 +616,96 @@ fn env_variables_with_empty_segments_are_named() {
         );
     }
 }
+
+/// Inputs the loader's path expressions, YAML's loader or aliases would turn into a panic, an
+/// abort or gigabytes: each is refused with a reason, and a reload that meets one keeps the
+/// configuration in force.
+#[test]
+fn hostile_keys_and_documents_are_refused_not_loaded() {
+    // Variables: an index, a character no variable of ours has, nesting past the bound.
+    for (var, says) in [
+        (
+            "KEEL__SHOP[9223372036854775806]",
+            "letters, digits, _ and -",
+        ),
+        ("KEEL__NOPE[100000000000]", "letters, digits, _ and -"),
+        ("KEEL__SHOP.X", "letters, digits, _ and -"),
+        (&*format!("KEEL{}", "__A".repeat(3000)), "deeper than 32"),
+    ] {
+        let env = EnvMap::new();
+        env.set(var, "x");
+        let (err, _) = load_err("", &env);
+        assert!(
+            matches!(&err, ConfigError::Invalid { origin: Origin::Env { var: v }, .. } if v == var),
+            "{var}: {err:?}"
+        );
+        assert!(err.to_string().contains(says), "{var}: {err}");
+    }
+    // Deep but within the bound: an unknown key, as before.
+    let env = EnvMap::new();
+    env.set(format!("KEEL{}", "__A".repeat(32)), "x");
+    assert!(matches!(
+        load_err("", &env).0,
+        ConfigError::UnknownKey { .. }
+    ));
+
+    // Files: a top-level key that is an index or nests past the bound.
+    let dir = tempfile::tempdir().unwrap();
+    let deep_key = vec!["a"; 40].join(".");
+    for (name, text) in [
+        ("index.toml", "\"x[9223372036854775807]\" = 1\n".to_owned()),
+        ("index.json", "{\"x[100000000000]\": 1}".to_owned()),
+        ("deep.toml", format!("\"{deep_key}\" = 1\n")),
+    ] {
+        let f = file(&dir, name, &text);
+        let err = loader(std::slice::from_ref(&f), &EnvMap::new())
+            .load()
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { path, .. } if path == &f),
+            "{name}: {err:?}"
+        );
+        assert!(err.to_string().contains("top-level key"), "{name}: {err}");
+    }
+
+    // YAML nested past the bound (2 KB that would exhaust the stack), and aliases of aliases
+    // (a few hundred bytes that would expand to billions of values).
+    let deep = format!("{}x\n", "- ".repeat(1000));
+    let mut laughs = String::from("a0: &a0 [\"lol\"]\n");
+    for i in 1..9 {
+        let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+        laughs.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    for (name, text, says) in [
+        ("deep.yaml", deep.as_str(), "deeper than 64"),
+        ("laughs.yaml", laughs.as_str(), "aliases expanded"),
+    ] {
+        let f = file(&dir, name, text);
+        let err = loader(std::slice::from_ref(&f), &EnvMap::new())
+            .load()
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { path, line: Some(_), .. } if path == &f),
+            "{name}: {err:?}"
+        );
+        assert!(err.to_string().contains(says), "{name}: {err}");
+    }
+    // An alias or two, as configuration files use them, still load.
+    let f = file(
+        &dir,
+        "anchors.yaml",
+        "shop:\n  regions:\n    eu: &r\n      weight: 2\n    us: *r\n",
+    );
+    let config = loader(std::slice::from_ref(&f), &EnvMap::new())
+        .load()
+        .unwrap();
+    let shop = config.section::<Shop>("shop").unwrap();
+    assert_eq!(shop.load().regions.len(), 2);
+
+    // A reload that meets one keeps what is in force, and says why.
+    std::fs::write(&f, &deep).unwrap();
+    let err = config.reload().unwrap_err();
+    assert!(err.to_string().contains("deeper than 64"), "{err}");
+    assert_eq!(shop.load().regions.len(), 2);
+    assert_eq!(config.generation(), 1);
+}
