@@ -244,7 +244,8 @@ impl ConfigLoader {
         self
     }
 
-    /// Sets `key` (a dotted path such as `clients.payments.timeout`) in code; wins over all.
+    /// Sets `key` (a dotted path such as `clients.payments.timeout`, at most 32 levels, no index)
+    /// in code; wins over all.
     pub fn with_override(
         mut self,
         key: impl Into<String>,
@@ -451,6 +452,13 @@ impl Sources {
             );
         }
         for (key, value) in &self.overrides {
+            if let Some(reason) = key_path_problem(key, ".") {
+                return Err(ConfigError::Invalid {
+                    key: key.clone(),
+                    origin: Origin::Override,
+                    reason: format!("the key {reason}"),
+                });
+            }
             builder = builder
                 .set_override(key.as_str(), ValueKind::from(value.clone()))
                 .map_err(|e| ConfigError::Invalid {

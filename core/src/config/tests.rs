@@ -641,6 +641,21 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
         );
         assert!(err.to_string().contains(says), "{var}: {err}");
     }
+    // An override in code, likewise.
+    let err = loader(&[], &EnvMap::new())
+        .with_override("shop.x[100000000000]", 1)
+        .load()
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConfigError::Invalid {
+                origin: Origin::Override,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // Deep but within the bound: an unknown key, as before.
     let env = EnvMap::new();
     env.set(format!("KEEL{}", "__A".repeat(32)), "x");
