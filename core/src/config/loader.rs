@@ -480,14 +480,14 @@ impl Sources {
         })
     }
 
-    fn origin_of(&self, inputs: &Inputs, merged: &config::Config, key: &str) -> Origin {
+    fn origin_of(&self, inputs: &Inputs, report: &Report<'_>, key: &str) -> Origin {
         // Walk up the path until a value is found: an unknown nested key's own value may be
         // the thing being looked for, or only its parent table may carry an origin.
         let mut probe = key.to_owned();
         loop {
-            if let Some(v) = lookup(merged, &probe) {
+            if let Some(v) = lookup(report.table(), &probe) {
                 // A table may carry no origin of its own: take the first of its values' that does.
-                let origin = v.origin().map(str::to_owned).or_else(|| first_origin(&v));
+                let origin = v.origin().map(str::to_owned).or_else(|| first_origin(v));
                 return match origin.as_deref() {
                     Some(ENV_ORIGIN) => Origin::Env {
                         var: self.env_var_for(inputs, &probe),
@@ -498,6 +498,7 @@ impl Sources {
                             .files
                             .iter()
                             .find(|(p, _)| p == &path)
+                            .filter(|_| report.may_look_up_a_line())
                             .and_then(|(_, text)| line_of(text, &probe));
                         Origin::File { path, line }
                     }
@@ -878,7 +879,7 @@ impl Config {
         let value = top_level(&merged)?.remove(name).unwrap_or_else(empty_table);
         let parsed = typed
             .parse(value)
-            .map_err(|e| self.section_error(&inputs, &merged, name, e))?;
+            .map_err(|e| self.section_error(&inputs, &Report::new(&merged), name, e))?;
         typed.publish(parsed);
         let live = typed
             .live
@@ -998,21 +999,23 @@ impl Config {
             .read()
             .map_err(|_| Arc::new(ConfigError::Many(Vec::new())))?;
 
-        let mut errors = Vec::new();
-        for key in top.keys() {
-            if !sections.contains_key(key) {
-                errors.push(ConfigError::UnknownKey {
-                    key: key.clone(),
-                    origin: sources.origin_of(&inputs, &merged, key),
-                });
-            }
-        }
+        let report = Report::new(&merged);
+        // In order, so that the same document is refused with the same report.
+        let mut unknown: Vec<&String> = top.keys().filter(|k| !sections.contains_key(*k)).collect();
+        unknown.sort();
+        let mut errors: Vec<ConfigError> = unknown
+            .into_iter()
+            .map(|key| ConfigError::UnknownKey {
+                key: key.clone(),
+                origin: sources.origin_of(&inputs, &report, key),
+            })
+            .collect();
         let mut parsed = Vec::with_capacity(sections.len());
         for (name, section) in sections.iter() {
             let value = top.remove(name).unwrap_or_else(empty_table);
             match section.parse(value) {
                 Ok(v) => parsed.push((section.clone(), v)),
-                Err(e) => errors.push(self.section_error(&inputs, &merged, name, e)),
+                Err(e) => errors.push(self.section_error(&inputs, &report, name, e)),
             }
         }
         drop(sections);
@@ -1056,7 +1059,7 @@ impl Config {
     fn section_error(
         &self,
         inputs: &Inputs,
-        merged: &config::Config,
+        report: &Report<'_>,
         name: &str,
         error: SectionError,
     ) -> ConfigError {
@@ -1070,7 +1073,7 @@ impl Config {
                 };
                 let reason = redact_userinfo(&reason).into_owned();
                 ConfigError::Invalid {
-                    origin: sources.origin_of(inputs, merged, &key),
+                    origin: sources.origin_of(inputs, report, &key),
                     key,
                     reason,
                 }
@@ -1091,12 +1094,12 @@ impl Config {
                 if let Some(field) = unknown_field(&reason) {
                     key = format!("{key}.{field}");
                     return ConfigError::UnknownKey {
-                        origin: sources.origin_of(inputs, merged, &key),
+                        origin: sources.origin_of(inputs, report, &key),
                         key,
                     };
                 }
                 ConfigError::Invalid {
-                    origin: sources.origin_of(inputs, merged, &key),
+                    origin: sources.origin_of(inputs, report, &key),
                     key,
                     reason,
                 }
@@ -1131,20 +1134,53 @@ fn first_origin(v: &Value) -> Option<String> {
 }
 
 /// The value at a dotted path, with its origin (deserializing a `Value` would lose it).
-fn lookup(merged: &config::Config, key: &str) -> Option<Value> {
-    let mut table = merged.collect().ok()?;
+fn lookup<'t>(mut table: &'t Map<String, Value>, key: &str) -> Option<&'t Value> {
     let mut segments = key.split('.').peekable();
     while let Some(seg) = segments.next() {
-        let value = table.remove(seg)?;
+        let value = table.get(seg)?;
         if segments.peek().is_none() {
             return Some(value);
         }
-        table = match value.kind {
+        table = match &value.kind {
             ValueKind::Table(t) => t,
             _ => return None,
         };
     }
     None
+}
+
+/// Most errors of one document whose line is looked up (each looks through a whole file).
+const MAX_LINED: usize = 20;
+
+/// The merged document as the errors of one reload read it: its values collected once, not once
+/// per error, and the lines of the first [`MAX_LINED`] errors looked up, so a file of thousands
+/// of unknown keys is refused in time linear in its size.
+struct Report<'a> {
+    merged: &'a config::Config,
+    table: std::cell::OnceCell<Map<String, Value>>,
+    lined: std::cell::Cell<usize>,
+}
+
+impl<'a> Report<'a> {
+    fn new(merged: &'a config::Config) -> Self {
+        Self {
+            merged,
+            table: std::cell::OnceCell::new(),
+            lined: std::cell::Cell::new(0),
+        }
+    }
+
+    fn table(&self) -> &Map<String, Value> {
+        self.table
+            .get_or_init(|| self.merged.collect().unwrap_or_default())
+    }
+
+    /// Whether this error may look its line up.
+    fn may_look_up_a_line(&self) -> bool {
+        let n = self.lined.get();
+        self.lined.set(n + 1);
+        n < MAX_LINED
+    }
 }
 
 fn top_level(merged: &config::Config) -> Result<Map<String, Value>, ConfigError> {

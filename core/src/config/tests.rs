@@ -724,3 +724,30 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
     assert_eq!(shop.load().regions.len(), 2);
     assert_eq!(config.generation(), 1);
 }
+
+/// Thousands of unknown keys are all reported, the first twenty with their lines (looking a line
+/// up reads the whole file: for every key, the refusal took minutes).
+#[test]
+fn many_unknown_keys_are_all_reported_the_first_with_lines() {
+    let text: String = (0..2_000).map(|i| format!("k{i:04} = 1\n")).collect();
+    let (err, f) = load_err(&text, &EnvMap::new());
+    let ConfigError::Many(all) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(all.len(), 2_000);
+    for (i, e) in all.iter().enumerate() {
+        let ConfigError::UnknownKey { key, origin } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(key, &format!("k{i:04}"));
+        let line = (i < 20).then(|| u32::try_from(i + 1).unwrap());
+        assert_eq!(
+            origin,
+            &Origin::File {
+                path: f.clone(),
+                line
+            },
+            "{key}"
+        );
+    }
+}
