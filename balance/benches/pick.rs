@@ -133,6 +133,25 @@ fn maglev(c: &mut Criterion) {
     c.bench_function("maglev/rebuild-m65537-n100", |b| {
         b.iter(|| black_box(Maglev::build(members(), 65_537)))
     });
+    // Skewed weights: one member at the largest weight (1e6), the rest at 1. The build must cost
+    // the same as with uniform weights, not M × N.
+    let mut g = c.benchmark_group("maglev-rebuild-skew");
+    g.sample_size(10);
+    for (n, m) in [(2_000usize, 65_537u32), (400, 5_000_011)] {
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("bench-10.0.{}.{}:80", i / 256, i % 256))
+            .collect();
+        for skewed in [false, true] {
+            let members = || {
+                names.iter().enumerate().map(move |(i, s)| {
+                    (s.as_str(), if skewed && i == 0 { 1_000_000u32 } else { 1 })
+                })
+            };
+            let id = format!("m{m}-n{n}-{}", if skewed { "skewed" } else { "uniform" });
+            g.bench_function(id, |b| b.iter(|| black_box(Maglev::build(members(), m))));
+        }
+    }
+    g.finish();
 }
 
 criterion_group!(benches, picks, maglev);

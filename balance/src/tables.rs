@@ -11,6 +11,8 @@
 //!   a lookup is one modulo and one load. Weights follow Envoy's extension: a backend takes a turn
 //!   in round `r` only while `r × weight ≥ turns taken × max weight`.
 
+use std::{cmp::Reverse, collections::BinaryHeap};
+
 use crate::hash::{hash_bytes, Rng};
 
 /// Vose alias table over the member weights.
@@ -196,15 +198,50 @@ impl Maglev {
         // for a free slot, and this keeps the probes out of the 256 KiB table.
         let mut taken = vec![0u64; (m as usize).div_ceil(64)];
         let mut filled = 0u64;
+        // Turns are taken in rounds 1, 2, …, and within a round in member order. Member `i` may
+        // take one turn in round `r` once `r × weight ≥ target` (its turns so far × max weight),
+        // so after a turn in round `r` its next turn is in round
+        // `max(r + 1, ⌈target / weight⌉)`. Rather than visit every member every round (M × N
+        // steps when one weight dwarfs the others), each member is scheduled for its next round:
+        // `cur` holds, in member order, those due in the current round and `next` those due in
+        // the one after (the common case, without division); the rest wait in `later`, a
+        // min-heap keyed by `round << 32 | member`, so the table comes out the same as visiting
+        // every member every round. A member of the largest weight takes a turn every round,
+        // so the table is full by round M and later rounds need never be scheduled.
+        let mut cur: Vec<u32> = (0..members.len() as u32).collect();
+        let mut next: Vec<u32> = Vec::with_capacity(cur.len());
+        let mut due: Vec<u32> = Vec::new();
+        let mut merged: Vec<u32> = Vec::new();
+        let mut later: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
         let mut round = 1u64;
-        while filled < m {
-            for (i, e) in b.iter_mut().enumerate() {
-                if filled >= m {
+        'rounds: while filled < m {
+            due.clear();
+            while let Some(&Reverse(key)) = later.peek() {
+                if key >> 32 != round {
                     break;
                 }
-                if round * e.weight < e.target {
-                    continue;
+                later.pop();
+                due.push(key as u32);
+            }
+            if !due.is_empty() {
+                // `cur` and `due` are each in member order (and disjoint): merge them.
+                merged.clear();
+                let (mut a, mut d) = (0, 0);
+                while let (Some(&x), Some(&y)) = (cur.get(a), due.get(d)) {
+                    if x < y {
+                        merged.push(x);
+                        a += 1;
+                    } else {
+                        merged.push(y);
+                        d += 1;
+                    }
                 }
+                merged.extend_from_slice(&cur[a..]);
+                merged.extend_from_slice(&due[d..]);
+                std::mem::swap(&mut cur, &mut merged);
+            }
+            for &i in &cur {
+                let e = &mut b[i as usize];
                 e.target += max_w;
                 let (mut c, skip) = (e.pos, e.skip);
                 while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
@@ -219,10 +256,30 @@ impl Maglev {
                 } else {
                     c + skip
                 };
-                table[c as usize] = i as u32;
+                table[c as usize] = i;
                 filled += 1;
+                if filled >= m {
+                    break 'rounds;
+                }
+                if (round + 1) * e.weight >= e.target {
+                    next.push(i);
+                } else {
+                    let r = e.target.div_ceil(e.weight);
+                    if r <= m {
+                        later.push(Reverse(r << 32 | u64::from(i)));
+                    }
+                }
             }
+            std::mem::swap(&mut cur, &mut next);
+            next.clear();
             round += 1;
+            if cur.is_empty() {
+                // Not reached while a member of the largest weight is scheduled every round.
+                match later.peek() {
+                    Some(&Reverse(key)) => round = key >> 32,
+                    None => break,
+                }
+            }
         }
         Self { table }
     }
@@ -260,7 +317,82 @@ impl Maglev {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::{
+        any, prop, prop_assert_eq, prop_oneof, proptest, Just, ProptestConfig, Strategy,
+    };
+
     use super::*;
+
+    /// The build as it was before members were scheduled by round: every member visited every round.
+    /// Slow (M × N under skewed weights) but plainly the definition; the build must match it.
+    fn reference(members: &[(&str, u32)], m: u32) -> Vec<u32> {
+        let m = u64::from(m.max(1));
+        if members.is_empty() {
+            return Vec::new();
+        }
+        struct Build {
+            pos: u64,
+            skip: u64,
+            weight: u64,
+            target: u64,
+        }
+        let max_w = members
+            .iter()
+            .map(|x| u64::from(x.1.max(1)))
+            .max()
+            .unwrap_or(1);
+        let mut b: Vec<Build> = members
+            .iter()
+            .map(|(name, w)| {
+                let h1 = hash_bytes(name.as_bytes(), 0x6d61_676c_6576);
+                let h2 = hash_bytes(name.as_bytes(), 0x736b_6970);
+                Build {
+                    pos: h1 % m,
+                    skip: if m > 1 { h2 % (m - 1) + 1 } else { 1 },
+                    weight: u64::from((*w).max(1)),
+                    target: 0,
+                }
+            })
+            .collect();
+        let mut table = vec![u32::MAX; m as usize];
+        let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+        let mut filled = 0u64;
+        let mut round = 1u64;
+        while filled < m {
+            for (i, e) in b.iter_mut().enumerate() {
+                if filled >= m {
+                    break;
+                }
+                if round * e.weight < e.target {
+                    continue;
+                }
+                e.target += max_w;
+                let (mut c, skip) = (e.pos, e.skip);
+                while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
+                    c += skip;
+                    if c >= m {
+                        c -= m;
+                    }
+                }
+                taken[(c >> 6) as usize] |= 1 << (c & 63);
+                e.pos = if c + skip >= m {
+                    c + skip - m
+                } else {
+                    c + skip
+                };
+                table[c as usize] = i as u32;
+                filled += 1;
+            }
+            round += 1;
+        }
+        table
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.1.{}.{}:8080", i / 256, i % 256))
+            .collect()
+    }
 
     #[test]
     fn alias_is_weighted() {
@@ -282,6 +414,81 @@ mod tests {
         let s = t.shares(4);
         for (i, w) in [0.1, 0.2, 0.3, 0.4].iter().enumerate() {
             assert!((s[i] as f64 / 65_537.0 - w).abs() < 0.01, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn maglev_matches_reference_when_one_weight_dwarfs_the_rest() {
+        let names = names(2_000);
+        let members: Vec<(&str, u32)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), if i == 0 { 1_000_000 } else { 1 }))
+            .collect();
+        let t = Maglev::build(members.iter().copied(), 65_537);
+        assert_eq!(t.table, reference(&members, 65_537));
+        // Every member still gets its first turn in round 1.
+        assert!(t.shares(2_000).iter().all(|&s| s >= 1));
+    }
+
+    #[test]
+    fn maglev_matches_reference_at_the_edges() {
+        let names = names(20);
+        for m in [1, 2, 7, 13, 101] {
+            for n in [0, 1, 2, 13, 20] {
+                let members: Vec<(&str, u32)> = names[..n]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.as_str(), (i as u32 % 3) * 7))
+                    .collect();
+                let t = Maglev::build(members.iter().copied(), m);
+                assert_eq!(t.table, reference(&members, m), "m={m} n={n}");
+            }
+        }
+    }
+
+    /// Member weights: mostly 1..=1000 (small ones often dividing the largest, which lands turns
+    /// exactly on a round boundary), and in two cases of three up to two heavy members, mostly
+    /// at or near the 1_000_000 cap.
+    fn weights() -> impl Strategy<Value = Vec<u32>> {
+        let light = prop_oneof![
+            3 => 1u32..=1000,
+            1 => prop::sample::select(vec![1u32, 2, 3, 4, 5, 8, 10, 100, 1000]),
+        ];
+        let heavy = prop_oneof![
+            2 => Just(1_000_000u32),
+            1 => 999_000u32..=1_000_000,
+            1 => 1_001u32..=20_000,
+        ];
+        (
+            proptest::collection::vec(light, 0..40),
+            proptest::collection::vec((any::<prop::sample::Index>(), heavy), 0..3),
+        )
+            .prop_map(|(mut w, heavy)| {
+                for (at, h) in heavy {
+                    if !w.is_empty() {
+                        let i = at.index(w.len());
+                        w[i] = h;
+                    }
+                }
+                w
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn maglev_build_matches_reference(
+            weights in weights(),
+            m in prop::sample::select(vec![13u32, 101, 65_537]),
+            salt in any::<u16>(),
+        ) {
+            let names: Vec<String> = (0..weights.len()).map(|i| format!("m{salt}-{i}")).collect();
+            let members: Vec<(&str, u32)> =
+                names.iter().map(String::as_str).zip(weights.iter().copied()).collect();
+            let t = Maglev::build(members.iter().copied(), m);
+            prop_assert_eq!(t.table, reference(&members, m));
         }
     }
 }
