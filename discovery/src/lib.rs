@@ -76,7 +76,7 @@ mod traits;
 pub use self::{
     config::{
         Backend, CheckKind, DiscoveryConfig, DnsConfig, DnsRecord, HealthCheckConfig,
-        StaticEndpoint,
+        StaticEndpoint, MIN_DNS_TTL,
     },
     error::DiscoveryError,
     file::{parse_file, FileDiscovery, FileSets},
