@@ -1,7 +1,8 @@
 //! DNS: A/AAAA records (with a configured port) or SRV records, re-resolved on their TTL.
 //!
 //! The re-resolve interval follows the answer's TTL, bounded by `min_ttl` (at least 100 ms, so
-//! a zero TTL or a failing server does not become a busy loop) and `max_ttl` (so a day-long TTL does not hide changes for a day).
+//! a zero TTL or a failing server does not become a busy loop) and `max_ttl` (so a day-long TTL
+//! does not hide changes for a day).
 //! SRV records map as nginx's `resolve service=` does: the lowest priority among the usable
 //! records are the primaries, every higher priority is `AdminState::Backup`; the SRV weight
 //! becomes the weight (0 counts as 1). SRV targets are resolved from the additional section when

@@ -496,7 +496,7 @@ async fn watch_from(
             Some(Err(e)) => return Err(unavailable(e)),
             None => return Err(unavailable("watch stream ended")),
         };
-        lines.buf.extend_from_slice(&chunk);
+        lines.push(&chunk);
         while let Some(line) = lines.next_line() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -510,7 +510,7 @@ async fn watch_from(
             }
             publisher.offer(raw.values().cloned().collect());
         }
-        if lines.buf.len() > MAX_WATCH_LINE {
+        if lines.pending() > MAX_WATCH_LINE {
             return Err(unavailable(format!(
                 "watch message longer than {MAX_WATCH_LINE} bytes"
             )));
@@ -519,29 +519,48 @@ async fn watch_from(
 }
 
 /// The newline-delimited messages of a byte stream, each byte searched for the newline once
-/// (a message that arrives in many chunks is not searched again from its start).
+/// (a message that arrives in many chunks is not searched again from its start), and the lines
+/// of a chunk taken without moving the rest of it for each.
 #[derive(Default)]
 struct Lines {
-    /// Bytes read and not yet taken as a line.
+    /// Bytes read; those before `start` are taken.
     buf: Vec<u8>,
-    /// How much of `buf` is known to hold no newline.
+    /// Where the first byte not yet taken as a line is.
+    start: usize,
+    /// How much of `buf` is known to hold no newline after `start`.
     scanned: usize,
 }
 
 impl Lines {
+    /// Appends a chunk of the stream.
+    fn push(&mut self, chunk: &[u8]) {
+        // What was taken goes now, once per chunk rather than once per line.
+        self.buf.drain(..self.start);
+        self.scanned -= self.start;
+        self.start = 0;
+        self.buf.extend_from_slice(chunk);
+    }
+
     /// The next whole line, its newline included, if one has arrived.
-    fn next_line(&mut self) -> Option<Vec<u8>> {
-        match self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+    fn next_line(&mut self) -> Option<&[u8]> {
+        let from = self.scanned.max(self.start);
+        match self.buf[from..].iter().position(|b| *b == b'\n') {
             Some(at) => {
-                let line = self.buf.drain(..=self.scanned + at).collect();
-                self.scanned = 0;
-                Some(line)
+                let line = self.start..from + at + 1;
+                self.start = line.end;
+                self.scanned = line.end;
+                Some(&self.buf[line])
             }
             None => {
                 self.scanned = self.buf.len();
                 None
             }
         }
+    }
+
+    /// Bytes read and not yet taken as a line: the message being read.
+    fn pending(&self) -> usize {
+        self.buf.len() - self.start
     }
 }
 
@@ -628,19 +647,25 @@ mod tests {
     #[test]
     fn watch_lines_split_across_and_within_chunks() {
         let mut l = Lines::default();
+        let mut got = Vec::new();
         for chunk in [&b"{\"a\""[..], b":1}\n{\"b\":2}\n{", b"\"c\":3"] {
-            l.buf.extend_from_slice(chunk);
+            l.push(chunk);
             while let Some(line) = l.next_line() {
-                assert!(line.ends_with(b"\n"), "{line:?}");
-                assert!(serde_json::from_slice::<Value>(&line).is_ok(), "{line:?}");
+                got.push(line.to_vec());
             }
         }
-        // The third message is still open: kept, and searched no more than once.
-        assert_eq!(l.buf, b"{\"c\":3");
+        assert_eq!(got, [&b"{\"a\":1}\n"[..], b"{\"b\":2}\n"]);
+        // The third message is still open: kept, and not searched again.
+        assert_eq!(l.pending(), 6);
         assert_eq!(l.scanned, l.buf.len());
-        l.buf.extend_from_slice(b"}\n");
-        assert_eq!(l.next_line().as_deref(), Some(&b"{\"c\":3}\n"[..]));
-        assert!(l.next_line().is_none() && l.buf.is_empty());
+        l.push(b"}\n");
+        assert_eq!(
+            l.buf, b"{\"c\":3}\n",
+            "what was taken is dropped on the next chunk"
+        );
+        assert_eq!(l.next_line(), Some(&b"{\"c\":3}\n"[..]));
+        assert!(l.next_line().is_none());
+        assert_eq!(l.pending(), 0);
     }
 
     proptest! {
@@ -657,9 +682,9 @@ mod tests {
             let mut l = Lines::default();
             let mut got = Vec::new();
             for w in cuts.windows(2) {
-                l.buf.extend_from_slice(&bytes[w[0]..w[1]]);
+                l.push(&bytes[w[0]..w[1]]);
                 while let Some(line) = l.next_line() {
-                    got.push(line);
+                    got.push(line.to_vec());
                 }
             }
             let want: Vec<Vec<u8>> = bytes
@@ -667,7 +692,9 @@ mod tests {
                 .filter(|p| p.ends_with(b"\n"))
                 .map(<[u8]>::to_vec)
                 .collect();
+            let rest = bytes.len() - want.iter().map(Vec::len).sum::<usize>();
             prop_assert_eq!(got, want);
+            prop_assert_eq!(l.pending(), rest);
         }
     }
 

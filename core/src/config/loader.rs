@@ -470,7 +470,14 @@ impl Sources {
         builder.build().map_err(|e| match e {
             config::ConfigError::FileParse { uri, cause } => {
                 let path = PathBuf::from(uri.unwrap_or_default());
-                parse_error(path, cause.to_string())
+                match cause.downcast::<KeyRefused>() {
+                    Ok(refused) => ConfigError::Parse {
+                        path,
+                        line: None,
+                        message: refused.0,
+                    },
+                    Err(cause) => parse_error(path, cause.to_string()),
+                }
             }
             other => ConfigError::Invalid {
                 key: String::new(),
@@ -490,7 +497,7 @@ impl Sources {
                 let origin = v.origin().map(str::to_owned).or_else(|| first_origin(v));
                 return match origin.as_deref() {
                     Some(ENV_ORIGIN) => Origin::Env {
-                        var: self.env_var_for(inputs, &probe),
+                        var: self.env_var_for(report, &probe),
                     },
                     Some(uri) => {
                         let path = PathBuf::from(uri);
@@ -513,7 +520,7 @@ impl Sources {
                 // Not in the document as a path (`KEEL____X` is the key `.x`, `KEEL__SHOP__`
                 // is `shop.`): the variable that spells it, if one does.
                 None => {
-                    return match self.find_env_var(inputs, key) {
+                    return match report.env_var(key) {
                         Some(var) => Origin::Env { var },
                         None => Origin::Default,
                     }
@@ -522,8 +529,9 @@ impl Sources {
         }
     }
 
-    fn env_var_for(&self, inputs: &Inputs, key: &str) -> String {
-        self.find_env_var(inputs, key).unwrap_or_else(|| {
+    /// The variable that sets `key`: the one given, else its name as spelled by the prefix.
+    fn env_var_for(&self, report: &Report<'_>, key: &str) -> String {
+        report.env_var(key).unwrap_or_else(|| {
             let prefix = self.env_prefix.clone().unwrap_or_default();
             format!("{prefix}__{}", key.replace('.', "__").to_ascii_uppercase())
         })
@@ -538,17 +546,6 @@ impl Sources {
                 .unwrap_or_default()
                 .to_ascii_lowercase()
         )
-    }
-
-    /// The variable whose name maps to `key`, if any.
-    fn find_env_var(&self, inputs: &Inputs, key: &str) -> Option<String> {
-        let wanted = key.replace('.', "__").to_ascii_lowercase();
-        let prefix = self.env_prefix_lower();
-        inputs
-            .env
-            .keys()
-            .find(|k| k.to_ascii_lowercase().strip_prefix(&prefix) == Some(wanted.as_str()))
-            .cloned()
     }
 
     /// The key path a variable's name maps to: `KEEL__SHOP__CURRENCY` is `shop.currency`.
@@ -644,35 +641,54 @@ fn key_path_problem(path: &str, separator: &str) -> Option<String> {
     if separator == "__"
         && !path
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
     {
-        return Some("may hold only letters, digits, _ and -".to_owned());
+        return Some("may hold only letters, digits, _, - and .".to_owned());
     }
     if path.contains(['[', ']']) {
         return Some("may not hold [ or ] (an index)".to_owned());
     }
-    if path.split(separator).count() > MAX_KEY_SEGMENTS {
+    // A variable's `.` nests too (`KEEL__SHOP.CURRENCY` is `shop.currency`).
+    let segments: usize = path.split(separator).map(|s| s.split('.').count()).sum();
+    if segments > MAX_KEY_SEGMENTS {
         return Some(format!("nests deeper than {MAX_KEY_SEGMENTS} levels"));
     }
     None
 }
 
+/// A file's top-level key that [`key_path_problem`] refuses, carried through `config`'s error
+/// as itself (not as text, which would be searched for a line number).
+#[derive(Debug)]
+struct KeyRefused(String);
+
+impl fmt::Display for KeyRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyRefused {}
+
 /// Deepest nesting of a YAML file: its loader recurses once per level, and a 2 KB file of
 /// nested `- ` would exhaust a thread's stack.
 const MAX_YAML_DEPTH: usize = 64;
-/// Most values a YAML file may hold, its aliases (`*name`) expanded: a few aliases of aliases
-/// make a file of a few hundred bytes expand to billions ("billion laughs").
-const MAX_YAML_VALUES: u64 = 100_000;
+/// Most nodes (keys, values and collections) a YAML file may hold, its aliases (`*name`)
+/// expanded: a few aliases of aliases make a file of a few hundred bytes expand to billions
+/// ("billion laughs").
+const MAX_YAML_NODES: u64 = 100_000;
 
 /// Refuses a YAML document nested deeper than [`MAX_YAML_DEPTH`] or holding more than
-/// [`MAX_YAML_VALUES`] values once its aliases are expanded, before it is loaded: a pass over
+/// [`MAX_YAML_NODES`] nodes once its aliases are expanded, before it is loaded: a pass over
 /// the parser's events, which neither recurses nor expands anything. A syntax error is left
 /// to the loader, which reports it with its own message. `Err((line, message))`.
+///
+/// Anchors are not forgotten between documents as the loader forgets them; that changes
+/// nothing, since the parser never gives two anchors one id (and `config` takes one document).
 fn check_yaml(text: &str) -> Result<(), (Option<u32>, String)> {
     use yaml_rust2::parser::{Event, Parser};
     let mut parser = Parser::new_from_str(text);
-    let mut values: u64 = 0;
-    // The expanded size of each anchor, and the collections open (anchor, values before it).
+    let mut nodes: u64 = 0;
+    // The expanded size of each anchor, and the collections open (anchor, nodes before it).
     let mut sizes: HashMap<usize, u64> = HashMap::new();
     let mut open: Vec<(usize, u64)> = Vec::new();
     loop {
@@ -683,8 +699,8 @@ fn check_yaml(text: &str) -> Result<(), (Option<u32>, String)> {
         match event {
             Event::StreamEnd => return Ok(()),
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                open.push((anchor, values));
-                values += 1;
+                open.push((anchor, nodes));
+                nodes += 1;
                 if open.len() > MAX_YAML_DEPTH {
                     return Err((line, format!("nests deeper than {MAX_YAML_DEPTH} levels")));
                 }
@@ -692,25 +708,27 @@ fn check_yaml(text: &str) -> Result<(), (Option<u32>, String)> {
             Event::SequenceEnd | Event::MappingEnd => {
                 if let Some((anchor, before)) = open.pop() {
                     if anchor != 0 {
-                        sizes.insert(anchor, values - before);
+                        sizes.insert(anchor, nodes - before);
                     }
                 }
             }
             Event::Scalar(_, _, anchor, _) => {
-                values += 1;
+                nodes += 1;
                 if anchor != 0 {
                     sizes.insert(anchor, 1);
                 }
             }
             Event::Alias(anchor) => {
-                values = values.saturating_add(sizes.get(&anchor).copied().unwrap_or(1));
+                nodes = nodes.saturating_add(sizes.get(&anchor).copied().unwrap_or(1));
             }
             _ => {}
         }
-        if values > MAX_YAML_VALUES {
+        if nodes > MAX_YAML_NODES {
             return Err((
                 line,
-                format!("holds more than {MAX_YAML_VALUES} values, its aliases expanded"),
+                format!(
+                    "holds more than {MAX_YAML_NODES} nodes (keys, values and collections), its aliases expanded"
+                ),
             ));
         }
     }
@@ -729,14 +747,16 @@ impl Source for TextSource {
                 uri: Some(self.uri.clone()),
                 cause,
             })?;
-        // Its top-level keys are read as paths: see `key_path_problem`.
+        // Its top-level keys are read as paths: see `key_path_problem`. The first refused, in
+        // key order, so that the same file is refused with the same reason.
         if let Some((key, reason)) = map
             .keys()
-            .find_map(|k| key_path_problem(k, ".").map(|r| (k, r)))
+            .filter_map(|k| key_path_problem(k, ".").map(|r| (k, r)))
+            .min()
         {
             return Err(config::ConfigError::FileParse {
                 uri: Some(self.uri.clone()),
-                cause: format!("top-level key {key:?} {reason}").into(),
+                cause: Box::new(KeyRefused(format!("top-level key {key:?} {reason}"))),
             });
         }
         Ok(map)
@@ -877,9 +897,14 @@ impl Config {
         let inputs = self.inner.sources.read()?;
         let merged = self.inner.sources.build(&inputs)?;
         let value = top_level(&merged)?.remove(name).unwrap_or_else(empty_table);
-        let parsed = typed
-            .parse(value)
-            .map_err(|e| self.section_error(&inputs, &Report::new(&merged), name, e))?;
+        let parsed = typed.parse(value).map_err(|e| {
+            self.section_error(
+                &inputs,
+                &Report::new(&merged, &self.inner.sources, &inputs),
+                name,
+                e,
+            )
+        })?;
         typed.publish(parsed);
         let live = typed
             .live
@@ -999,26 +1024,35 @@ impl Config {
             .read()
             .map_err(|_| Arc::new(ConfigError::Many(Vec::new())))?;
 
-        let report = Report::new(&merged);
+        let report = Report::new(&merged, sources, &inputs);
         // In order, so that the same document is refused with the same report.
-        let mut unknown: Vec<&String> = top.keys().filter(|k| !sections.contains_key(*k)).collect();
-        unknown.sort();
-        let mut errors: Vec<ConfigError> = unknown
-            .into_iter()
-            .map(|key| ConfigError::UnknownKey {
-                key: key.clone(),
-                origin: sources.origin_of(&inputs, &report, key),
-            })
+        let mut unknown: Vec<String> = top
+            .keys()
+            .filter(|k| !sections.contains_key(*k))
+            .cloned()
             .collect();
+        unknown.sort();
+        // The sections' errors first, so that they take the lines looked up (there are few of
+        // them, and a bad value is the error most worth its line); reported after the unknown
+        // keys.
+        let mut section_errors = Vec::new();
         let mut parsed = Vec::with_capacity(sections.len());
         for (name, section) in sections.iter() {
             let value = top.remove(name).unwrap_or_else(empty_table);
             match section.parse(value) {
                 Ok(v) => parsed.push((section.clone(), v)),
-                Err(e) => errors.push(self.section_error(&inputs, &report, name, e)),
+                Err(e) => section_errors.push(self.section_error(&inputs, &report, name, e)),
             }
         }
         drop(sections);
+        let mut errors: Vec<ConfigError> = unknown
+            .into_iter()
+            .map(|key| ConfigError::UnknownKey {
+                origin: sources.origin_of(&inputs, &report, &key),
+                key,
+            })
+            .collect();
+        errors.append(&mut section_errors);
         if !errors.is_empty() {
             return Err(Arc::new(if errors.len() == 1 {
                 errors.remove(0)
@@ -1159,20 +1193,44 @@ struct Report<'a> {
     merged: &'a config::Config,
     table: std::cell::OnceCell<Map<String, Value>>,
     lined: std::cell::Cell<usize>,
+    sources: &'a Sources,
+    inputs: &'a Inputs,
+    /// The variables by the key they spell (`shop__currency`), made once.
+    env: std::cell::OnceCell<HashMap<String, String>>,
 }
 
 impl<'a> Report<'a> {
-    fn new(merged: &'a config::Config) -> Self {
+    fn new(merged: &'a config::Config, sources: &'a Sources, inputs: &'a Inputs) -> Self {
         Self {
             merged,
             table: std::cell::OnceCell::new(),
             lined: std::cell::Cell::new(0),
+            sources,
+            inputs,
+            env: std::cell::OnceCell::new(),
         }
     }
 
     fn table(&self) -> &Map<String, Value> {
         self.table
             .get_or_init(|| self.merged.collect().unwrap_or_default())
+    }
+
+    /// The variable whose name maps to `key`, if any.
+    fn env_var(&self, key: &str) -> Option<String> {
+        let env = self.env.get_or_init(|| {
+            let prefix = self.sources.env_prefix_lower();
+            let mut env = HashMap::new();
+            // In name order, the first variable of a spelling wins.
+            for var in self.inputs.env.keys() {
+                if let Some(spelled) = var.to_ascii_lowercase().strip_prefix(&prefix) {
+                    env.entry(spelled.to_owned()).or_insert_with(|| var.clone());
+                }
+            }
+            env
+        });
+        env.get(&key.replace('.', "__").to_ascii_lowercase())
+            .cloned()
     }
 
     /// Whether this error may look its line up.

@@ -626,10 +626,11 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
     for (var, says) in [
         (
             "KEEL__SHOP[9223372036854775806]",
-            "letters, digits, _ and -",
+            "letters, digits, _, - and .",
         ),
-        ("KEEL__NOPE[100000000000]", "letters, digits, _ and -"),
-        ("KEEL__SHOP.X", "letters, digits, _ and -"),
+        ("KEEL__NOPE[100000000000]", "letters, digits, _, - and ."),
+        ("KEEL__SHOP X", "letters, digits, _, - and ."),
+        (&*format!("KEEL__A{}", ".A".repeat(40)), "deeper than 32"),
         (&*format!("KEEL{}", "__A".repeat(3000)), "deeper than 32"),
     ] {
         let env = EnvMap::new();
@@ -641,6 +642,14 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
         );
         assert!(err.to_string().contains(says), "{var}: {err}");
     }
+    // A `.` in a variable's name nests, as it always did.
+    let env = EnvMap::new();
+    env.set("KEEL__SHOP.CURRENCY", "CHF");
+    let config = loader(&[], &env).load().unwrap();
+    assert_eq!(
+        config.section::<Shop>("shop").unwrap().load().currency,
+        "CHF"
+    );
     // An override in code, likewise.
     let err = loader(&[], &EnvMap::new())
         .with_override("shop.x[100000000000]", 1)
@@ -671,13 +680,14 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
         ("index.toml", "\"x[9223372036854775807]\" = 1\n".to_owned()),
         ("index.json", "{\"x[100000000000]\": 1}".to_owned()),
         ("deep.toml", format!("\"{deep_key}\" = 1\n")),
+        ("line.toml", "\"line9.x[0]\" = 1\n".to_owned()),
     ] {
         let f = file(&dir, name, &text);
         let err = loader(std::slice::from_ref(&f), &EnvMap::new())
             .load()
             .unwrap_err();
         assert!(
-            matches!(&err, ConfigError::Parse { path, .. } if path == &f),
+            matches!(&err, ConfigError::Parse { path, line: None, .. } if path == &f),
             "{name}: {err:?}"
         );
         assert!(err.to_string().contains("top-level key"), "{name}: {err}");
@@ -725,22 +735,30 @@ fn hostile_keys_and_documents_are_refused_not_loaded() {
     assert_eq!(config.generation(), 1);
 }
 
-/// Thousands of unknown keys are all reported, the first twenty with their lines (looking a line
+/// Thousands of unknown keys are all reported, the first with their lines (looking a line
 /// up reads the whole file: for every key, the refusal took minutes).
 #[test]
 fn many_unknown_keys_are_all_reported_the_first_with_lines() {
-    let text: String = (0..2_000).map(|i| format!("k{i:04} = 1\n")).collect();
+    let mut text: String = (0..2_000).map(|i| format!("k{i:04} = 1\n")).collect();
+    text.push_str("[shop]\nmax_items = \"many\"\n");
     let (err, f) = load_err(&text, &EnvMap::new());
     let ConfigError::Many(all) = &err else {
         panic!("{err:?}")
     };
-    assert_eq!(all.len(), 2_000);
-    for (i, e) in all.iter().enumerate() {
+    assert_eq!(all.len(), 2_001);
+    // The bad value comes last, and has its line although the unknown keys came first.
+    assert!(
+        matches!(&all[2_000], ConfigError::Invalid { key, origin: Origin::File { line: Some(2_002), .. }, .. } if key == "shop.max_items"),
+        "{:?}",
+        all[2_000]
+    );
+    for (i, e) in all[..2_000].iter().enumerate() {
         let ConfigError::UnknownKey { key, origin } = e else {
             panic!("{e:?}")
         };
         assert_eq!(key, &format!("k{i:04}"));
-        let line = (i < 20).then(|| u32::try_from(i + 1).unwrap());
+        // Twenty lines in all: the bad value took one.
+        let line = (i < 19).then(|| u32::try_from(i + 1).unwrap());
         assert_eq!(
             origin,
             &Origin::File {
