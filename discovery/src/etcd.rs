@@ -501,7 +501,7 @@ async fn watch_from(
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let msg: Value = match serde_json::from_slice(&line) {
+            let msg: Value = match serde_json::from_slice(line) {
                 Ok(v) => v,
                 Err(e) => return Err(unavailable(format!("watch message: {e}"))),
             };
