@@ -67,7 +67,9 @@ impl StoredResponse {
         }
         let status = StatusCode::from_u16(r.u16()?).ok()?;
         let count = r.u16()?;
-        let mut headers = Vec::with_capacity(usize::from(count));
+        // Sized by what the record can hold (a header takes at least six bytes), not by what
+        // its count says: a corrupt count would otherwise reserve megabytes.
+        let mut headers = Vec::with_capacity(usize::from(count).min(raw.len() / 6));
         for _ in 0..count {
             let nl = usize::from(r.u16()?);
             let n = HeaderName::from_bytes(r.take(nl)?).ok()?;

@@ -701,6 +701,48 @@ async fn records_of_the_earlier_layout_are_read_and_taken_over() {
             Claim::Completed(done)
         );
     }
+    // Records of the earlier layout that cannot be read (letters where digits belong, a token
+    // past what the script counts exactly): in progress, as any record it cannot read, and
+    // left as they are (the script failed on the first, and took the second with a token out
+    // of range, claiming the key for nobody).
+    for (key, record) in [
+        (
+            "bad-token",
+            format!("r{}{}", "x".repeat(20), "0".repeat(19)),
+        ),
+        (
+            "huge-token",
+            format!("r{}{}", "9".repeat(20), "0".repeat(19)),
+        ),
+        (
+            "bad-end",
+            format!("p{:020}{}{}", 7, "y".repeat(13), tail("old", "f")),
+        ),
+        (
+            "bad-length",
+            format!("p{:020}{:013}zz{}", 7, now_ms - 1, "old"),
+        ),
+    ] {
+        let _: () = put(key, record.clone())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            assert!(
+                matches!(
+                    store.claim(key, "o", "f", Duration::from_secs(5)).await,
+                    Ok(Claim::InProgress { .. })
+                ),
+                "{key}"
+            );
+        }
+        let kept: String = redis::cmd("GET")
+            .arg(format!("t:{{{key}}}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, record, "{key}");
+    }
     // An instance not yet upgraded, on records the new store wrote.
     let earlier = redis::Script::new(EARLIER_CLAIM);
     let mut old = conn.clone();

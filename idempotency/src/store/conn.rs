@@ -40,6 +40,10 @@ const MAX_BATCH: usize = 64;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Deepest nesting of arrays read in a reply (the store's deepest is 2).
 const MAX_DEPTH: usize = 8;
+/// Most elements of an array read: the store's replies hold at most three (a transaction's
+/// `EXEC`, `TIME`, a script's pair). A longer array, from a broken or hostile server, would be
+/// read again from its start on every read while it trickles in.
+const MAX_ITEMS: usize = 64;
 /// Longest line read (a type byte, a length or a status or error message, and `\r\n`).
 const MAX_LINE: usize = 4096;
 /// Longest string read: Redis's own limit (`proto-max-bulk-len`).
@@ -611,7 +615,7 @@ fn reply(buf: &[u8], depth: usize, keep: bool) -> Result<Option<(Value, usize)>,
             }
         }
         b'*' => {
-            let Some(n) = length(line, MAX_BULK)? else {
+            let Some(n) = length(line, MAX_ITEMS)? else {
                 return Ok(Some((Value::Nil, next)));
             };
             if depth >= MAX_DEPTH {
@@ -738,6 +742,16 @@ mod tests {
         }
         let deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
         assert_eq!(parse(&deep, 0), Err(()));
+        // An array longer than any reply of the store's is refused at its header.
+        assert_eq!(
+            parse(format!("*{}\r\n", MAX_ITEMS + 1).as_bytes(), 0),
+            Err(())
+        );
+        assert_eq!(parse(b"*536870912\r\n:1\r\n", 0), Err(()));
+        let most = format!("*{MAX_ITEMS}\r\n{}", ":1\r\n".repeat(MAX_ITEMS));
+        assert!(
+            matches!(parse(most.as_bytes(), 0), Ok(Some((Value::Array(a), _))) if a.len() == MAX_ITEMS)
+        );
         // A line that never ends is not waited for without bound.
         assert_eq!(parse(&[b'+'; MAX_LINE], 0), Err(()));
         assert_eq!(parse(&[b'+'; MAX_LINE - 1], 0), Ok(None));

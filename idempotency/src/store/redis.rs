@@ -72,7 +72,9 @@ const HEADER: usize = 34;
 
 // A claim the plain `SET ... NX` could not settle: the key holds a record of the earlier layout
 // (`p` whose lease ended, or `r`). It is run as a general claim, since the key may have changed
-// since. KEYS[1] record; ARGV: the record in progress to write (form `q`), fingerprint, lease
+// since. A record it cannot read (no digits where they belong, a token past 2^53, which Lua's
+// numbers no longer count exactly) is answered in progress and left alone, as `settle` answers
+// any record it cannot read. KEYS[1] record; ARGV: the record in progress to write (form `q`), fingerprint, lease
 // ms. The token continues from the record's; a key found absent gets the server's clock in
 // microseconds.
 const TAKE_OVER: &str = r"
@@ -84,17 +86,22 @@ if v then
   local s = string.sub(v, 1, 1)
   local left
   if s == 'p' then
-    left = tonumber(string.sub(v, 22, 34)) - (t[1] * 1000 + math.floor(t[2] / 1000))
+    local e = tonumber(string.sub(v, 22, 34))
+    if not e then return {1, redis.call('PTTL', KEYS[1])} end
+    left = e - (t[1] * 1000 + math.floor(t[2] / 1000))
     if left <= 0 then s = 'r' end
   elseif s ~= 'c' and s ~= 'q' and s ~= 'r' then return {1, redis.call('PTTL', KEYS[1])} end
   if s ~= 'r' then
     local ol = tonumber(string.sub(v, 35, 37))
-    local fl = tonumber(string.sub(v, 38 + ol, 40 + ol))
+    local fl = ol and tonumber(string.sub(v, 38 + ol, 40 + ol))
+    if not fl then return {1, redis.call('PTTL', KEYS[1])} end
     if string.sub(v, 41 + ol, 40 + ol + fl) ~= ARGV[2] then return {3} end
     if s == 'c' then return {2, string.sub(v, 41 + ol + fl)} end
     return {1, left or redis.call('PTTL', KEYS[1])}
   end
-  n = tonumber(string.sub(v, 2, 21)) + 1
+  local f = tonumber(string.sub(v, 2, 21))
+  if not f or f >= 9007199254740992 then return {1, redis.call('PTTL', KEYS[1])} end
+  n = f + 1
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return {0, n}
@@ -218,18 +225,21 @@ impl RedisStore {
         // `WAIT` behind a command may block for `durability.timeout` on top of the round trip).
         // Twice, so that the give-back of a claim that timed out still goes out on the same
         // connection, behind the claim, and Redis applies the two in that order.
+        // Bounded as the configuration's durations are: longer ones set in code would overflow.
+        let timeout = cfg.store_timeout.min(keel_core::units::MAX_DURATION);
+        let wait_timeout = cfg.durability.timeout.min(keel_core::units::MAX_DURATION);
         let wait = if cfg.durability.replicas > 0 {
-            cfg.durability.timeout
+            wait_timeout
         } else {
             Duration::ZERO
         };
-        let link = Link::start(info, cfg.store_timeout, (cfg.store_timeout + wait) * 2);
+        let link = Link::start(info, timeout, (timeout + wait) * 2);
         Ok(Self {
             link,
             prefix: cfg.prefix.clone(),
-            timeout: cfg.store_timeout,
+            timeout,
             replicas: cfg.durability.replicas,
-            wait_timeout: cfg.durability.timeout,
+            wait_timeout,
             scripts: std::sync::Arc::new([
                 Script::new(TAKE_OVER),
                 Script::new(RENEW),
@@ -719,6 +729,23 @@ impl IdempotencyStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Timeouts of the longest a `Duration` holds, set in code (the configuration's are at most
+    /// 100 years): the store is made, without overflowing the bounds it derives from them.
+    #[tokio::test]
+    async fn the_longest_timeouts_set_in_code_do_not_overflow() {
+        let cfg = IdempotencyConfig {
+            store_timeout: Duration::MAX,
+            durability: crate::config::Durability {
+                replicas: 1,
+                timeout: Duration::MAX,
+            },
+            ..IdempotencyConfig::default()
+        };
+        let store = RedisStore::connect_lazy(&cfg).unwrap();
+        assert_eq!(store.timeout, keel_core::units::MAX_DURATION);
+        assert_eq!(store.wait_timeout, keel_core::units::MAX_DURATION);
+    }
 
     #[test]
     fn a_record_in_progress_prefixes_each_field_with_its_length() {
