@@ -74,9 +74,9 @@ const HEADER: usize = 34;
 // (`p` whose lease ended, or `r`). It is run as a general claim, since the key may have changed
 // since. A record it cannot read (no digits where they belong, a token past 2^53, which Lua's
 // numbers no longer count exactly) is answered in progress and left alone, as `settle` answers
-// any record it cannot read. KEYS[1] record; ARGV: the record in progress to write (form `q`), fingerprint, lease
-// ms. The token continues from the record's; a key found absent gets the server's clock in
-// microseconds.
+// any record it cannot read. KEYS[1] record; ARGV: the record in progress to write (form `q`),
+// fingerprint, lease ms. The token continues from the record's; a key found absent gets the
+// server's clock in microseconds.
 const TAKE_OVER: &str = r"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'table' then return {1, redis.call('PTTL', KEYS[1])} end
