@@ -158,44 +158,69 @@ pub struct Maglev {
     table: Vec<u32>,
 }
 
-impl Maglev {
-    /// Builds the table over `(name, weight)` members. `m` should be a prime well above 100 × the
-    /// number of members (65537 by default). Members are indexed in the order given.
-    pub fn build<'a>(members: impl IntoIterator<Item = (&'a str, u32)>, m: u32) -> Self {
-        let members: Vec<(&str, u32)> = members.into_iter().collect();
-        let m = u64::from(m.max(1));
-        if members.is_empty() {
-            return Self { table: Vec::new() };
-        }
-        struct Build {
-            /// `(offset + next × skip) mod M`, the next slot of its permutation, kept
-            /// incrementally so the build does no division.
-            pos: u64,
-            skip: u64,
-            weight: u64,
-            target: u64,
-        }
-        let max_w = members
-            .iter()
-            .map(|x| u64::from(x.1.max(1)))
-            .max()
-            .unwrap_or(1);
-        let mut b: Vec<Build> = members
-            .iter()
+/// One member's place in a Maglev build: its permutation of the slots, and its turns.
+struct Turn {
+    /// `(offset + next × skip) mod M`, the next slot of its permutation, kept incrementally so
+    /// the build does no division.
+    pos: u64,
+    skip: u64,
+    weight: u64,
+    /// Its turns so far × the largest weight.
+    target: u64,
+}
+
+impl Turn {
+    /// The members' turns in the order given, and the largest weight (each weight at least 1).
+    fn members<'a>(members: impl IntoIterator<Item = (&'a str, u32)>, m: u64) -> (Vec<Self>, u64) {
+        let turns: Vec<Self> = members
+            .into_iter()
             .map(|(name, w)| {
                 let h1 = hash_bytes(name.as_bytes(), 0x6d61_676c_6576);
                 let h2 = hash_bytes(name.as_bytes(), 0x736b_6970);
-                Build {
+                Self {
                     pos: h1 % m,
                     skip: if m > 1 { h2 % (m - 1) + 1 } else { 1 },
-                    weight: u64::from((*w).max(1)),
+                    weight: u64::from(w.max(1)),
                     target: 0,
                 }
             })
             .collect();
+        let max_w = turns.iter().map(|t| t.weight).max().unwrap_or(1);
+        (turns, max_w)
+    }
+
+    /// Takes a turn: the next free slot of its permutation, marked in `taken` (occupancy as a
+    /// bitset, 8 KiB for M = 65537, within L1: most of the build is probing for a free slot,
+    /// and this keeps the probes out of the 256 KiB table). A slot must be free.
+    fn take(&mut self, taken: &mut [u64], m: u64, max_w: u64) -> u64 {
+        self.target += max_w;
+        let (mut c, skip) = (self.pos, self.skip);
+        while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
+            c += skip;
+            if c >= m {
+                c -= m;
+            }
+        }
+        taken[(c >> 6) as usize] |= 1 << (c & 63);
+        self.pos = if c + skip >= m {
+            c + skip - m
+        } else {
+            c + skip
+        };
+        c
+    }
+}
+
+impl Maglev {
+    /// Builds the table over `(name, weight)` members. `m` should be a prime well above 100 × the
+    /// number of members (65537 by default). Members are indexed in the order given.
+    pub fn build<'a>(members: impl IntoIterator<Item = (&'a str, u32)>, m: u32) -> Self {
+        let m = u64::from(m.max(1));
+        let (mut b, max_w) = Turn::members(members, m);
+        if b.is_empty() {
+            return Self { table: Vec::new() };
+        }
         let mut table = vec![u32::MAX; m as usize];
-        // Occupancy as a bitset (8 KiB for M = 65537, within L1): most of the build is probing
-        // for a free slot, and this keeps the probes out of the 256 KiB table.
         let mut taken = vec![0u64; (m as usize).div_ceil(64)];
         let mut filled = 0u64;
         // Turns are taken in rounds 1, 2, …, and within a round in member order. Member `i` may
@@ -208,7 +233,7 @@ impl Maglev {
         // min-heap keyed by `round << 32 | member`, so the table comes out the same as visiting
         // every member every round. A member of the largest weight takes a turn every round,
         // so the table is full by round M and later rounds need never be scheduled.
-        let mut cur: Vec<u32> = (0..members.len() as u32).collect();
+        let mut cur: Vec<u32> = (0..b.len() as u32).collect();
         let mut next: Vec<u32> = Vec::with_capacity(cur.len());
         let mut due: Vec<u32> = Vec::new();
         let mut merged: Vec<u32> = Vec::new();
@@ -242,21 +267,7 @@ impl Maglev {
             }
             for &i in &cur {
                 let e = &mut b[i as usize];
-                e.target += max_w;
-                let (mut c, skip) = (e.pos, e.skip);
-                while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
-                    c += skip;
-                    if c >= m {
-                        c -= m;
-                    }
-                }
-                taken[(c >> 6) as usize] |= 1 << (c & 63);
-                e.pos = if c + skip >= m {
-                    c + skip - m
-                } else {
-                    c + skip
-                };
-                table[c as usize] = i;
+                table[e.take(&mut taken, m, max_w) as usize] = i;
                 filled += 1;
                 if filled >= m {
                     break 'rounds;
@@ -323,37 +334,15 @@ mod tests {
 
     use super::*;
 
-    /// The build as it was before members were scheduled by round: every member visited every round.
-    /// Slow (M × N under skewed weights) but plainly the definition; the build must match it.
+    /// The build's rounds as they were before members were scheduled by round: every member
+    /// visited every round. Slow (M × N under skewed weights) but plainly the definition; the
+    /// build must match it.
     fn reference(members: &[(&str, u32)], m: u32) -> Vec<u32> {
         let m = u64::from(m.max(1));
-        if members.is_empty() {
+        let (mut b, max_w) = Turn::members(members.iter().copied(), m);
+        if b.is_empty() {
             return Vec::new();
         }
-        struct Build {
-            pos: u64,
-            skip: u64,
-            weight: u64,
-            target: u64,
-        }
-        let max_w = members
-            .iter()
-            .map(|x| u64::from(x.1.max(1)))
-            .max()
-            .unwrap_or(1);
-        let mut b: Vec<Build> = members
-            .iter()
-            .map(|(name, w)| {
-                let h1 = hash_bytes(name.as_bytes(), 0x6d61_676c_6576);
-                let h2 = hash_bytes(name.as_bytes(), 0x736b_6970);
-                Build {
-                    pos: h1 % m,
-                    skip: if m > 1 { h2 % (m - 1) + 1 } else { 1 },
-                    weight: u64::from((*w).max(1)),
-                    target: 0,
-                }
-            })
-            .collect();
         let mut table = vec![u32::MAX; m as usize];
         let mut taken = vec![0u64; (m as usize).div_ceil(64)];
         let mut filled = 0u64;
@@ -366,21 +355,7 @@ mod tests {
                 if round * e.weight < e.target {
                     continue;
                 }
-                e.target += max_w;
-                let (mut c, skip) = (e.pos, e.skip);
-                while taken[(c >> 6) as usize] & (1 << (c & 63)) != 0 {
-                    c += skip;
-                    if c >= m {
-                        c -= m;
-                    }
-                }
-                taken[(c >> 6) as usize] |= 1 << (c & 63);
-                e.pos = if c + skip >= m {
-                    c + skip - m
-                } else {
-                    c + skip
-                };
-                table[c as usize] = i as u32;
+                table[e.take(&mut taken, m, max_w) as usize] = i as u32;
                 filled += 1;
             }
             round += 1;
