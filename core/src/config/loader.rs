@@ -487,56 +487,6 @@ impl Sources {
         })
     }
 
-    fn origin_of(&self, inputs: &Inputs, report: &Report<'_>, key: &str) -> Origin {
-        // Walk up the path until a value is found: an unknown nested key's own value may be
-        // the thing being looked for, or only its parent table may carry an origin.
-        let mut probe = key.to_owned();
-        loop {
-            if let Some(v) = lookup(report.table(), &probe) {
-                // A table may carry no origin of its own: take the first of its values' that does.
-                let origin = v.origin().map(str::to_owned).or_else(|| first_origin(v));
-                return match origin.as_deref() {
-                    Some(ENV_ORIGIN) => Origin::Env {
-                        var: self.env_var_for(report, &probe),
-                    },
-                    Some(uri) => {
-                        let path = PathBuf::from(uri);
-                        let line = inputs
-                            .files
-                            .iter()
-                            .find(|(p, _)| p == &path)
-                            .filter(|_| report.may_look_up_a_line())
-                            .and_then(|(_, text)| line_of(text, &probe));
-                        Origin::File { path, line }
-                    }
-                    None if self.overrides.iter().any(|(k, _)| k.starts_with(&probe)) => {
-                        Origin::Override
-                    }
-                    None => Origin::Default,
-                };
-            }
-            match probe.rfind('.') {
-                Some(i) => probe.truncate(i),
-                // Not in the document as a path (`KEEL____X` is the key `.x`, `KEEL__SHOP__`
-                // is `shop.`): the variable that spells it, if one does.
-                None => {
-                    return match report.env_var(key) {
-                        Some(var) => Origin::Env { var },
-                        None => Origin::Default,
-                    }
-                }
-            }
-        }
-    }
-
-    /// The variable that sets `key`: the one given, else its name as spelled by the prefix.
-    fn env_var_for(&self, report: &Report<'_>, key: &str) -> String {
-        report.env_var(key).unwrap_or_else(|| {
-            let prefix = self.env_prefix.clone().unwrap_or_default();
-            format!("{prefix}__{}", key.replace('.', "__").to_ascii_uppercase())
-        })
-    }
-
     /// The variables' prefix with its separator, lower-case: `keel__`.
     fn env_prefix_lower(&self) -> String {
         format!(
@@ -898,12 +848,7 @@ impl Config {
         let merged = self.inner.sources.build(&inputs)?;
         let value = top_level(&merged)?.remove(name).unwrap_or_else(empty_table);
         let parsed = typed.parse(value).map_err(|e| {
-            self.section_error(
-                &inputs,
-                &Report::new(&merged, &self.inner.sources, &inputs),
-                name,
-                e,
-            )
+            self.section_error(&Report::new(&merged, &self.inner.sources, &inputs), name, e)
         })?;
         typed.publish(parsed);
         let live = typed
@@ -1041,14 +986,14 @@ impl Config {
             let value = top.remove(name).unwrap_or_else(empty_table);
             match section.parse(value) {
                 Ok(v) => parsed.push((section.clone(), v)),
-                Err(e) => section_errors.push(self.section_error(&inputs, &report, name, e)),
+                Err(e) => section_errors.push(self.section_error(&report, name, e)),
             }
         }
         drop(sections);
         let mut errors: Vec<ConfigError> = unknown
             .into_iter()
             .map(|key| ConfigError::UnknownKey {
-                origin: sources.origin_of(&inputs, &report, &key),
+                origin: report.origin_of(&key),
                 key,
             })
             .collect();
@@ -1090,14 +1035,7 @@ impl Config {
         }
     }
 
-    fn section_error(
-        &self,
-        inputs: &Inputs,
-        report: &Report<'_>,
-        name: &str,
-        error: SectionError,
-    ) -> ConfigError {
-        let sources = &self.inner.sources;
+    fn section_error(&self, report: &Report<'_>, name: &str, error: SectionError) -> ConfigError {
         match error {
             SectionError::Invalid(reason) => {
                 // A validator may name the key inside its section: "timeout.per_try: ...".
@@ -1107,7 +1045,7 @@ impl Config {
                 };
                 let reason = redact_userinfo(&reason).into_owned();
                 ConfigError::Invalid {
-                    origin: sources.origin_of(inputs, report, &key),
+                    origin: report.origin_of(&key),
                     key,
                     reason,
                 }
@@ -1128,12 +1066,12 @@ impl Config {
                 if let Some(field) = unknown_field(&reason) {
                     key = format!("{key}.{field}");
                     return ConfigError::UnknownKey {
-                        origin: sources.origin_of(inputs, report, &key),
+                        origin: report.origin_of(&key),
                         key,
                     };
                 }
                 ConfigError::Invalid {
-                    origin: sources.origin_of(inputs, report, &key),
+                    origin: report.origin_of(&key),
                     key,
                     reason,
                 }
@@ -1214,6 +1152,64 @@ impl<'a> Report<'a> {
     fn table(&self) -> &Map<String, Value> {
         self.table
             .get_or_init(|| self.merged.collect().unwrap_or_default())
+    }
+
+    /// Where `key`'s value came from: a file (and its line, for the first errors), a variable,
+    /// an override in code, or the defaults.
+    fn origin_of(&self, key: &str) -> Origin {
+        // Walk up the path until a value is found: an unknown nested key's own value may be
+        // the thing being looked for, or only its parent table may carry an origin.
+        let mut probe = key.to_owned();
+        loop {
+            if let Some(v) = lookup(self.table(), &probe) {
+                // A table may carry no origin of its own: take the first of its values' that does.
+                let origin = v.origin().map(str::to_owned).or_else(|| first_origin(v));
+                return match origin.as_deref() {
+                    Some(ENV_ORIGIN) => Origin::Env {
+                        var: self.env_var_for(&probe),
+                    },
+                    Some(uri) => {
+                        let path = PathBuf::from(uri);
+                        let line = self
+                            .inputs
+                            .files
+                            .iter()
+                            .find(|(p, _)| p == &path)
+                            .filter(|_| self.may_look_up_a_line())
+                            .and_then(|(_, text)| line_of(text, &probe));
+                        Origin::File { path, line }
+                    }
+                    None if self
+                        .sources
+                        .overrides
+                        .iter()
+                        .any(|(k, _)| k.starts_with(&probe)) =>
+                    {
+                        Origin::Override
+                    }
+                    None => Origin::Default,
+                };
+            }
+            match probe.rfind('.') {
+                Some(i) => probe.truncate(i),
+                // Not in the document as a path (`KEEL____X` is the key `.x`, `KEEL__SHOP__`
+                // is `shop.`): the variable that spells it, if one does.
+                None => {
+                    return match self.env_var(key) {
+                        Some(var) => Origin::Env { var },
+                        None => Origin::Default,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The variable that sets `key`: the one given, else its name as spelled by the prefix.
+    fn env_var_for(&self, key: &str) -> String {
+        self.env_var(key).unwrap_or_else(|| {
+            let prefix = self.sources.env_prefix.clone().unwrap_or_default();
+            format!("{prefix}__{}", key.replace('.', "__").to_ascii_uppercase())
+        })
     }
 
     /// The variable whose name maps to `key`, if any.
