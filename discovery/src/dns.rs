@@ -61,6 +61,9 @@ impl DnsDiscovery {
     /// resolvers when `url` is empty; names and TTL bounds from `cfg.dns`.
     pub fn from_config(cfg: &DiscoveryConfig, shutdown: Shutdown) -> Result<Self, DiscoveryError> {
         let bad = |e: &dyn std::fmt::Display| DiscoveryError::Config(format!("dns: {e}"));
+        // The section as the loader checks it: a section built in code gets the same bounds
+        // (a zero `min_ttl` would re-resolve without pause).
+        cfg.dns.validate().map_err(DiscoveryError::Config)?;
         let mut builder = match cfg.url.as_deref().filter(|u| !u.is_empty()) {
             Some(given) => {
                 let url = given.trim_start_matches("dns://").trim_end_matches('/');
@@ -246,19 +249,16 @@ fn by_priority(mut usable: Vec<(u16, Instance)>) -> Vec<Instance> {
 
 async fn watcher(inner: Arc<Inner>, publisher: Arc<Publisher>) {
     let service = publisher.service().clone();
-    // The section's bounds as validated; a section built in code that skipped validation gets
-    // the same floor, and no panic from `clamp` when its bounds are crossed.
-    let min = inner.config.min_ttl.max(crate::config::MIN_DNS_TTL);
-    let max = inner.config.max_ttl.max(min);
     loop {
+        // Bounds checked by `from_config`: `min_ttl <= max_ttl`.
         let wait = match resolve(&inner, &service).await {
             Ok((set, ttl)) => {
                 publisher.offer(set);
-                ttl.clamp(min, max)
+                ttl.clamp(inner.config.min_ttl, inner.config.max_ttl)
             }
             Err(error) => {
                 publisher.failed(&error);
-                min
+                inner.config.min_ttl
             }
         };
         tokio::select! {
@@ -332,5 +332,24 @@ mod tests {
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(e.contains("dns://admin:***@10.0.0.2:53"), "{e}");
+    }
+
+    /// A section built in code is held to the loader's bounds: no busy loop on a zero TTL, no
+    /// crossed bounds for the watcher's clamp.
+    #[tokio::test]
+    async fn a_section_built_in_code_is_checked() {
+        for (min, max) in [(0, 300_000), (2_000, 1_000)] {
+            let mut cfg = DiscoveryConfig {
+                backend: crate::Backend::Dns,
+                url: Some("127.0.0.1:53".to_owned()),
+                ..Default::default()
+            };
+            cfg.dns.min_ttl = Duration::from_millis(min);
+            cfg.dns.max_ttl = Duration::from_millis(max);
+            let e = DnsDiscovery::from_config(&cfg, Shutdown::new())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("min_ttl"), "{e}");
+        }
     }
 }
